@@ -1,0 +1,1 @@
+"""jkv: paged KV-cache engine for GPT-2 on JAX (model, block manager, scheduler, engine)."""

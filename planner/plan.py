@@ -1,0 +1,214 @@
+"""The static plan: from a model's shape and a device's memory, the KV block layout, block count and limits.
+
+    budget     = hbm * utilization
+    kv_pool    = budget - parameters - activation workspace - runtime reserve
+    num_blocks = floor(kv_pool / bytes_per_block)          (block 0 is the null block; num_blocks - 1 are usable)
+
+The activation workspace is sized for the largest step the engine will run: a prefill chunk of `prefill_chunk`
+tokens, or a decode step of `max_num_seqs` sequences. When `max_num_seqs` is not given the planner solves for it:
+the largest decode batch whose own workspace still leaves room for that many sequences at the shortest listed
+length, so every batch the plan promises was paid for in the workspace term.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from planner.config import ModelConfig, PlanError
+from planner.kv_layout import BlockLayout, blocks_for_tokens, check_block_size, kv_dtype, weight_dtype_bytes
+from planner.memory import DEFAULT_RESERVE_BYTES, StepWorkspace, param_bytes, step_workspace
+
+SEQ_LENS = (128, 256, 512, 1024)
+BATCH_SIZES = (1, 8, 32, 128)
+DEFAULT_PREFILL_CHUNK = 2048
+
+
+@dataclass(frozen=True, slots=True)
+class PlanOptions:
+    hbm_bytes: int
+    dtype: str = "bfloat16"  # weights and compute
+    kv_dtype: str | None = None  # None: same as dtype
+    block_size: int = 16
+    max_seq_len: int | None = None  # None: the model's n_positions (or its sliding window's reach)
+    utilization: float = 0.9
+    tp: int = 1
+    max_num_seqs: int | None = None  # None: solved for (see module docstring)
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    reserve_bytes: int = DEFAULT_RESERVE_BYTES
+    naive_attention: bool = False  # size the score workspace of a non-flash prefill (B*H*T^2)
+    seq_lens: tuple[int, ...] | None = None  # a length distribution, for exact fragmentation figures
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    seq_len: int
+    paged: int  # concurrent sequences with paging
+    static: int  # concurrent sequences when each reserves max_seq_len
+    blocks_per_seq: int
+    fragmentation: float  # expected fraction of allocated KV slots not holding a token (paged)
+    static_waste: float  # fraction of reserved KV slots not holding a token (static)
+
+
+@dataclass(frozen=True, slots=True)
+class ContextLimit:
+    batch: int
+    paged: int  # longest context every one of `batch` sequences can reach together (0: batch not runnable)
+    static: int  # max_seq_len if `batch` static reservations fit, else 0
+
+
+@dataclass(frozen=True)
+class Plan:
+    config: ModelConfig
+    options: PlanOptions
+    layout: BlockLayout
+    budget_bytes: int
+    param_bytes: int
+    workspaces: tuple[StepWorkspace, ...]
+    reserve_bytes: int
+    max_num_seqs: int
+    max_seq_len: int
+    by_seq_len: tuple[Limits, ...] = field(default=())
+    by_batch: tuple[ContextLimit, ...] = field(default=())
+
+    @property
+    def activation_bytes(self) -> int:
+        return max(w.total for w in self.workspaces)
+
+    @property
+    def kv_pool_bytes(self) -> int:
+        return self.layout.pool_bytes
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.param_bytes + self.kv_pool_bytes + self.activation_bytes + self.reserve_bytes
+
+    @property
+    def unused_bytes(self) -> int:
+        """Budget left over after rounding the pool down to whole blocks."""
+        return self.budget_bytes - self.peak_bytes
+
+    @property
+    def kv_tokens(self) -> int:
+        return self.layout.usable_blocks * self.layout.block_size
+
+    def max_batch(self, seq_len: int) -> int:
+        """Concurrent sequences of `seq_len` tokens the pool holds (paged), capped by the engine's batch."""
+        per_seq = blocks_for_tokens(seq_len, self.layout.block_size, self.config.sliding_window)
+        return min(self.max_num_seqs, self.layout.usable_blocks // per_seq)
+
+    def static_max_batch(self) -> int:
+        """Concurrent sequences when each one reserves max_seq_len tokens of contiguous cache up front."""
+        reach = self.max_seq_len if self.config.sliding_window is None else min(self.max_seq_len, self.config.sliding_window)
+        return min(self.max_num_seqs, self.kv_pool_bytes // (reach * self.layout.bytes_per_token))
+
+
+def expected_fragmentation(block_size: int, seq_len: int | None = None, seq_lens: tuple[int, ...] | None = None) -> float:
+    """Fraction of allocated slots that hold no token.
+
+    With a length distribution the figure is exact: sum(ceil(l/bs)*bs - l) / sum(ceil(l/bs)*bs). Without one the
+    last block of a sequence is on average half empty: (bs/2) / (seq_len + bs/2) (a length is as likely to end at
+    any slot of its last block).
+    """
+    if seq_lens:
+        allocated = sum(math.ceil(n / block_size) * block_size for n in seq_lens)
+        return (allocated - sum(seq_lens)) / allocated if allocated else 0.0
+    assert seq_len is not None
+    if block_size == 1:
+        return 0.0
+    return (block_size / 2) / (seq_len + block_size / 2)
+
+
+def make_plan(config: ModelConfig, options: PlanOptions) -> Plan:
+    """Lay out the KV pool for `config` on a device of `options.hbm_bytes` and derive every limit."""
+    o = options
+    if not 0 < o.utilization <= 1:
+        raise PlanError(f"--utilization {o.utilization} must be in (0, 1].")
+    if o.hbm_bytes <= 0:
+        raise PlanError("device memory must be positive: pass --hbm like 24GB.")
+    check_block_size(o.block_size)
+    if o.prefill_chunk < 1:
+        raise PlanError(f"prefill chunk {o.prefill_chunk} must be at least one token.")
+    if o.max_num_seqs is not None and o.max_num_seqs < 1:
+        raise PlanError(f"max_num_seqs {o.max_num_seqs} must be at least 1.")
+    max_seq_len = config.n_positions if o.max_seq_len is None else o.max_seq_len
+    if not 1 <= max_seq_len <= config.n_positions:
+        raise PlanError(
+            f"--max-seq-len {max_seq_len} must be between 1 and the model's {config.n_positions} positions."
+        )
+    dtype_bytes = weight_dtype_bytes(o.dtype)
+    kv = kv_dtype(o.kv_dtype or o.dtype)
+    layout_1 = BlockLayout(config, kv, o.block_size, num_blocks=1, tp=o.tp)  # validates tp
+    budget = int(o.hbm_bytes * o.utilization)
+    params = param_bytes(config, dtype_bytes, o.tp)
+    fixed = params + o.reserve_bytes
+    if fixed >= budget:
+        raise PlanError(
+            f"{o.hbm_bytes:,} B at utilization {o.utilization} leaves {budget:,} B, which cannot hold "
+            f"{config.name}'s {params:,} B of {o.dtype} weights plus the {o.reserve_bytes:,} B runtime reserve: "
+            "use a larger --hbm, a higher --tp or a smaller --dtype."
+        )
+
+    prefill_tokens = min(o.prefill_chunk, max_seq_len)
+    shortest = min(SEQ_LENS[0], max_seq_len)
+
+    def workspaces(batch: int) -> tuple[StepWorkspace, ...]:
+        ws = lambda *a: step_workspace(config, *a, dtype_bytes, o.tp, o.naive_attention)  # noqa: E731
+        return (
+            ws("prefill", prefill_tokens, min(batch, prefill_tokens), max_seq_len),
+            ws("decode", batch, batch, max_seq_len),
+        )
+
+    def usable_blocks(batch: int) -> int:
+        left = budget - fixed - max(w.total for w in workspaces(batch))
+        return max(0, left // layout_1.bytes_per_block - 1)
+
+    per_short = blocks_for_tokens(shortest, o.block_size, config.sliding_window)
+    if o.max_num_seqs is not None:
+        batch = o.max_num_seqs
+    else:
+        batch = max(1, usable_blocks(1) // per_short)
+        for _ in range(64):  # the workspace shrinks with the batch, so this settles in a few rounds
+            fits = usable_blocks(batch) // per_short
+            if fits >= batch:
+                break
+            batch = max(1, fits)
+    ws = workspaces(batch)
+    kv_budget = budget - fixed - max(w.total for w in ws)
+    num_blocks = kv_budget // layout_1.bytes_per_block if kv_budget > 0 else 0
+    if num_blocks < 2:
+        raise PlanError(
+            f"after {config.name}'s weights, workspace and reserve, {max(kv_budget, 0):,} B are left for the KV pool, "
+            f"less than one {layout_1.bytes_per_block:,} B block: use a larger --hbm, a higher --tp or a smaller dtype."
+        )
+    layout = BlockLayout(config, kv, o.block_size, int(num_blocks), tp=o.tp)
+    plan = Plan(config, o, layout, budget, params, ws, o.reserve_bytes, batch, max_seq_len)
+
+    lens = sorted({n for n in SEQ_LENS if n <= max_seq_len} | {max_seq_len})
+    static_batch = plan.static_max_batch()
+    by_seq_len = tuple(
+        Limits(
+            seq_len=n,
+            paged=plan.max_batch(n),
+            static=static_batch,
+            blocks_per_seq=blocks_for_tokens(n, o.block_size, config.sliding_window),
+            fragmentation=expected_fragmentation(o.block_size, n, o.seq_lens),
+            static_waste=1 - (sum(o.seq_lens) / (len(o.seq_lens) * max_seq_len) if o.seq_lens else n / max_seq_len),
+        )
+        for n in lens
+    )
+    by_batch = tuple(
+        ContextLimit(b, _longest_context(plan, b), max_seq_len if b <= static_batch else 0) for b in BATCH_SIZES
+    )
+    return Plan(config, o, layout, budget, params, ws, o.reserve_bytes, batch, max_seq_len, by_seq_len, by_batch)
+
+
+def _longest_context(plan: Plan, batch: int) -> int:
+    """Longest length every one of `batch` concurrent sequences can reach together in the paged pool."""
+    if batch > plan.max_num_seqs:
+        return 0
+    bs, window = plan.layout.block_size, plan.config.sliding_window
+    per_seq = plan.layout.usable_blocks // batch
+    if window is not None and per_seq >= blocks_for_tokens(plan.max_seq_len, bs, window):
+        return plan.max_seq_len
+    return min(plan.max_seq_len, per_seq * bs)

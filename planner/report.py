@@ -1,0 +1,137 @@
+"""A plan as a JSON-ready dict (the public contract of `plan.py --json`) and as a readable rich report."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from planner.plan import Plan
+from planner.units import human_bytes
+
+GROWTH_NOTE = (
+    "The KV cache grows linearly with sequence length, batch and depth (bytes/token x tokens). What grows "
+    "quadratically with sequence length is the score workspace of a naive prefill (B*H*T^2 floats); jkv's paged "
+    "attention never materializes it."
+)
+
+
+def plan_to_dict(plan: Plan) -> dict:
+    """Every figure of the plan; keys listed in DESIGN.md's public contracts are always present."""
+    c, o, lay = plan.config, plan.options, plan.layout
+    return {
+        "model": c.name,
+        "dtype": o.dtype,
+        "kv_dtype": lay.kv.name,
+        "tp": o.tp,
+        "hbm_bytes": o.hbm_bytes,
+        "utilization": o.utilization,
+        "budget_bytes": plan.budget_bytes,
+        "param_count": c.param_count,
+        "param_bytes": plan.param_bytes,
+        "activation_bytes": plan.activation_bytes,
+        "activation_terms": {
+            w.name: {
+                "tokens": w.tokens, "sequences": w.sequences, "residual": w.residual, "qkv": w.qkv,
+                "attention": w.attention, "mlp": w.mlp, "logits": w.logits, "total": w.total,
+            }
+            for w in plan.workspaces
+        },  # fmt: skip
+        "reserve_bytes": plan.reserve_bytes,
+        "kv_pool_bytes": plan.kv_pool_bytes,
+        "peak_bytes": plan.peak_bytes,
+        "unused_bytes": plan.unused_bytes,
+        "kv_bytes_per_token": lay.bytes_per_token,
+        "block_size": lay.block_size,
+        "bytes_per_block": lay.bytes_per_block,
+        "num_blocks": lay.num_blocks,
+        "usable_blocks": lay.usable_blocks,
+        "null_block": 0,
+        "kv_tokens": plan.kv_tokens,
+        "pool_shape": list(lay.pool_shape),
+        "layer_pool_shape": list(lay.layer_pool_shape),
+        "scale_shape": list(lay.scale_shape) if lay.scale_shape else None,
+        "head_block_bytes": lay.head_block_bytes,
+        "token_row_bytes": lay.token_row_bytes,
+        "rows_line_aligned": lay.rows_line_aligned,
+        "max_seq_len": plan.max_seq_len,
+        "sliding_window": c.sliding_window,
+        "max_num_seqs": plan.max_num_seqs,
+        "prefill_chunk": plan.workspaces[0].tokens,
+        "max_batch_by_seq_len": {str(x.seq_len): x.paged for x in plan.by_seq_len},
+        "static_max_batch_by_seq_len": {str(x.seq_len): x.static for x in plan.by_seq_len},
+        "fragmentation_by_seq_len": {str(x.seq_len): x.fragmentation for x in plan.by_seq_len},
+        "static_waste_by_seq_len": {str(x.seq_len): x.static_waste for x in plan.by_seq_len},
+        "max_context_by_batch": {str(x.batch): x.paged for x in plan.by_batch},
+        "static_max_context_by_batch": {str(x.batch): x.static for x in plan.by_batch},
+        "note": GROWTH_NOTE,
+    }
+
+
+def _b(n: int) -> str:
+    return f"{n:,} B ({human_bytes(n)})"
+
+
+def print_report(plan: Plan, console: Console | None = None) -> None:
+    console = console or Console(width=max(Console().width, 120))
+    c, o, lay = plan.config, plan.options, plan.layout
+    window = f", sliding window {c.sliding_window}" if c.sliding_window else ""
+    console.print(
+        f"[bold]jkv plan[/bold]: {c.name} ({c.param_count:,} parameters, {c.n_layer} layers, {c.n_head} heads, "
+        f"{c.kv_heads} KV heads x {c.head_dim}{window}) on {_b(o.hbm_bytes)}"
+        + (f" per device, tp={o.tp}" if o.tp > 1 else "")
+    )
+    console.print(f"weights {o.dtype}, KV cache {lay.kv.name}, utilization {o.utilization}")
+
+    peak = Table(title="Peak memory, term by term", title_justify="left")
+    peak.add_column("term")
+    peak.add_column("bytes", justify="right")
+    peak.add_column("human", justify="right")
+    peak.add_column("how")
+    ws = max(plan.workspaces, key=lambda w: w.total)
+    rows = [
+        ("parameters", plan.param_bytes, f"{c.param_count:,} params x {o.dtype} (tied embedding once)"),
+        ("KV pool", plan.kv_pool_bytes, f"{lay.num_blocks:,} blocks x {lay.bytes_per_block:,} B"),
+        ("activation workspace", plan.activation_bytes,
+         f"largest step: {ws.name}, {ws.tokens} tokens / {ws.sequences} seqs (logits {human_bytes(ws.logits)})"),
+        ("runtime reserve", plan.reserve_bytes, "context, executables, allocator slack (default)"),
+    ]  # fmt: skip
+    for name, n, how in rows:
+        peak.add_row(name, f"{n:,}", human_bytes(n), how)
+    peak.add_row("[bold]planned peak[/bold]", f"{plan.peak_bytes:,}", human_bytes(plan.peak_bytes), "")
+    peak.add_row("budget", f"{plan.budget_bytes:,}", human_bytes(plan.budget_bytes), f"HBM x {o.utilization}")
+    console.print(peak)
+
+    layout = Table(title="KV block layout", title_justify="left")
+    layout.add_column("item")
+    layout.add_column("value", justify="right")
+    scale = f", scales {list(lay.scale_shape)} float16" if lay.scale_shape else ""
+    for name, value in [
+        ("KV bytes per token (K+V, all layers)", f"{lay.bytes_per_token:,} B"),
+        ("tokens per block", f"{lay.block_size}"),
+        ("bytes per block (all layers)", f"{lay.bytes_per_block:,} B"),
+        ("k_pool / v_pool shape", f"{list(lay.pool_shape)}{scale}"),
+        ("one head's block tile", f"{lay.head_block_bytes:,} B ({'whole' if lay.rows_line_aligned else 'not whole'} 128-B lines)"),
+        ("blocks (block 0 = null block)", f"{lay.num_blocks:,} ({lay.usable_blocks:,} usable)"),
+        ("KV capacity", f"{plan.kv_tokens:,} tokens"),
+        ("engine batch cap (max_num_seqs)", f"{plan.max_num_seqs:,}"),
+    ]:  # fmt: skip
+        layout.add_row(name, value)
+    console.print(layout)
+
+    lim = Table(title="Concurrent sequences by length: paged vs static (each reserves max length)", title_justify="left")
+    for col in ("length", "blocks/seq", "paged", "static", "paging gain", "paged frag.", "static waste"):
+        lim.add_column(col, justify="right")
+    for x in plan.by_seq_len:
+        gain = f"{x.paged / x.static:.1f}x" if x.static else "n/a"
+        lim.add_row(str(x.seq_len), str(x.blocks_per_seq), f"{x.paged:,}", f"{x.static:,}", gain,
+                    f"{x.fragmentation:.1%}", f"{x.static_waste:.1%}")  # fmt: skip
+    console.print(lim)
+
+    ctx = Table(title="Longest context by batch size", title_justify="left")
+    for col in ("batch", "paged", "static"):
+        ctx.add_column(col, justify="right")
+    for x in plan.by_batch:
+        ctx.add_row(str(x.batch), f"{x.paged:,}" if x.paged else "does not fit",
+                    f"{x.static:,}" if x.static else "does not fit")  # fmt: skip
+    console.print(ctx)
+    console.print(f"[dim]{GROWTH_NOTE}[/dim]")

@@ -1,0 +1,184 @@
+"""Planner figures against hand calculations, budget arithmetic, monotonicity and layout."""
+
+import json
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from planner import (
+    PRESETS, PlanError, PlanOptions, blocks_for_tokens, config_from_hf, expected_fragmentation,
+    kv_bytes_per_token, kv_dtype, load_config, make_plan, param_bytes, parse_size, plan_to_dict,
+)  # fmt: skip
+from planner.memory import step_workspace
+
+GB = 10**9
+
+
+@pytest.mark.parametrize(
+    "name,count",
+    [("gpt2", 124_439_808), ("gpt2-medium", 354_823_168), ("gpt2-large", 774_030_080), ("gpt2-xl", 1_557_611_200)],
+)
+def test_param_counts(name, count):
+    assert PRESETS[name].param_count == count
+    assert param_bytes(PRESETS[name], 2) == 2 * count  # bf16, tp=1
+
+
+def test_param_count_by_hand_gpt2():
+    # wte 50257*768 + wpe 1024*768 + 12 * (ln 4*768 + c_attn 768*2304+2304 + c_proj 768*768+768
+    #   + c_fc 768*3072+3072 + c_proj 3072*768+768) + ln_f 2*768
+    per_layer = 4 * 768 + 768 * 2304 + 2304 + 768 * 768 + 768 + 768 * 3072 + 3072 + 3072 * 768 + 768
+    assert PRESETS["gpt2"].param_count == 50257 * 768 + 1024 * 768 + 12 * per_layer + 2 * 768
+
+
+@pytest.mark.parametrize(
+    "name,kv,expected",
+    [
+        ("gpt2", "bfloat16", 36_864),  # 2 * 12 layers * 12 heads * 64 * 2 B
+        ("gpt2-medium", "bfloat16", 96 * 1024),
+        ("gpt2-large", "bfloat16", 180 * 1024),
+        ("gpt2-xl", "bfloat16", 300 * 1024),
+        ("gpt2", "float32", 73_728),
+        ("gpt2", "float16", 36_864),
+        ("gpt2", "int8", 2 * 12 * 12 * (64 + 2)),  # + one float16 scale per token per head
+        ("gpt2", "float8_e4m3fn", 2 * 12 * 12 * (64 + 2)),
+        ("gpt2", "int4", 2 * 12 * 12 * (32 + 2 * 2)),  # 64 elements packed in 32 B, 2 groups of 32 -> 2 scales
+    ],
+)
+def test_kv_bytes_per_token(name, kv, expected):
+    assert kv_bytes_per_token(PRESETS[name], kv_dtype(kv)) == expected
+
+
+def test_int8_pool_is_about_half_of_bf16():
+    ratio = kv_bytes_per_token(PRESETS["gpt2"], kv_dtype("int8")) / kv_bytes_per_token(PRESETS["gpt2"], kv_dtype("bfloat16"))
+    assert ratio <= 0.53
+
+
+def test_gqa_and_tp_kv_bytes():
+    cfg = PRESETS["gpt2"].replace(name="gqa", n_kv_head=4)
+    assert kv_bytes_per_token(cfg, kv_dtype("bfloat16")) == 2 * 12 * 4 * 64 * 2
+    assert kv_bytes_per_token(cfg, kv_dtype("bfloat16"), tp=2) == 2 * 12 * 2 * 64 * 2
+    mqa = PRESETS["gpt2"].replace(name="mqa", n_kv_head=1)
+    assert kv_bytes_per_token(mqa, kv_dtype("bfloat16"), tp=4) == 2 * 12 * 1 * 64 * 2  # replicated
+
+
+def test_tp_splits_params():
+    cfg = PRESETS["gpt2"]
+    full, half = param_bytes(cfg, 2, 1), param_bytes(cfg, 2, 2)
+    e, f, layers = 768, 3072, 12
+    replicated = (50257 * e + 1024 * e + 2 * e + layers * (4 * e + 2 * e)) * 2  # embeddings, LNs, c_proj biases
+    assert half - replicated == (full - replicated) // 2
+
+
+def test_budget_arithmetic_by_hand():
+    plan = make_plan(PRESETS["gpt2"], PlanOptions(hbm_bytes=24 * GB, max_num_seqs=256))
+    budget = int(24 * GB * 0.9)
+    assert plan.budget_bytes == budget
+    ws = max(plan.workspaces, key=lambda w: w.total)
+    expected_blocks = (budget - 2 * 124_439_808 - ws.total - plan.reserve_bytes) // (16 * 36_864)
+    assert plan.layout.num_blocks == expected_blocks
+    assert plan.kv_pool_bytes == expected_blocks * 16 * 36_864
+    assert 0 <= plan.unused_bytes < 16 * 36_864
+    assert plan.peak_bytes == plan.param_bytes + plan.kv_pool_bytes + plan.activation_bytes + plan.reserve_bytes
+    # limits: 1024 tokens = 64 blocks per sequence, null block excluded, capped at max_num_seqs
+    assert plan.max_batch(1024) == min(256, (expected_blocks - 1) // 64)
+    assert plan.static_max_batch() == min(256, plan.kv_pool_bytes // (1024 * 36_864))
+
+
+def test_decode_workspace_by_hand():
+    ws = step_workspace(PRESETS["gpt2"], "decode", 8, 8, 1024, dtype_bytes=2)
+    assert ws.logits == 2 * 8 * 50257 * 4
+    assert ws.mlp == 2 * 8 * 3072 * 2
+    assert ws.qkv == 8 * 2304 * 2
+    naive = step_workspace(PRESETS["gpt2"], "prefill", 1024, 1, 1024, dtype_bytes=2, naive_attention=True)
+    flash = step_workspace(PRESETS["gpt2"], "prefill", 1024, 1, 1024, dtype_bytes=2)
+    assert naive.attention - flash.attention == 2 * 12 * 1024 * 1024 * 4  # B*H*T^2 scores and probabilities
+
+
+def test_solved_batch_is_self_consistent():
+    plan = make_plan(PRESETS["gpt2"], PlanOptions(hbm_bytes=24 * GB))
+    # the decode workspace was sized for max_num_seqs, and that many 128-token sequences fit the pool
+    assert max(w.sequences for w in plan.workspaces) == plan.max_num_seqs
+    assert plan.layout.usable_blocks // 8 >= plan.max_num_seqs
+
+
+def test_json_contract_keys():
+    d = plan_to_dict(make_plan(load_config("gpt2"), PlanOptions(hbm_bytes=24 * GB)))
+    for key in ("model", "hbm_bytes", "param_bytes", "activation_bytes", "reserve_bytes", "kv_bytes_per_token",
+                "block_size", "bytes_per_block", "num_blocks", "kv_pool_bytes", "max_batch_by_seq_len"):  # fmt: skip
+        assert key in d
+    assert set(d["max_batch_by_seq_len"]) == {"128", "256", "512", "1024"}
+    json.dumps(d)
+
+
+@given(st.integers(2, 200), st.integers(0, 50), st.sampled_from(["bfloat16", "int8", "int4", "float32"]),
+       st.sampled_from([1, 4, 16, 64]))  # fmt: skip
+def test_more_memory_never_fewer_blocks(gb, extra_mb, kv, bs):
+    cfg = PRESETS["gpt2"]
+    small = PlanOptions(hbm_bytes=gb * GB, kv_dtype=kv, block_size=bs)
+    big = PlanOptions(hbm_bytes=gb * GB + extra_mb * 10**6 + 1, kv_dtype=kv, block_size=bs)
+    try:
+        p_small = make_plan(cfg, small)
+    except PlanError:
+        return
+    p_big = make_plan(cfg, big)
+    assert p_big.layout.num_blocks >= p_small.layout.num_blocks
+    for a, b in zip(p_small.by_seq_len, p_big.by_seq_len):
+        assert b.paged >= a.paged
+    assert p_big.peak_bytes <= p_big.budget_bytes
+
+
+@given(st.integers(1, 4096), st.sampled_from([1, 2, 8, 16, 32]), st.one_of(st.none(), st.integers(1, 2048)))
+def test_blocks_for_tokens(tokens, bs, window):
+    n = blocks_for_tokens(tokens, bs, window)
+    assert n * bs >= (tokens if window is None else min(tokens, window))
+    assert n <= math.ceil(tokens / bs)
+
+
+def test_sliding_window_bounds_memory():
+    cfg = PRESETS["gpt2"].replace(sliding_window=128)
+    plan = make_plan(cfg, PlanOptions(hbm_bytes=8 * GB))
+    full = make_plan(PRESETS["gpt2"], PlanOptions(hbm_bytes=8 * GB))
+    assert plan.by_seq_len[-1].blocks_per_seq == 128 // 16 + 1
+    assert plan.max_batch(1024) > full.max_batch(1024)
+
+
+def test_fragmentation():
+    assert expected_fragmentation(16, 1024) == pytest.approx(8 / 1032)
+    assert expected_fragmentation(1, 1000) == 0
+    # lengths 10 and 17 with blocks of 16: allocated 16 + 32 = 48, used 27
+    assert expected_fragmentation(16, seq_lens=(10, 17)) == pytest.approx(21 / 48)
+
+
+def test_layout_shapes_and_alignment():
+    plan = make_plan(PRESETS["gpt2"], PlanOptions(hbm_bytes=24 * GB, kv_dtype="int8"))
+    lay = plan.layout
+    assert lay.pool_shape == (12, lay.num_blocks, 12, 16, 64)
+    assert lay.scale_shape == (12, lay.num_blocks, 12, 16, 1)
+    assert lay.head_block_bytes == 16 * 64 and lay.rows_line_aligned
+    int4 = make_plan(PRESETS["gpt2"], PlanOptions(hbm_bytes=24 * GB, kv_dtype="int4")).layout
+    assert int4.pool_shape[-1] == 32 and int4.scale_shape[-1] == 2
+
+
+@pytest.mark.parametrize(
+    "text,value",
+    [("24GB", 24 * 10**9), ("24GiB", 24 * 2**30), ("512MiB", 512 * 2**20), ("1.5GB", 1_500_000_000),
+     ("1000", 1000), ("80 GB", 80 * 10**9), ("2kb", 2000)],
+)  # fmt: skip
+def test_parse_size(text, value):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["24XB", "-3GB", "0GB", "GB", "", "1e999GB"])
+def test_parse_size_rejects(text):
+    with pytest.raises(PlanError):
+        parse_size(text)
+
+
+def test_hf_config(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4,
+                                                      "n_positions": 128, "vocab_size": 1000}))  # fmt: skip
+    cfg = config_from_hf(tmp_path)
+    assert (cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.head_dim, cfg.kv_heads) == (64, 2, 4, 16, 4)
+    assert load_config(str(tmp_path)) == cfg
