@@ -1,0 +1,214 @@
+"""What the paged-attention kernels share: input validation, the pool's dtypes, dequantization, GPU facts.
+
+The pool layout (per layer; see `planner/kv_layout.py`):
+
+    k_pages, v_pages: [num_blocks, kv_heads, block_size, head_dim]   bf16 / f16 / f32, or int8 / float8_e4m3fn
+    k_scales, v_scales: [num_blocks, kv_heads, block_size] float16   quantized pages only: value = data * scale
+    block_tables: [batch, max_blocks_per_seq] int32                  entry j holds positions [j*bs, (j+1)*bs)
+
+Block 0 is the null block that padding entries of block tables point to; it may hold anything (NaN included), as
+may the slots of a sequence's last block beyond its length: the kernels and references mask both out.
+
+NOTE: Pallas's Triton backend is deprecated upstream since JAX 0.11.0 (in favour of Mosaic GPU, Hopper and newer);
+each lowering of a Triton `pallas_call` emits a `DeprecationWarning` ("The Pallas Triton backend is deprecated").
+jkv still uses the Triton backend because it is the one that runs on every CUDA GPU from sm80 (24 GB cards
+included); `silence_triton_deprecation()` below filters exactly that message, once, on import of a kernel module.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+FLOAT_PAGE_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+QUANT_PAGE_DTYPES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))
+QUERY_DTYPES = FLOAT_PAGE_DTYPES
+HEAD_DIMS = (64, 128)
+MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 8, 64
+FP8_MIN_COMPUTE_CAPABILITY = (8, 9)  # float8_e4m3fn conversions need sm89 (Ada) or newer
+
+TRITON_DEPRECATION_MESSAGE = "The Pallas Triton backend is deprecated"
+
+
+def silence_triton_deprecation() -> None:
+    """Hide the Triton-backend deprecation warning (and only it); see the module docstring."""
+    warnings.filterwarnings("ignore", message=TRITON_DEPRECATION_MESSAGE, category=DeprecationWarning)
+
+
+@dataclass(frozen=True, slots=True)
+class PagedShapes:
+    """Dimensions read off validated inputs."""
+
+    batch: int
+    num_heads: int  # query heads
+    kv_heads: int
+    head_dim: int
+    num_blocks: int  # pool size, null block included
+    block_size: int
+    max_blocks: int  # block-table width
+    page_dtype: jnp.dtype
+    quantized: bool
+    query_len: int | None = None  # prefill chunk width C; None for decode
+
+    @property
+    def group(self) -> int:
+        """Query heads per KV head (1: MHA; num_heads: MQA)."""
+        return self.num_heads // self.kv_heads
+
+    @property
+    def max_tokens(self) -> int:
+        return self.max_blocks * self.block_size
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def validate_inputs(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    block_tables: jax.Array,
+    lengths: jax.Array,
+    query_lens: jax.Array | None = None,
+    *,
+    k_scales: jax.Array | None = None,
+    v_scales: jax.Array | None = None,
+    sm_scale: float | None = None,
+    sliding_window: int | None = None,
+    prefill: bool = False,
+) -> PagedShapes:
+    """Check shapes and dtypes of a paged-attention call; raise a ValueError that says what to fix.
+
+    Decode: q [B, H, D] and `lengths` [B]. Prefill (`prefill=True`): q [B, C, H, D], `lengths` are the context
+    lengths [B] and `query_lens` [B]. Works on arrays and on tracers (only static facts are checked).
+    """
+    if prefill:
+        if q.ndim != 4:
+            raise ValueError(f"{q.shape=} must be [batch, chunk, num_heads, head_dim] for prefill.")
+        batch, query_len, num_heads, head_dim = q.shape
+    else:
+        if q.ndim != 3:
+            raise ValueError(f"{q.shape=} must be [batch, num_heads, head_dim] for decode.")
+        batch, num_heads, head_dim = q.shape
+        query_len = None
+    if jnp.dtype(q.dtype) not in QUERY_DTYPES:
+        raise ValueError(f"{q.dtype=} must be one of bfloat16, float16, float32.")
+    if k_pages.ndim != 4:
+        raise ValueError(f"{k_pages.shape=} must be [num_blocks, kv_heads, block_size, head_dim].")
+    if v_pages.shape != k_pages.shape or v_pages.dtype != k_pages.dtype:
+        raise ValueError(
+            f"v_pages ({v_pages.shape}, {v_pages.dtype}) must match k_pages ({k_pages.shape}, {k_pages.dtype})."
+        )
+    num_blocks, kv_heads, page_size, page_head_dim = k_pages.shape
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"{head_dim=} must be one of {HEAD_DIMS}.")
+    if page_head_dim != head_dim:
+        raise ValueError(f"k_pages head_dim {page_head_dim} must equal q's {head_dim=}.")
+    if not (_is_pow2(page_size) and MIN_BLOCK_SIZE <= page_size <= MAX_BLOCK_SIZE):
+        raise ValueError(f"{page_size=} must be a power of two from {MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE}.")
+    if num_blocks < 2:
+        raise ValueError(f"{num_blocks=} must be at least 2 (block 0 is the null block).")
+    if kv_heads < 1 or num_heads % kv_heads:
+        raise ValueError(f"{num_heads=} must be a multiple of {kv_heads=} (MHA, GQA or MQA).")
+
+    page_dtype = jnp.dtype(k_pages.dtype)
+    quantized = page_dtype in QUANT_PAGE_DTYPES
+    if not quantized and page_dtype not in FLOAT_PAGE_DTYPES:
+        raise ValueError(f"{page_dtype=} must be one of bfloat16, float16, float32, int8, float8_e4m3fn.")
+    if quantized:
+        if k_scales is None or v_scales is None:
+            raise ValueError(f"{page_dtype=} pages need k_scales and v_scales [num_blocks, kv_heads, block_size].")
+        for name, s in (("k_scales", k_scales), ("v_scales", v_scales)):
+            if s.shape != (num_blocks, kv_heads, page_size):
+                raise ValueError(f"{name}.shape={s.shape} must be {(num_blocks, kv_heads, page_size)}.")
+            if jnp.dtype(s.dtype) not in (jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)):
+                raise ValueError(f"{name}.dtype={s.dtype} must be float16 (or float32).")
+    elif k_scales is not None or v_scales is not None:
+        raise ValueError(f"k_scales/v_scales are only for int8 or float8_e4m3fn pages, not {page_dtype=}.")
+
+    if block_tables.ndim != 2 or block_tables.shape[0] != batch:
+        raise ValueError(f"{block_tables.shape=} must be [batch={batch}, max_blocks_per_seq].")
+    if jnp.dtype(block_tables.dtype) != jnp.dtype(jnp.int32):
+        raise ValueError(f"{block_tables.dtype=} must be int32.")
+    max_blocks = block_tables.shape[1]
+    if max_blocks < 1:
+        raise ValueError(f"{max_blocks=} (block_tables.shape[1]) must be at least 1.")
+    len_name = "context_lens" if prefill else "lengths"
+    if lengths.shape != (batch,) or jnp.dtype(lengths.dtype) != jnp.dtype(jnp.int32):
+        raise ValueError(f"{len_name} ({lengths.shape}, {lengths.dtype}) must be int32 of shape ({batch},).")
+    if prefill:
+        if query_lens is None or query_lens.shape != (batch,):
+            raise ValueError(f"query_lens must be int32 of shape ({batch},).")
+        if jnp.dtype(query_lens.dtype) != jnp.dtype(jnp.int32):
+            raise ValueError(f"{query_lens.dtype=} must be int32.")
+    if sliding_window is not None and (not isinstance(sliding_window, (int, np.integer)) or sliding_window < 1):
+        raise ValueError(f"{sliding_window=} must be a positive int or None.")
+    if sm_scale is not None and not (isinstance(sm_scale, (int, float)) and math.isfinite(sm_scale)):
+        raise ValueError(f"{sm_scale=} must be a finite Python float or None (1/sqrt(head_dim)).")
+    return PagedShapes(
+        batch=batch,
+        num_heads=num_heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        num_blocks=num_blocks,
+        block_size=page_size,
+        max_blocks=max_blocks,
+        page_dtype=page_dtype,
+        quantized=quantized,
+        query_len=query_len,
+    )
+
+
+def check_backend_support(page_dtype: jnp.dtype, interpret: bool) -> None:
+    """Refuse page dtypes the GPU cannot convert (float8_e4m3fn before sm89). Interpret mode runs everything."""
+    if interpret or jnp.dtype(page_dtype) != jnp.dtype(jnp.float8_e4m3fn):
+        return
+    dev = jax.devices()[0]
+    cc = getattr(dev, "compute_capability", None)
+    if dev.platform == "gpu" and cc is not None:
+        major, minor = (int(x) for x in str(cc).split(".")[:2])
+        if (major, minor) < FP8_MIN_COMPUTE_CAPABILITY:
+            raise ValueError(
+                f"page_dtype=float8_e4m3fn needs compute capability >= 8.9 (this GPU is {cc}); use int8 pages."
+            )
+
+
+def default_sm_scale(head_dim: int, sm_scale: float | None) -> float:
+    return 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
+
+
+def gather_pages_f32(
+    pages: jax.Array, scales: jax.Array | None, block_tables: jax.Array
+) -> jax.Array:
+    """[num_blocks, Hkv, bs, D] pool -> [B, Hkv, M*bs, D] float32 per sequence (dequantized). For references."""
+    x = pages[block_tables].astype(jnp.float32)  # [B, M, Hkv, bs, D]
+    if scales is not None:
+        x = x * scales[block_tables].astype(jnp.float32)[..., None]
+    b, m, hkv, bs, d = x.shape
+    return x.transpose(0, 2, 1, 3, 4).reshape(b, hkv, m * bs, d)  # [B, Hkv, T, D]
+
+
+def quantize_pages(
+    pages: jax.Array, dtype: jnp.dtype
+) -> tuple[jax.Array, jax.Array]:
+    """Symmetric per-token-per-head quantization of float pages [..., D] -> (data [..., D], float16 scales [...]).
+
+    Test and benchmark helper (the engine owns its own writer): scale = absmax / qmax, data = round(x / scale).
+    """
+    dtype = jnp.dtype(dtype)
+    x = pages.astype(jnp.float32)
+    qmax = 127.0 if dtype == jnp.dtype(jnp.int8) else 448.0
+    absmax = jnp.max(jnp.abs(x), axis=-1)
+    scale = jnp.where(absmax > 0, absmax / qmax, 1.0).astype(jnp.float16)
+    y = x / scale.astype(jnp.float32)[..., None]
+    if dtype == jnp.dtype(jnp.int8):
+        data = jnp.clip(jnp.round(y), -127, 127).astype(jnp.int8)
+    else:
+        data = jnp.clip(y, -448.0, 448.0).astype(dtype)
+    return data, scale
