@@ -1,0 +1,252 @@
+"""Flax GPT-2 decoder: a pure `forward` whose attention goes through one pluggable function.
+
+Architecture (as Hugging Face's `GPT2LMHeadModel`): learned token and position embeddings, pre-LayerNorm blocks
+(`x + attn(ln_1(x))`, `x + mlp(ln_2(x))`), GELU with the tanh approximation ("gelu_new"), a final `ln_f`, and
+logits from the tied token embedding. Weights and compute use the dtype of the parameters (float32, bfloat16 or
+float16); LayerNorm, softmax and the logits are computed in float32.
+
+Why linen rather than NNX: everything above this module wants `forward(params, ...)` to be a pure function of a
+plain nested-dict parameter pytree -- the weight loader fills it by a tree map, orbax saves it as is, and the
+paged engine jits and donates around it. Linen's `Module.apply({"params": params}, ...)` is exactly that. NNX
+keeps state inside mutable module objects, so the same purity would need `nnx.split`/`nnx.merge` around every
+call for no gain here.
+
+Parameter names are Hugging Face's (`wte`, `wpe`, `h_{i}/ln_1`, `h_{i}/attn/c_attn`, `h_{i}/attn/c_proj`,
+`h_{i}/ln_2`, `h_{i}/mlp/c_fc`, `h_{i}/mlp/c_proj`, `ln_f`) with Flax leaf names (`embedding`, `kernel`, `bias`,
+`scale`), so loading a checkpoint is a rename, never a reshuffle.
+
+The attention contract (`AttentionFn`) is the seam the paged engine and the Pallas kernels plug into:
+
+    out, cache = attend(layer_index, q, k, v, cache)
+
+    layer_index  Python int, 0 .. n_layer - 1
+    q            [B, T, H, D]     the new tokens' queries (not yet scaled)
+    k, v         [B, T, Hkv, D]   the new tokens' keys and values, Hkv = config.kv_heads
+    cache        any pytree, threaded through all layers in order and returned by `forward`
+    out          [B, T, H, D]     softmax(q k^T / sqrt(D)) v over whatever keys the cache says each query sees
+
+`attend_no_cache` below is the full-recompute implementation (causal over the T tokens given, cache=None);
+`jkv.reference.dense_attend` is the contiguous-KV-cache one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from planner.config import ModelConfig
+
+Params = dict[str, Any]
+AttentionFn = Callable[[int, jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
+
+# Masked scores get the most negative float32 rather than -inf: exp() of it underflows to exactly 0, and a row
+# can never turn into NaN (every query always sees at least its own key).
+_MASKED = float(jnp.finfo(jnp.float32).min)
+
+
+# Attention math -----------------------------------------------------------------------------------------------
+def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """softmax(q k^T / sqrt(D)) v with a boolean mask; scores and softmax in float32.
+
+    q [B, T, H, D]; k, v [B, S, Hkv, D]; mask [B, T, S] (True = query t may see key s). Returns [B, T, H, D]
+    in q's dtype. Grouped-query / multi-query attention (Hkv < H): query head h reads KV head h // (H // Hkv),
+    the same as repeating each KV head H // Hkv times, done here by grouping the query heads instead of
+    materialising the repeated keys.
+    """
+    b, t, h, d = q.shape
+    hkv = k.shape[2]
+    assert h % hkv == 0, (h, hkv)
+    qg = q.reshape(b, t, hkv, h // hkv, d)  # [B, T, Hkv, G, D]
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)  # [B, Hkv, G, T, S]
+    scores = scores / jnp.float32(math.sqrt(d))
+    scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)  # [B, T, Hkv, G, D]
+    return out.reshape(b, t, h, d).astype(q.dtype)  # [B, T, H, D]
+
+
+def attend_no_cache(layer_index: int, q: jax.Array, k: jax.Array, v: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
+    """Full recompute: causal attention over the T tokens of this call; no cache (returned unchanged).
+
+    Right-padded rows are fine: a real token never sees the padding after it.
+    """
+    del layer_index
+    t = q.shape[1]
+    causal = jnp.tril(jnp.ones((t, t), dtype=bool))  # [T, T]
+    return masked_attention(q, k, v, jnp.broadcast_to(causal, (q.shape[0], t, t))), cache
+
+
+# Modules ------------------------------------------------------------------------------------------------------
+class LayerNorm(nn.Module):
+    """LayerNorm computed in float32 whatever the weight dtype (as GPT-2's reference does); returns x's dtype."""
+
+    epsilon: float
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        e = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (e,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (e,), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)  # two-pass variance, as torch
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+def _dense(features: int, dtype: Any, name: str) -> nn.Dense:
+    # HF GPT-2 uses Conv1D, whose weight is stored [in, out] -- the same layout as a Flax Dense kernel, so a
+    # checkpoint's Conv1D weights load WITHOUT a transpose. (torch nn.Linear, e.g. lm_head, is [out, in].)
+    return nn.Dense(features, dtype=dtype, param_dtype=dtype, name=name)
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+    layer_index: int
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cache: Any, attend: AttentionFn) -> tuple[jax.Array, Any]:
+        c = self.config
+        b, t, e = x.shape
+        h, hkv, d = c.n_head, c.kv_heads, c.head_dim
+        qkv = _dense(c.qkv_dim, self.dtype, "c_attn")(x)  # [B, T, E + 2 * Hkv * D]
+        q, k, v = jnp.split(qkv, [e, e + hkv * d], axis=-1)
+        q = q.reshape(b, t, h, d)  # [B, T, H, D]
+        k = k.reshape(b, t, hkv, d)  # [B, T, Hkv, D]
+        v = v.reshape(b, t, hkv, d)  # [B, T, Hkv, D]
+        out, cache = attend(self.layer_index, q, k, v, cache)
+        out = out.reshape(b, t, e)  # [B, T, E]
+        return _dense(e, self.dtype, "c_proj")(out), cache
+
+
+class MLP(nn.Module):
+    config: ModelConfig
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = _dense(self.config.mlp_dim, self.dtype, "c_fc")(x)  # [B, T, F]
+        y = jax.nn.gelu(y.astype(jnp.float32), approximate=True).astype(self.dtype)  # GPT-2's "gelu_new" (tanh)
+        return _dense(self.config.n_embd, self.dtype, "c_proj")(y)  # [B, T, E]
+
+
+class Block(nn.Module):
+    config: ModelConfig
+    layer_index: int
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cache: Any, attend: AttentionFn) -> tuple[jax.Array, Any]:
+        eps = self.config.layer_norm_epsilon
+        a, cache = Attention(self.config, self.layer_index, self.dtype, name="attn")(
+            LayerNorm(eps, self.dtype, name="ln_1")(x), cache, attend
+        )
+        x = x + a
+        x = x + MLP(self.config, self.dtype, name="mlp")(LayerNorm(eps, self.dtype, name="ln_2")(x))
+        return x, cache
+
+
+class GPT2(nn.Module):
+    """The decoder; call through `forward`, which takes the dtype from the parameters."""
+
+    config: ModelConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        cache: Any,
+        attend: AttentionFn,
+        logits_index: jax.Array | None = None,
+    ) -> tuple[jax.Array, Any]:
+        c = self.config
+        wte = nn.Embed(c.vocab_size, c.n_embd, dtype=self.dtype, param_dtype=self.dtype, name="wte")
+        wpe = nn.Embed(c.n_positions, c.n_embd, dtype=self.dtype, param_dtype=self.dtype, name="wpe")
+        x = wte(tokens) + wpe(positions)  # [B, T, E]
+        for i in range(c.n_layer):
+            x, cache = Block(c, i, self.dtype, name=f"h_{i}")(x, cache, attend)
+        x = LayerNorm(c.layer_norm_epsilon, self.dtype, name="ln_f")(x)  # [B, T, E]
+        if logits_index is not None:
+            x = x[jnp.arange(x.shape[0]), logits_index]  # [B, E]
+        if c.tie_word_embeddings:
+            table = wte.embedding  # [V, E]
+        else:
+            table = self.param("lm_head", nn.initializers.normal(0.02), (c.vocab_size, c.n_embd), self.dtype)
+        logits = jnp.einsum("...e,ve->...v", x, table, preferred_element_type=jnp.float32)  # [B, (T,) V]
+        return logits.astype(jnp.float32), cache
+
+
+def forward(
+    params: Params,
+    config: ModelConfig,
+    tokens: jax.Array,
+    positions: jax.Array,
+    cache: Any,
+    attend: AttentionFn,
+    *,
+    logits_index: jax.Array | None = None,
+) -> tuple[jax.Array, Any]:
+    """One decoder pass over new tokens; pure, so `jax.jit(forward, static_argnums=(1, 5))` works.
+
+    tokens, positions [B, T] int32 (positions index the learned position table; for a cache they are the
+    tokens' places in their sequences). `cache` and `attend` follow the contract in the module docstring.
+    logits_index [B] int32 picks one of the T positions per row: logits are then [B, V], else [B, T, V];
+    always float32. Returns (logits, the cache as `attend` left it after the last layer).
+    The compute dtype is the parameters' dtype.
+    """
+    dtype = params["wte"]["embedding"].dtype
+    return GPT2(config, dtype=dtype).apply({"params": params}, tokens, positions, cache, attend, logits_index)
+
+
+_forward_jit = jax.jit(forward, static_argnums=(1, 5))
+
+
+class Model:
+    """A loaded GPT-2: `.config` (planner.config.ModelConfig), `.params` (pytree), `.dtype`, `.source`.
+
+    Made by `jkv.load_model`; `source` is the preset name or checkpoint directory it came from (the tokenizer
+    getter takes the same string).
+    """
+
+    def __init__(self, config: ModelConfig, params: Params, dtype: Any, source: str = "") -> None:
+        self.config = config
+        self.params = params
+        self.dtype = jnp.dtype(dtype)
+        self.source = source
+
+    def __repr__(self) -> str:
+        return f"Model({self.config.name!r}, dtype={self.dtype.name}, source={self.source!r})"
+
+    def check_tokens(self, token_ids: Any, what: str = "token_ids") -> np.ndarray:
+        """token_ids as a 1-D int32 numpy array after checking length and range (raises ValueError)."""
+        ids = np.asarray(token_ids)
+        if ids.ndim != 1 or ids.shape[0] == 0 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"{what} must be a non-empty 1-D sequence of integer token ids, got shape {ids.shape}.")
+        if ids.shape[0] > self.config.n_positions:
+            raise ValueError(
+                f"{what} has {ids.shape[0]} tokens but {self.config.name} covers {self.config.n_positions} "
+                "positions: shorten the input."
+            )
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise ValueError(f"{what} holds id {lo if lo < 0 else hi}, outside [0, {self.config.vocab_size}).")
+        return ids.astype(np.int32)
+
+    def logits(self, token_ids: Any) -> np.ndarray:
+        """Full forward over one sequence, no cache: a float32 numpy array [T, vocab]."""
+        ids = self.check_tokens(token_ids)
+        t = ids.shape[0]
+        logits, _ = _forward_jit(
+            self.params, self.config, ids[None], np.arange(t, dtype=np.int32)[None], None, attend_no_cache
+        )
+        return np.asarray(logits[0], dtype=np.float32)
