@@ -32,6 +32,7 @@ HEAD_DIMS = (64, 128)
 MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 8, 64
 FP8_MIN_COMPUTE_CAPABILITY = (8, 9)  # float8_e4m3fn conversions need sm89 (Ada) or newer
 
+LOG2E = math.log2(math.e)
 TRITON_DEPRECATION_MESSAGE = "The Pallas Triton backend is deprecated"
 
 
@@ -212,3 +213,16 @@ def quantize_pages(
     else:
         data = jnp.clip(y, -448.0, 448.0).astype(dtype)
     return data, scale
+
+
+def dot_precision(dtype):
+    # float32 pages: full-precision dots (Triton's default for float32 is tf32)
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.dtype(jnp.float32) else None
+
+
+def compute_dtype(q_dtype, page_dtype) -> jnp.dtype:
+    """Dtype of the dot operands: the page dtype for float pages; for int8/fp8 pages float16 when q is float16,
+    else bfloat16 (both hold int8 and e4m3 values exactly)."""
+    if jnp.dtype(page_dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)):
+        return jnp.dtype(page_dtype)
+    return jnp.dtype(jnp.float16) if jnp.dtype(q_dtype) == jnp.dtype(jnp.float16) else jnp.dtype(jnp.bfloat16)

@@ -14,8 +14,265 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.common import default_sm_scale, gather_pages_f32, validate_inputs
+from pallas_kernels.common import (
+    LOG2E, check_backend_support, compute_dtype, default_sm_scale, dot_precision, gather_pages_f32,
+    silence_triton_deprecation, validate_inputs,
+)  # fmt: skip
+
+silence_triton_deprecation()
+
+
+NUM_SMS = 132  # H100 SXM; only sizes the split heuristic, any GPU runs any split count
+TARGET_PROGRAMS = 4 * NUM_SMS  # enough programs in flight to keep every SM streaming K/V
+MIN_DOT_ROWS = 16  # Triton dot operands are at least 16 in every dimension: query groups are padded to this
+
+# Tuned (tokens_per_step, num_warps, num_stages), keyed by (page kind, grouped?, head_dim). "grouped" means
+# query heads share a KV head (GQA/MQA) and the kernel uses tensor-core dots; MHA uses a vector path.
+# tokens_per_step is independent of the block size (a step gathers tokens from as many blocks as it spans), so
+# one row serves block sizes 8 to 64. Filled from scripts/bench_attention.py --tune on an H100; see docs.
+TUNING: dict[tuple[str, bool, int], tuple[int, int, int]] = {
+    ("float", False, 64): (128, 4, 3),
+    ("float", False, 128): (64, 4, 3),
+    ("float", True, 64): (128, 4, 3),
+    ("float", True, 128): (64, 4, 3),
+    ("quant", False, 64): (128, 4, 3),
+    ("quant", False, 128): (64, 4, 3),
+    ("quant", True, 64): (128, 4, 3),
+    ("quant", True, 128): (64, 4, 3),
+}
+
+
+def tuned_config(page_dtype: jnp.dtype, group: int, head_dim: int) -> tuple[int, int, int]:
+    kind = "quant" if jnp.dtype(page_dtype) in (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn)) else "float"
+    return TUNING[(kind, group > 1, head_dim)]
+
+
+def choose_splits(batch: int, kv_heads: int, max_tokens: int, tokens_per_step: int) -> int:
+    """Context splits ("flash-decoding"): enough (batch, kv_head, split) programs to fill the GPU, each >= 2 steps."""
+    steps = pl.cdiv(max_tokens, tokens_per_step)
+    want = pl.cdiv(TARGET_PROGRAMS, batch * kv_heads)
+    return max(1, min(want, steps // 2))
+
+
+def _decode_kernel(
+    # inputs
+    q_ref,  # [Gp, D]            this (batch, kv_head)'s query heads, scaled, in the compute dtype
+    k_ref,  # [NB * Hkv * bs, D]  the whole K pool, one row per (block, head, slot)
+    v_ref,  # [NB * Hkv * bs, D]
+    *refs,  # [k_scales_ref, v_scales_ref: [NB * Hkv * bs]], block_tables_ref [B, M], lengths_ref [B],
+    # outputs: o_ref [Gp, D], [lse_ref [Gp]] (split partials)
+    kv_heads: int,
+    block_size: int,
+    max_blocks: int,
+    tokens_per_step: int,
+    split_tokens: int,
+    sliding_window: int | None,
+    quantized: bool,
+    use_dot: bool,
+    split: bool,
+):
+    if quantized:
+        ks_ref, vs_ref, bt_ref, len_ref, *out_refs = refs
+    else:
+        bt_ref, len_ref, *out_refs = refs
+    o_ref = out_refs[0]
+    b, h, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    t_step = tokens_per_step
+    gp, d = q_ref.shape
+
+    length = len_ref[b]
+    lo = 0 if sliding_window is None else jnp.maximum(length - sliding_window, 0)
+    start = jnp.maximum(lo, s * split_tokens)  # this program's token range [start, end)
+    end = jnp.minimum(length, (s + 1) * split_tokens)
+    first = start // t_step
+    n_steps = jnp.maximum(pl.cdiv(end, t_step) - first, 0)  # every step holds >= 1 token of [start, end)
+
+    q = q_ref[...]  # [Gp, D]
+    if not use_dot:
+        q = q.astype(jnp.float32)  # [1, D]
+
+    def body(i, carry):
+        o, m, l = carry  # [Gp, D], [Gp], [Gp] float32
+        pos = (first + i) * t_step + jnp.arange(t_step, dtype=jnp.int32)  # [T] positions
+        valid = (pos >= start) & (pos < end)  # [T]
+        slot = jnp.minimum(pos // block_size, max_blocks - 1)
+        page = plgpu.load(bt_ref.at[b, slot], mask=valid, other=0)  # [T] block ids
+        row = (page * kv_heads + h) * block_size + pos % block_size  # [T] rows of the flattened pool
+        # Full integer indexers (not row + slice): the form both Triton lowering and interpret mode take.
+        idx = (row[:, None], jnp.arange(d, dtype=jnp.int32)[None, :])
+        valid_2d = jnp.broadcast_to(valid[:, None], (t_step, d))
+        k = plgpu.load(k_ref.at[idx], mask=valid_2d, other=0)  # [T, D]
+        v = plgpu.load(v_ref.at[idx], mask=valid_2d, other=0)  # [T, D]
+        if use_dot:
+            logits = plgpu.dot(q, k.astype(q.dtype), trans_b=True, precision=dot_precision(q.dtype))  # [Gp, T]
+        else:
+            logits = jnp.sum(k.astype(jnp.float32) * q, axis=1)[None, :]  # [1, T]
+        if quantized:
+            k_scale = plgpu.load(ks_ref.at[row], mask=valid, other=0).astype(jnp.float32)  # [T]
+            logits = logits * k_scale[None, :]
+        logits = jnp.where(valid[None, :], logits, -jnp.inf)  # log2 domain (q carries sm_scale * log2 e)
+        m_new = jnp.maximum(m, jnp.max(logits, axis=1))  # [Gp], finite: the step holds a valid token
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(logits - m_new[:, None])  # [Gp, T]
+        l = alpha * l + jnp.sum(p, axis=1)
+        if quantized:
+            v_scale = plgpu.load(vs_ref.at[row], mask=valid, other=0).astype(jnp.float32)  # [T]
+            p = p * v_scale[None, :]
+        if use_dot:
+            pv = plgpu.dot(p.astype(q.dtype), v.astype(q.dtype), precision=dot_precision(q.dtype))  # [Gp, D]
+        else:
+            pv = jnp.sum(p.reshape(t_step, 1) * v.astype(jnp.float32), axis=0)[None, :]  # [1, D]
+        return alpha[:, None] * o + pv, m_new, l
+
+    o0 = jnp.zeros((gp, d), jnp.float32)
+    m0 = jnp.full((gp,), -jnp.inf, jnp.float32)
+    l0 = jnp.zeros((gp,), jnp.float32)
+    o, m, l = jax.lax.fori_loop(0, n_steps, body, (o0, m0, l0))
+    has = l > 0
+    o = o / jnp.where(has, l, 1.0)[:, None]  # empty range (length 0, or a split past the end): zeros
+    o_ref[...] = o.astype(o_ref.dtype)
+    if split:
+        lse_ref = out_refs[1]
+        lse_ref[...] = jnp.where(has, m + jnp.log2(jnp.where(has, l, 1.0)), -jnp.inf)
+
+
+def _decode_pallas_call(
+    q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales, *, scale, sliding_window, tokens_per_step,
+    num_splits, num_warps, num_stages, interpret, debug,
+):  # fmt: skip
+    batch, num_heads, d = q.shape
+    num_blocks, kv_heads, block_size, _ = k_pages.shape
+    max_blocks = block_tables.shape[1]
+    group = num_heads // kv_heads
+    use_dot = group > 1
+    gp = max(MIN_DOT_ROWS, pl.next_power_of_2(group)) if use_dot else 1
+    cdt = compute_dtype(q.dtype, k_pages.dtype)
+    quantized = k_scales is not None
+
+    steps = pl.cdiv(max_blocks * block_size, tokens_per_step)
+    num_splits = max(1, min(num_splits, steps))
+    split_tokens = pl.cdiv(steps, num_splits) * tokens_per_step
+    num_splits = pl.cdiv(max_blocks * block_size, split_tokens)  # drop splits that would start past the end
+    split = num_splits > 1
+
+    # q: [B, H, D] -> [B, Hkv, Gp, D], pre-scaled so logits come out in the log2 domain.
+    qg = (q.astype(jnp.float32) * (scale * LOG2E)).reshape(batch, kv_heads, group, d)
+    if gp > group:
+        qg = jnp.pad(qg, ((0, 0), (0, 0), (0, gp - group), (0, 0)))
+    qg = qg.astype(cdt)
+    rows = num_blocks * kv_heads * block_size
+    inputs = [qg, k_pages.reshape(rows, d), v_pages.reshape(rows, d)]
+    whole = lambda shape: pl.BlockSpec(shape, lambda b, h, s: (0,) * len(shape))  # noqa: E731
+    in_specs = [pl.BlockSpec((None, None, gp, d), lambda b, h, s: (b, h, 0, 0)), whole((rows, d)), whole((rows, d))]
+    if quantized:
+        inputs += [k_scales.reshape(rows), v_scales.reshape(rows)]
+        in_specs += [whole((rows,)), whole((rows,))]
+    inputs += [block_tables, lengths]
+    in_specs += [whole(block_tables.shape), whole(lengths.shape)]
+
+    if split:
+        out_shape = [
+            jax.ShapeDtypeStruct((batch, kv_heads, num_splits, gp, d), jnp.float32),
+            jax.ShapeDtypeStruct((batch, kv_heads, num_splits, gp), jnp.float32),
+        ]
+        out_specs = [
+            pl.BlockSpec((None, None, None, gp, d), lambda b, h, s: (b, h, s, 0, 0)),
+            pl.BlockSpec((None, None, None, gp), lambda b, h, s: (b, h, s, 0)),
+        ]
+    else:
+        out_shape = [jax.ShapeDtypeStruct((batch, kv_heads, gp, d), q.dtype)]
+        out_specs = [pl.BlockSpec((None, None, gp, d), lambda b, h, s: (b, h, 0, 0))]
+
+    kernel = functools.partial(
+        _decode_kernel,
+        kv_heads=kv_heads,
+        block_size=block_size,
+        max_blocks=max_blocks,
+        tokens_per_step=tokens_per_step,
+        split_tokens=split_tokens,
+        sliding_window=sliding_window,
+        quantized=quantized,
+        use_dot=use_dot,
+        split=split,
+    )
+    outs = pl.pallas_call(
+        kernel,
+        grid=(batch, kv_heads, num_splits),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        debug=debug,
+        name=f"jkv_paged_decode_T{tokens_per_step}_S{num_splits}",
+    )(*inputs)
+
+    if split:  # combine the splits' partial softmaxes: weights 2^(lse_s - max lse)
+        o, lse = outs  # [B, Hkv, S, Gp, D], [B, Hkv, S, Gp]
+        top = jnp.max(lse, axis=2, keepdims=True)
+        top = jnp.where(jnp.isfinite(top), top, 0.0)
+        w = jnp.exp2(lse - top)  # [B, Hkv, S, Gp]; empty splits -> 0
+        den = jnp.sum(w, axis=2)
+        o = jnp.sum(w[..., None] * o, axis=2) / jnp.where(den > 0, den, 1.0)[..., None]  # [B, Hkv, Gp, D]
+    else:
+        (o,) = outs
+    return o[:, :, :group, :].reshape(batch, num_heads, d).astype(q.dtype)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "sm_scale", "sliding_window", "tokens_per_step", "num_splits", "num_warps", "num_stages", "interpret",
+        "debug",
+    ),
+)  # fmt: skip
+def paged_decode_attention(
+    q: jax.Array,  # [B, H, D]
+    k_pages: jax.Array,  # [num_blocks, Hkv, bs, D]
+    v_pages: jax.Array,  # [num_blocks, Hkv, bs, D]
+    block_tables: jax.Array,  # [B, M] int32
+    lengths: jax.Array,  # [B] int32, the current token included
+    *,
+    k_scales: jax.Array | None = None,  # [num_blocks, Hkv, bs] float16 (int8 / float8_e4m3fn pages)
+    v_scales: jax.Array | None = None,
+    sm_scale: float | None = None,  # default 1/sqrt(D)
+    sliding_window: int | None = None,  # attend to positions >= length - W
+    tokens_per_step: int | None = None,  # tokens gathered per loop step (power of two >= 16); None: TUNING
+    num_splits: int | None = None,  # context splits per (sequence, kv head); None: fill the GPU
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    interpret: bool = False,
+    debug: bool = False,
+) -> jax.Array:  # [B, H, D] in q's dtype
+    """Decode attention of one query token per sequence over the paged K/V pools (Pallas, Triton backend).
+
+    Grid (batch, kv_head, context split): each program keeps all query heads of one KV head (GQA/MQA) in one
+    tile, streams its share of the context `tokens_per_step` tokens at a time straight from the pool through the
+    block table (one step may span several blocks), and keeps an online softmax; splits are merged afterwards.
+    """
+    s = validate_inputs(
+        q, k_pages, v_pages, block_tables, lengths,
+        k_scales=k_scales, v_scales=v_scales, sm_scale=sm_scale, sliding_window=sliding_window,
+    )  # fmt: skip
+    check_backend_support(s.page_dtype, interpret)
+    t_def, w_def, st_def = tuned_config(s.page_dtype, s.group, s.head_dim)
+    tokens_per_step = tokens_per_step or t_def
+    if tokens_per_step < 16 or tokens_per_step & (tokens_per_step - 1):
+        raise ValueError(f"{tokens_per_step=} must be a power of two >= 16 (a Triton dot operand size).")
+    if num_splits is None:
+        num_splits = choose_splits(s.batch, s.kv_heads, s.max_tokens, tokens_per_step)
+    if num_splits < 1:
+        raise ValueError(f"{num_splits=} must be >= 1.")
+    return _decode_pallas_call(
+        q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales,
+        scale=default_sm_scale(s.head_dim, sm_scale), sliding_window=sliding_window,
+        tokens_per_step=tokens_per_step, num_splits=num_splits, num_warps=num_warps or w_def,
+        num_stages=num_stages or st_def, interpret=interpret, debug=debug,
+    )  # fmt: skip
+
 
 # --------------------------------------------------------------------------------------------------------------
 # Reference

@@ -15,7 +15,196 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.common import default_sm_scale, gather_pages_f32, validate_inputs
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.common import (
+    LOG2E, check_backend_support, compute_dtype, default_sm_scale, dot_precision, gather_pages_f32,
+    silence_triton_deprecation, validate_inputs,
+)  # fmt: skip
+
+silence_triton_deprecation()
+
+
+MIN_DOT_ROWS = 16
+
+# Tuned (block_q rows, block_k tokens, num_warps, num_stages), keyed by (page kind, head_dim). block_q counts
+# query rows of one KV head: (query token, query head of the group) pairs, token-major.
+TUNING: dict[tuple[str, int], tuple[int, int, int, int]] = {
+    ("float", 64): (64, 64, 4, 3),
+    ("float", 128): (64, 64, 4, 3),
+    ("quant", 64): (64, 64, 4, 3),
+    ("quant", 128): (64, 64, 4, 3),
+}
+
+
+def tuned_config(page_dtype: jnp.dtype, head_dim: int) -> tuple[int, int, int, int]:
+    kind = "quant" if jnp.dtype(page_dtype) in (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn)) else "float"
+    return TUNING[(kind, head_dim)]
+
+
+def _prefill_kernel(
+    # inputs
+    q_ref,  # [BQ, D]             query rows (token-major, then group head), scaled, compute dtype
+    k_ref,  # [NB * Hkv * bs, D]   the whole K pool, one row per (block, head, slot)
+    v_ref,  # [NB * Hkv * bs, D]
+    *refs,  # [k_scales_ref, v_scales_ref: [NB * Hkv * bs]], block_tables_ref [B, M], context_lens_ref [B],
+    #         query_lens_ref [B]; outputs: o_ref [BQ, D]
+    group: int,
+    kv_heads: int,
+    block_size: int,
+    max_blocks: int,
+    block_k: int,
+    sliding_window: int | None,
+    quantized: bool,
+):
+    if quantized:
+        ks_ref, vs_ref, bt_ref, ctx_ref, ql_ref, o_ref = refs
+    else:
+        bt_ref, ctx_ref, ql_ref, o_ref = refs
+    b, h, qb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    block_q, d = q_ref.shape
+
+    ctx, qlen = ctx_ref[b], ql_ref[b]
+    tok = (qb * block_q + jnp.arange(block_q, dtype=jnp.int32)) // group  # [BQ] query token of each row
+    row_ok = tok < qlen
+    qpos = ctx + tok  # [BQ] positions of the queries
+    first_tok = (qb * block_q) // group
+    last_tok = jnp.minimum((qb * block_q + block_q - 1) // group, qlen - 1)  # last valid query token here
+    hi = ctx + last_tok + 1  # keys [lo, hi) cover every valid row of this tile
+    lo = 0 if sliding_window is None else jnp.maximum(ctx + first_tok - sliding_window + 1, 0)
+    first = lo // block_k
+    n_steps = jnp.where(last_tok >= first_tok, pl.cdiv(hi, block_k) - first, 0)
+
+    q = q_ref[...]  # [BQ, D]
+
+    def body(i, carry):
+        o, m, l = carry  # [BQ, D], [BQ], [BQ] float32
+        kpos = (first + i) * block_k + jnp.arange(block_k, dtype=jnp.int32)  # [BK]
+        k_ok = (kpos >= lo) & (kpos < hi)
+        slot = jnp.minimum(kpos // block_size, max_blocks - 1)
+        page = plgpu.load(bt_ref.at[b, slot], mask=k_ok, other=0)  # [BK]
+        row = (page * kv_heads + h) * block_size + kpos % block_size  # [BK]
+        idx = (row[:, None], jnp.arange(d, dtype=jnp.int32)[None, :])
+        ok_2d = jnp.broadcast_to(k_ok[:, None], (block_k, d))
+        k = plgpu.load(k_ref.at[idx], mask=ok_2d, other=0)  # [BK, D]
+        v = plgpu.load(v_ref.at[idx], mask=ok_2d, other=0)  # [BK, D]
+        logits = plgpu.dot(q, k.astype(q.dtype), trans_b=True, precision=dot_precision(q.dtype))  # [BQ, BK]
+        if quantized:
+            logits = logits * plgpu.load(ks_ref.at[row], mask=k_ok, other=0).astype(jnp.float32)[None, :]
+        mask = (kpos[None, :] <= qpos[:, None]) & k_ok[None, :] & row_ok[:, None]  # [BQ, BK] causal
+        if sliding_window is not None:
+            mask &= kpos[None, :] > qpos[:, None] - sliding_window
+        logits = jnp.where(mask, logits, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(logits, axis=1))  # [BQ]; -inf for rows that have seen no key yet
+        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        alpha = jnp.exp2(m - m_safe)
+        p = jnp.exp2(logits - m_safe[:, None])  # [BQ, BK]
+        l = alpha * l + jnp.sum(p, axis=1)
+        if quantized:
+            p = p * plgpu.load(vs_ref.at[row], mask=k_ok, other=0).astype(jnp.float32)[None, :]
+        pv = plgpu.dot(p.astype(q.dtype), v.astype(q.dtype), precision=dot_precision(q.dtype))  # [BQ, D]
+        return alpha[:, None] * o + pv, m_new, l
+
+    o0 = jnp.zeros((block_q, d), jnp.float32)
+    m0 = jnp.full((block_q,), -jnp.inf, jnp.float32)
+    l0 = jnp.zeros((block_q,), jnp.float32)
+    o, m, l = jax.lax.fori_loop(0, n_steps, body, (o0, m0, l0))
+    o = o / jnp.where(l > 0, l, 1.0)[:, None]  # padding rows (and rows of empty chunks): zeros
+    o_ref[...] = o.astype(o_ref.dtype)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "sm_scale", "sliding_window", "block_q", "block_k", "num_warps", "num_stages", "interpret", "debug",
+    ),
+)  # fmt: skip
+def paged_prefill_attention(
+    q: jax.Array,  # [B, C, H, D]
+    k_pages: jax.Array,  # [num_blocks, Hkv, bs, D]
+    v_pages: jax.Array,  # [num_blocks, Hkv, bs, D]
+    block_tables: jax.Array,  # [B, M] int32
+    context_lens: jax.Array,  # [B] int32: tokens before the chunk
+    query_lens: jax.Array,  # [B] int32: valid queries in the chunk (their K/V already in the pages)
+    *,
+    k_scales: jax.Array | None = None,  # [num_blocks, Hkv, bs] float16 (int8 / float8_e4m3fn pages)
+    v_scales: jax.Array | None = None,
+    sm_scale: float | None = None,  # default 1/sqrt(D)
+    sliding_window: int | None = None,
+    block_q: int | None = None,  # query rows (token x group head) per program, power of two >= 16
+    block_k: int | None = None,  # key tokens per loop step, power of two >= 16
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    interpret: bool = False,
+    debug: bool = False,
+) -> jax.Array:  # [B, C, H, D] in q's dtype
+    """Causal attention of a chunk of new tokens over the paged K/V pools (Pallas, Triton backend).
+
+    Grid (batch, kv_head, query block): a program holds `block_q` (token, group head) query rows of one KV head,
+    so GQA/MQA read each K/V tile once for the whole group, and streams only the keys its rows can see.
+    """
+    s = validate_inputs(
+        q, k_pages, v_pages, block_tables, context_lens, query_lens,
+        k_scales=k_scales, v_scales=v_scales, sm_scale=sm_scale, sliding_window=sliding_window, prefill=True,
+    )  # fmt: skip
+    check_backend_support(s.page_dtype, interpret)
+    bq_def, bk_def, w_def, st_def = tuned_config(s.page_dtype, s.head_dim)
+    block_q, block_k = block_q or bq_def, block_k or bk_def
+    for name, val in (("block_q", block_q), ("block_k", block_k)):
+        if val < MIN_DOT_ROWS or val & (val - 1):
+            raise ValueError(f"{name}={val} must be a power of two >= {MIN_DOT_ROWS} (a Triton dot operand size).")
+    batch, chunk, num_heads, d = q.shape
+    kv_heads, group, block_size = s.kv_heads, s.group, s.block_size
+    rows = chunk * group
+    # Don't make a block much taller than the work: a power of two >= 16 covering the rows.
+    block_q = min(block_q, max(MIN_DOT_ROWS, pl.next_power_of_2(rows)))
+    n_qblocks = pl.cdiv(rows, block_q)
+    cdt = compute_dtype(q.dtype, s.page_dtype)
+    scale = default_sm_scale(d, sm_scale)
+
+    # q: [B, C, H, D] -> [B, Hkv, C*G, D] (row = token * G + group head), scaled into the log2 domain.
+    qr = (q.astype(jnp.float32) * (scale * LOG2E)).reshape(batch, chunk, kv_heads, group, d)
+    qr = qr.transpose(0, 2, 1, 3, 4).reshape(batch, kv_heads, rows, d)
+    qr = jnp.pad(qr, ((0, 0), (0, 0), (0, n_qblocks * block_q - rows), (0, 0))).astype(cdt)
+    pool_rows = s.num_blocks * kv_heads * block_size
+    whole = lambda shape: pl.BlockSpec(shape, lambda b, h, i: (0,) * len(shape))  # noqa: E731
+    inputs = [qr, k_pages.reshape(pool_rows, d), v_pages.reshape(pool_rows, d)]
+    in_specs = [
+        pl.BlockSpec((None, None, block_q, d), lambda b, h, i: (b, h, i, 0)),
+        whole((pool_rows, d)),
+        whole((pool_rows, d)),
+    ]
+    if s.quantized:
+        inputs += [k_scales.reshape(pool_rows), v_scales.reshape(pool_rows)]
+        in_specs += [whole((pool_rows,)), whole((pool_rows,))]
+    inputs += [block_tables, context_lens, query_lens]
+    in_specs += [whole(block_tables.shape), whole(context_lens.shape), whole(query_lens.shape)]
+
+    kernel = functools.partial(
+        _prefill_kernel,
+        group=group,
+        kv_heads=kv_heads,
+        block_size=block_size,
+        max_blocks=s.max_blocks,
+        block_k=block_k,
+        sliding_window=sliding_window,
+        quantized=s.quantized,
+    )
+    out = pl.pallas_call(
+        kernel,
+        grid=(batch, kv_heads, n_qblocks),
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((None, None, block_q, d), lambda b, h, i: (b, h, i, 0)),
+        out_shape=jax.ShapeDtypeStruct((batch, kv_heads, n_qblocks * block_q, d), q.dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps or w_def, num_stages=num_stages or st_def),
+        interpret=interpret,
+        debug=debug,
+        name=f"jkv_paged_prefill_Q{block_q}_K{block_k}",
+    )(*inputs)
+    out = out[:, :, :rows].reshape(batch, kv_heads, chunk, group, d).transpose(0, 2, 1, 3, 4)
+    return out.reshape(batch, chunk, num_heads, d)  # [B, C, H, D]
+
 
 # --------------------------------------------------------------------------------------------------------------
 # Reference
