@@ -50,7 +50,7 @@ AttentionFn = Callable[[int, jax.Array, jax.Array, jax.Array, Any], tuple[jax.Ar
 _MASKED = float(jnp.finfo(jnp.float32).min)
 
 
-# Attention math -----------------------------------------------------------------------------------------------
+# Attention math ---------------------------------------------------------------------------------------------
 def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """softmax(q k^T / sqrt(D)) v with a boolean mask; scores and softmax in float32.
 
@@ -71,7 +71,9 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) 
     return out.reshape(b, t, h, d).astype(q.dtype)  # [B, T, H, D]
 
 
-def attend_no_cache(layer_index: int, q: jax.Array, k: jax.Array, v: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
+def attend_no_cache(
+    layer_index: int, q: jax.Array, k: jax.Array, v: jax.Array, cache: Any
+) -> tuple[jax.Array, Any]:
     """Full recompute: causal attention over the T tokens of this call; no cache (returned unchanged).
 
     Right-padded rows are fine: a real token never sees the padding after it.
@@ -82,7 +84,7 @@ def attend_no_cache(layer_index: int, q: jax.Array, k: jax.Array, v: jax.Array, 
     return masked_attention(q, k, v, jnp.broadcast_to(causal, (q.shape[0], t, t))), cache
 
 
-# Modules ------------------------------------------------------------------------------------------------------
+# Modules ----------------------------------------------------------------------------------------------------
 class LayerNorm(nn.Module):
     """LayerNorm computed in float32 whatever the weight dtype (as GPT-2's reference does); returns x's dtype."""
 
@@ -134,7 +136,9 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         y = _dense(self.config.mlp_dim, self.dtype, "c_fc")(x)  # [B, T, F]
-        y = jax.nn.gelu(y.astype(jnp.float32), approximate=True).astype(self.dtype)  # GPT-2's "gelu_new" (tanh)
+        y = jax.nn.gelu(y.astype(jnp.float32), approximate=True).astype(
+            self.dtype
+        )  # GPT-2's "gelu_new" (tanh)
         return _dense(self.config.n_embd, self.dtype, "c_proj")(y)  # [B, T, E]
 
 
@@ -231,7 +235,9 @@ class Model:
         """token_ids as a 1-D int32 numpy array after checking length and range (raises ValueError)."""
         ids = np.asarray(token_ids)
         if ids.ndim != 1 or ids.shape[0] == 0 or not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"{what} must be a non-empty 1-D sequence of integer token ids, got shape {ids.shape}.")
+            raise ValueError(
+                f"{what} must be a non-empty 1-D sequence of integer token ids, got shape {ids.shape}."
+            )
         if ids.shape[0] > self.config.n_positions:
             raise ValueError(
                 f"{what} has {ids.shape[0]} tokens but {self.config.name} covers {self.config.n_positions} "
@@ -239,7 +245,9 @@ class Model:
             )
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= self.config.vocab_size:
-            raise ValueError(f"{what} holds id {lo if lo < 0 else hi}, outside [0, {self.config.vocab_size}).")
+            raise ValueError(
+                f"{what} holds id {lo if lo < 0 else hi}, outside [0, {self.config.vocab_size})."
+            )
         return ids.astype(np.int32)
 
     def logits(self, token_ids: Any) -> np.ndarray:

@@ -49,7 +49,9 @@ def init_dense_cache(config: ModelConfig, batch: int, max_len: int, dtype: Any) 
 def _write_rows(buf: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
     # buf [B, S, Hkv, D], new [B, T, Hkv, D], starts [B]: buf[b, starts[b] : starts[b] + T] = new[b].
     # NOTE: dynamic_update_slice clamps a start that would run past S; callers must size S_max for every token.
-    return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice(c, n, (s, 0, 0)))(buf, new.astype(buf.dtype), starts)
+    return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice(c, n, (s, 0, 0)))(
+        buf, new.astype(buf.dtype), starts
+    )
 
 
 def dense_attend(
@@ -63,7 +65,9 @@ def dense_attend(
     mask = jnp.arange(s)[None, None, :] <= q_pos[:, :, None]  # [B, T, S]
     out = masked_attention(q, k_all, v_all, mask)  # [B, T, H, D]
     i = layer_index
-    cache = cache._replace(k=(*cache.k[:i], k_all, *cache.k[i + 1 :]), v=(*cache.v[:i], v_all, *cache.v[i + 1 :]))
+    cache = cache._replace(
+        k=(*cache.k[:i], k_all, *cache.k[i + 1 :]), v=(*cache.v[:i], v_all, *cache.v[i + 1 :])
+    )
     return out, cache
 
 
@@ -80,7 +84,9 @@ _step_full = jax.jit(_forward_no_cache, static_argnums=(1,))
 
 
 @jax.jit
-def _sample(logits: jax.Array, temperature: jax.Array, key: jax.Array, rows: jax.Array, step: jax.Array) -> jax.Array:
+def _sample(
+    logits: jax.Array, temperature: jax.Array, key: jax.Array, rows: jax.Array, step: jax.Array
+) -> jax.Array:
     # logits [B, V] float32 -> tokens [B] int32; see the module docstring for the key schedule.
     keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(key, r), step))(rows)
     sampled = jax.vmap(jax.random.categorical)(keys, logits / jnp.maximum(temperature, 1e-6))
@@ -141,7 +147,9 @@ def reference_generate(
         elif step > 0:
             # Feed last step's token at position cur - 1 (= cache.lengths), then count it in.
             tokens = buf[np.arange(b), cur - 1][:, None]  # [B, 1]
-            logits, cache = _step_cached(model.params, config, tokens, (cur - 1)[:, None], cache, np.zeros(b, np.int32))
+            logits, cache = _step_cached(
+                model.params, config, tokens, (cur - 1)[:, None], cache, np.zeros(b, np.int32)
+            )
             cache = cache._replace(lengths=jnp.asarray(cur))
         new = np.asarray(_sample(logits, temp, key, rows, jnp.int32(step)))
         for i in range(b):

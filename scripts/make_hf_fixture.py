@@ -32,14 +32,16 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE = REPO / "tests" / "fixtures" / "hf_tiny_gpt2"
-TINY = dict(vocab_size=1000, n_positions=128, n_embd=32, n_layer=3, n_head=4)
+TINY = {"vocab_size": 1000, "n_positions": 128, "n_embd": 32, "n_layer": 3, "n_head": 4}
 MAX_NEW_TOKENS = 24
 
 
 def build_hf_model(seed: int = 0, **shape) -> GPT2LMHeadModel:
     """A random GPT2LMHeadModel (float32) with weights scaled so attention is peaked (see module docstring)."""
     torch.manual_seed(seed)
-    config = GPT2Config(**shape, bos_token_id=None, eos_token_id=None, pad_token_id=None, tie_word_embeddings=True)
+    config = GPT2Config(
+        **shape, bos_token_id=None, eos_token_id=None, pad_token_id=None, tie_word_embeddings=True
+    )
     model = GPT2LMHeadModel(config).eval()
     e = config.n_embd
     with torch.no_grad():
@@ -108,13 +110,18 @@ def main() -> None:
 
     rng = np.random.default_rng(0)
     ids = rng.integers(0, TINY["vocab_size"], 20).tolist()
-    prompts = [rng.integers(0, TINY["vocab_size"], 5).tolist(), rng.integers(0, TINY["vocab_size"], 11).tolist()]
+    prompts = [
+        rng.integers(0, TINY["vocab_size"], 5).tolist(),
+        rng.integers(0, TINY["vocab_size"], 11).tolist(),
+    ]
     model64 = build_hf_model(seed=0, **TINY).double()
     with torch.no_grad():
         logits64 = model64(torch.tensor([ids])).logits[0].numpy()
         logits32 = model(torch.tensor([ids])).logits[0].double().numpy()
     continuations = [greedy(model64, p, MAX_NEW_TOKENS) for p in prompts]
-    assert continuations == [greedy(model, p, MAX_NEW_TOKENS) for p in prompts], "float32 and float64 disagree"
+    assert continuations == [greedy(model, p, MAX_NEW_TOKENS) for p in prompts], (
+        "float32 and float64 disagree"
+    )
     gap = min(min_gap(model64, p, c) for p, c in zip(prompts, continuations))
     attn = mean_max_attention(model64, ids)
     np.savez_compressed(out / "logits.npz", logits=logits64)

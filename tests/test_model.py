@@ -12,7 +12,9 @@ from planner.config import ModelConfig
 
 def tiny_model(n_kv_head: int | None = None, dtype: str = "float32", seed: int = 0) -> Model:
     """A 2-layer random GPT-2 with weights 10x GPT-2's init, so attention and greedy tokens are not trivial."""
-    config = ModelConfig("tiny", vocab_size=97, n_positions=48, n_embd=32, n_layer=2, n_head=4, n_kv_head=n_kv_head)
+    config = ModelConfig(
+        "tiny", vocab_size=97, n_positions=48, n_embd=32, n_layer=2, n_head=4, n_kv_head=n_kv_head
+    )
     params = random_params(config, "float32", seed)
     params = jax.tree_util.tree_map_with_path(
         lambda p, x: x if p[-1].key in ("scale", "bias") else x * 10.0, params
@@ -69,7 +71,9 @@ def test_param_tree_matches_flax_init_and_hf_names(n_kv_head):
     tokens = jnp.zeros((1, 4), jnp.int32)
     ref = GPT2(c).init(jax.random.key(0), tokens, tokens, None, attend_no_cache)["params"]
     assert jax.tree.structure(model.params) == jax.tree.structure(ref)
-    assert jax.tree.map(lambda a, b: a.shape == b.shape, model.params, ref) == jax.tree.map(lambda _: True, ref)
+    assert jax.tree.map(lambda a, b: a.shape == b.shape, model.params, ref) == jax.tree.map(
+        lambda _: True, ref
+    )
     assert set(model.params) == {"wte", "wpe", "h_0", "h_1", "ln_f"}
     assert model.params["h_0"]["attn"]["c_attn"]["kernel"].shape == (c.n_embd, c.qkv_dim)  # Conv1D [in, out]
     assert sum(x.size for x in jax.tree.leaves(model.params)) == c.param_count

@@ -18,7 +18,9 @@ PROMPTS = [[11, 400, 7], [900, 3, 3, 52, 17, 999, 0, 40, 41], [5]]
 
 def tiny_gqa_model(n_kv_head: int) -> Model:
     """A 2-layer random GPT-2 with grouped-query attention, weights 10x GPT-2's init (non-trivial greedy)."""
-    config = ModelConfig("tiny", vocab_size=97, n_positions=40, n_embd=32, n_layer=2, n_head=4, n_kv_head=n_kv_head)
+    config = ModelConfig(
+        "tiny", vocab_size=97, n_positions=40, n_embd=32, n_layer=2, n_head=4, n_kv_head=n_kv_head
+    )
     params = jax.tree_util.tree_map_with_path(
         lambda p, x: x if p[-1].key in ("scale", "bias") else x * 10.0, random_params(config, seed=3)
     )
@@ -54,7 +56,9 @@ def test_cached_decode_logits_equal_full_recompute(n_kv_head):
     full, _ = forward(m.params, m.config, seq, jnp.arange(8)[None], None, attend_no_cache)  # [1, 8, V]
     cache = init_dense_cache(m.config, 1, 8, jnp.float32)
     step = jax.jit(forward, static_argnums=(1, 5))
-    logits, cache = step(m.params, m.config, seq[:, :5], jnp.arange(5)[None], cache, dense_attend)  # prefill 5
+    logits, cache = step(
+        m.params, m.config, seq[:, :5], jnp.arange(5)[None], cache, dense_attend
+    )  # prefill 5
     np.testing.assert_allclose(logits[0], full[0, :5], atol=1e-4)
     for t in range(5, 8):  # then one token at a time
         cache = cache._replace(lengths=jnp.array([t]))
@@ -115,11 +119,11 @@ def test_eos_stops_a_row_and_edge_lengths(model):
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [(dict(prompt_ids=[[1] * 100], max_tokens=29), "exceeds the model's 128 positions"),
-     (dict(prompt_ids=[[1], []], max_tokens=3), "prompt 1 must be a non-empty"),
-     (dict(prompt_ids=[[1, 1000]], max_tokens=3), "outside"),
-     (dict(prompt_ids=[[1]], max_tokens=-1), "max_tokens"),
-     (dict(prompt_ids=[[1]], max_tokens=2, temperature=-0.5), "temperature")],
+    [({"prompt_ids": [[1] * 100], "max_tokens": 29}, "exceeds the model's 128 positions"),
+     ({"prompt_ids": [[1], []], "max_tokens": 3}, "prompt 1 must be a non-empty"),
+     ({"prompt_ids": [[1, 1000]], "max_tokens": 3}, "outside"),
+     ({"prompt_ids": [[1]], "max_tokens": -1}, "max_tokens"),
+     ({"prompt_ids": [[1]], "max_tokens": 2, "temperature": -0.5}, "temperature")],
 )  # fmt: skip
 def test_bad_requests(model, kwargs, match):
     with pytest.raises(ValueError, match=match):

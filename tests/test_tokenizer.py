@@ -10,7 +10,13 @@ from hypothesis import strategies as st
 from jkv.tokenizer import default_tokenizer, get_tokenizer
 
 FIXTURE = Path(__file__).parent / "fixtures" / "hf_tiny_gpt2"
-SAMPLES = ["Hello world", "The quick brown fox", " héllo  \n\n  wörld 🤗\t\t", "naïve café — 東京 2024!!", "a<|endoftext|>b"]
+SAMPLES = [
+    "Hello world",
+    "The quick brown fox",
+    " héllo  \n\n  wörld 🤗\t\t",
+    "naïve café — 東京 2024!!",
+    "a<|endoftext|>b",
+]
 
 
 def test_default_tokenizer_gives_gpt2_ids():

@@ -18,7 +18,15 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import jkv
-from jkv.weights import CheckpointError, flatten_params, load_model, random_params, save_orbax, save_safetensors
+from jkv.weights import (
+    CheckpointError,
+    flatten_params,
+    load_model,
+    random_params,
+    save_orbax,
+    save_safetensors,
+)
+from planner.config import ModelConfig
 
 FIXTURE = Path(__file__).parent / "fixtures" / "hf_tiny_gpt2"
 EXPECTED = json.loads((FIXTURE / "expected.json").read_text())
@@ -50,7 +58,7 @@ def fixture_tensors() -> dict[str, np.ndarray]:
     return load_file(str(FIXTURE / "model.safetensors"))
 
 
-# Parity --------------------------------------------------------------------------------------------------------
+# Parity -----------------------------------------------------------------------------------------------------
 def test_float32_logits_match_hugging_face(model32):
     got = model32.logits(EXPECTED["ids"])
     diff = float(np.abs(got - HF_LOGITS).max())
@@ -77,7 +85,7 @@ def test_low_precision_logits_within_documented_tolerance(dtype):
     assert (got.argmax(-1) == HF_LOGITS.argmax(-1)).mean() >= 0.9
 
 
-# Formats -------------------------------------------------------------------------------------------------------
+# Formats ----------------------------------------------------------------------------------------------------
 def assert_same_params(a, b):
     fa, fb = flatten_params(a), flatten_params(b)
     assert fa.keys() == fb.keys()
@@ -166,13 +174,13 @@ def test_random_presets_warn_and_have_gpt2_size():
 
 
 def test_random_params_are_seeded():
-    c = jkv.weights.ModelConfig("t", vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=2)
+    c = ModelConfig("t", vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=2)
     a, b, other = random_params(c, seed=1), random_params(c, seed=1), random_params(c, seed=2)
     assert_same_params(a, b)
     assert not np.array_equal(a["wte"]["embedding"], other["wte"]["embedding"])
 
 
-# Errors a user can cause ---------------------------------------------------------------------------------------
+# Errors a user can cause ------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "edit, match",
     [
@@ -205,7 +213,7 @@ def test_several_problems_are_counted(tmp_path):
 
 
 def test_orbax_checkpoint_with_wrong_shapes(tmp_path):
-    other = jkv.weights.ModelConfig("t", vocab_size=1000, n_positions=128, n_embd=32, n_layer=3, n_head=4, n_inner=64)
+    other = ModelConfig("t", vocab_size=1000, n_positions=128, n_embd=32, n_layer=3, n_head=4, n_inner=64)
     out = save_orbax(random_params(other), other, tmp_path / "o")
     shutil.copy(FIXTURE / "config.json", out / "config.json")  # claims n_inner = 128
     with pytest.raises(CheckpointError, match=r"'h\.0\.mlp\.c_fc\.weight' has shape \(32, 64\) where config.json "
