@@ -128,3 +128,15 @@ def test_forward_traces_once_under_jit():
 def test_logits_rejects_bad_ids(ids, match):
     with pytest.raises(ValueError, match=match):
         tiny_model().logits(ids)
+
+
+@pytest.mark.parametrize("dtype, want", [("float32", "HIGHEST"), ("bfloat16", None)])
+def test_float32_matmuls_run_at_highest_precision(dtype, want):
+    # GPUs would otherwise run float32 matmuls through TF32 (0.43 max logit error on gpt2, see docs/model.md).
+    m = tiny_model(n_kv_head=2, dtype=dtype)
+    tokens = jnp.zeros((1, 3), jnp.int32)
+    jaxpr = jax.make_jaxpr(lambda p: forward(p, m.config, tokens, tokens, None, attend_no_cache))(m.params)
+    dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+    precisions = {str(e.params["precision"]) for e in dots}
+    assert len(dots) == 2 * 6 + 1  # per layer: c_attn, scores, probs @ v, c_proj, c_fc, c_proj; then logits
+    assert all(want in p for p in precisions) if want else precisions == {"None"}
