@@ -19,3 +19,9 @@ __all__ = [
     "load_model",
     "reference_generate",
 ]
+
+from jkv.engine import Engine, EngineStats, generate  # noqa: E402
+from jkv.request import RequestOutput, SampleOutput  # noqa: E402
+from jkv.sampling import SamplingParams  # noqa: E402
+
+__all__ += ["Engine", "EngineStats", "RequestOutput", "SampleOutput", "SamplingParams", "generate"]

@@ -83,9 +83,11 @@ def validate_inputs(
     sm_scale: float | None = None,
     sliding_window: int | None = None,
     prefill: bool = False,
+    kernel: bool = True,
 ) -> PagedShapes:
     """Check shapes and dtypes of a paged-attention call; raise a ValueError that says what to fix.
 
+    kernel=False (the pure-jnp references) skips the kernel-only limits on head_dim and block size.
     Decode: q [B, H, D] and `lengths` [B]. Prefill (`prefill=True`): q [B, C, H, D], `lengths` are the context
     lengths [B] and `query_lens` [B]. Works on arrays and on tracers (only static facts are checked).
     """
@@ -107,12 +109,14 @@ def validate_inputs(
             f"v_pages ({v_pages.shape}, {v_pages.dtype}) must match k_pages ({k_pages.shape}, {k_pages.dtype})."
         )
     num_blocks, kv_heads, page_size, page_head_dim = k_pages.shape
-    if head_dim not in HEAD_DIMS:
+    if kernel and head_dim not in HEAD_DIMS:
         raise ValueError(f"{head_dim=} must be one of {HEAD_DIMS}.")
     if page_head_dim != head_dim:
         raise ValueError(f"k_pages head_dim {page_head_dim} must equal q's {head_dim=}.")
-    if not (_is_pow2(page_size) and MIN_BLOCK_SIZE <= page_size <= MAX_BLOCK_SIZE):
+    if kernel and not (_is_pow2(page_size) and MIN_BLOCK_SIZE <= page_size <= MAX_BLOCK_SIZE):
         raise ValueError(f"{page_size=} must be a power of two from {MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE}.")
+    if page_size < 1:
+        raise ValueError(f"{page_size=} must be positive.")
     if num_blocks < 2:
         raise ValueError(f"{num_blocks=} must be at least 2 (block 0 is the null block).")
     if kv_heads < 1 or num_heads % kv_heads:

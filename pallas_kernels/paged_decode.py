@@ -59,11 +59,12 @@ def choose_splits(batch: int, kv_heads: int, max_tokens: int, tokens_per_step: i
 
 def _decode_kernel(
     # inputs
-    q_ref,  # [Gp, D]            this (batch, kv_head)'s query heads, scaled, in the compute dtype
+    q_ref,  # [B, H, D]           queries, unscaled, in q's dtype
     k_ref,  # [NB * Hkv * bs, D]  the whole K pool, one row per (block, head, slot)
     v_ref,  # [NB * Hkv * bs, D]
     *refs,  # [k_scales_ref, v_scales_ref: [NB * Hkv * bs]], block_tables_ref [B, M], lengths_ref [B],
-    # outputs: o_ref [Gp, D], [lse_ref [Gp]] (split partials)
+    # outputs: o_ref [Gp, D] (the result, or this split's partial), [lse_ref [Gp]] (split partials)
+    group: int,
     kv_heads: int,
     block_size: int,
     max_blocks: int,
@@ -73,6 +74,9 @@ def _decode_kernel(
     quantized: bool,
     use_dot: bool,
     split: bool,
+    gp: int,
+    q_scale: float,
+    cdt: jnp.dtype,
 ):
     if quantized:
         ks_ref, vs_ref, bt_ref, len_ref, *out_refs = refs
@@ -81,7 +85,13 @@ def _decode_kernel(
     o_ref = out_refs[0]
     b, h, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     t_step = tokens_per_step
-    gp, d = q_ref.shape
+    d = q_ref.shape[-1]
+    gi = jnp.arange(gp, dtype=jnp.int32)
+    di = jnp.arange(d, dtype=jnp.int32)
+    head_idx = (b, h * group + jnp.minimum(gi, group - 1)[:, None], di[None, :])  # [Gp, D] of q / out
+    head_ok = jnp.broadcast_to((gi < group)[:, None], (gp, d))
+    # This KV head's query heads (rows >= group are padding for the dot), scaled into the log2 domain.
+    q = plgpu.load(q_ref.at[head_idx], mask=head_ok, other=0).astype(jnp.float32) * q_scale  # [Gp, D]
 
     length = len_ref[b]
     lo = 0 if sliding_window is None else jnp.maximum(length - sliding_window, 0)
@@ -90,12 +100,8 @@ def _decode_kernel(
     first = start // t_step
     n_steps = jnp.maximum(pl.cdiv(end, t_step) - first, 0)  # every step holds >= 1 token of [start, end)
 
-    q = q_ref[...]  # [Gp, D]
-    if not use_dot:
-        q = q.astype(jnp.float32)  # [1, D]
-
-    def body(i, carry):
-        o, m, l = carry  # [Gp, D], [Gp], [Gp] float32
+    def load_step(i):
+        """Gather step i's K/V tiles [T, D] (zeros outside [start, end)) and their dequantization scales."""
         pos = (first + i) * t_step + jnp.arange(t_step, dtype=jnp.int32)  # [T] positions
         valid = (pos >= start) & (pos < end)  # [T]
         slot = jnp.minimum(pos // block_size, max_blocks - 1)
@@ -104,50 +110,92 @@ def _decode_kernel(
         # Full integer indexers (not row + slice): the form both Triton lowering and interpret mode take.
         idx = (row[:, None], jnp.arange(d, dtype=jnp.int32)[None, :])
         valid_2d = jnp.broadcast_to(valid[:, None], (t_step, d))
-        k = plgpu.load(k_ref.at[idx], mask=valid_2d, other=0)  # [T, D]
-        v = plgpu.load(v_ref.at[idx], mask=valid_2d, other=0)  # [T, D]
-        if use_dot:
-            logits = plgpu.dot(q, k.astype(q.dtype), trans_b=True, precision=dot_precision(q.dtype))  # [Gp, T]
+        if k_ref.dtype == jnp.float8_e4m3fn:  # Triton cannot make an fp8 `other`: zero after converting
+            k = jnp.where(valid_2d, plgpu.load(k_ref.at[idx], mask=valid_2d).astype(cdt), 0)  # [T, D]
+            v = jnp.where(valid_2d, plgpu.load(v_ref.at[idx], mask=valid_2d).astype(cdt), 0)  # [T, D]
         else:
-            logits = jnp.sum(k.astype(jnp.float32) * q, axis=1)[None, :]  # [1, T]
+            k = plgpu.load(k_ref.at[idx], mask=valid_2d, other=0)  # [T, D]
+            v = plgpu.load(v_ref.at[idx], mask=valid_2d, other=0)  # [T, D]
         if quantized:
             k_scale = plgpu.load(ks_ref.at[row], mask=valid, other=0).astype(jnp.float32)  # [T]
-            logits = logits * k_scale[None, :]
-        logits = jnp.where(valid[None, :], logits, -jnp.inf)  # log2 domain (q carries sm_scale * log2 e)
-        m_new = jnp.maximum(m, jnp.max(logits, axis=1))  # [Gp], finite: the step holds a valid token
-        alpha = jnp.exp2(m - m_new)
-        p = jnp.exp2(logits - m_new[:, None])  # [Gp, T]
-        l = alpha * l + jnp.sum(p, axis=1)
-        if quantized:
             v_scale = plgpu.load(vs_ref.at[row], mask=valid, other=0).astype(jnp.float32)  # [T]
-            p = p * v_scale[None, :]
-        if use_dot:
-            pv = plgpu.dot(p.astype(q.dtype), v.astype(q.dtype), precision=dot_precision(q.dtype))  # [Gp, D]
         else:
-            pv = jnp.sum(p.reshape(t_step, 1) * v.astype(jnp.float32), axis=0)[None, :]  # [1, D]
-        return alpha[:, None] * o + pv, m_new, l
+            k_scale = v_scale = None
+        return valid, k, v, k_scale, v_scale
 
-    o0 = jnp.zeros((gp, d), jnp.float32)
-    m0 = jnp.full((gp,), -jnp.inf, jnp.float32)
-    l0 = jnp.zeros((gp,), jnp.float32)
-    o, m, l = jax.lax.fori_loop(0, n_steps, body, (o0, m0, l0))
+    if use_dot:
+        # All query heads of the KV head in one [Gp, D] tile: two tensor-core dots per step, online softmax per
+        # row (logits in the log2 domain: q carries sm_scale * log2 e).
+        q = q.astype(cdt)  # [Gp, D]
+
+        def body(i, carry):
+            o, m, l = carry  # [Gp, D], [Gp], [Gp] float32
+            valid, k, v, k_scale, v_scale = load_step(i)
+            logits = plgpu.dot(q, k.astype(cdt), trans_b=True, precision=dot_precision(cdt))  # [Gp, T]
+            if quantized:
+                logits = logits * k_scale[None, :]
+            logits = jnp.where(valid[None, :], logits, -jnp.inf)
+            m_new = jnp.maximum(m, jnp.max(logits, axis=1))  # [Gp], finite: the step holds a valid token
+            alpha = jnp.exp2(m - m_new)
+            p = jnp.exp2(logits - m_new[:, None])  # [Gp, T]
+            l = alpha * l + jnp.sum(p, axis=1)
+            if quantized:
+                p = p * v_scale[None, :]
+            pv = plgpu.dot(p.astype(cdt), v.astype(cdt), precision=dot_precision(cdt))  # [Gp, D]
+            return alpha[:, None] * o + pv, m_new, l
+
+        o0 = jnp.zeros((gp, d), jnp.float32)
+        m0 = jnp.full((gp,), -jnp.inf, jnp.float32)
+        l0 = jnp.zeros((gp,), jnp.float32)
+        o, m, l = jax.lax.fori_loop(0, n_steps, body, (o0, m0, l0))
+    else:
+        # One query head (MHA): no dot. Each of the T token lanes keeps its own running max, sum and [D]
+        # accumulator, so a step is elementwise work plus a reduction over D; lanes merge once at the end.
+
+        def body(i, carry):
+            acc, m, l = carry  # [T, D], [T], [T] float32, one online softmax per token lane
+            valid, k, v, k_scale, v_scale = load_step(i)
+            logits = jnp.sum(k.astype(jnp.float32) * q, axis=1)  # [T]
+            if quantized:
+                logits = logits * k_scale
+            logits = jnp.where(valid, logits, -jnp.inf)
+            m_new = jnp.maximum(m, logits)
+            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # a lane may have seen no token yet
+            alpha = jnp.exp2(m - m_safe)
+            p = jnp.exp2(logits - m_safe)  # [T]
+            l = alpha * l + p
+            if quantized:
+                p = p * v_scale
+            acc = alpha[:, None] * acc + p[:, None] * v.astype(jnp.float32)
+            return acc, m_new, l
+
+        acc0 = jnp.zeros((t_step, d), jnp.float32)
+        m0 = jnp.full((t_step,), -jnp.inf, jnp.float32)
+        l0 = jnp.zeros((t_step,), jnp.float32)
+        acc, m_lane, l_lane = jax.lax.fori_loop(0, n_steps, body, (acc0, m0, l0))
+        m_top = jnp.max(m_lane)
+        m_top = jnp.where(m_top == -jnp.inf, 0.0, m_top)
+        w = jnp.exp2(m_lane - m_top)  # [T]; lanes that saw nothing -> 0
+        o = jnp.sum(w[:, None] * acc, axis=0)[None, :]  # [1, D]
+        l = jnp.sum(w * l_lane)[None]  # [1]
+        m = jnp.full((1,), m_top, jnp.float32)
+
     has = l > 0
     o = o / jnp.where(has, l, 1.0)[:, None]  # empty range (length 0, or a split past the end): zeros
     o_ref[...] = o.astype(o_ref.dtype)
     if split:
-        lse_ref = out_refs[1]
-        lse_ref[...] = jnp.where(has, m + jnp.log2(jnp.where(has, l, 1.0)), -jnp.inf)
+        out_refs[1][...] = jnp.where(has, m + jnp.log2(jnp.where(has, l, 1.0)), -jnp.inf)
 
 
 def _decode_pallas_call(
     q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales, *, scale, sliding_window, tokens_per_step,
-    num_splits, num_warps, num_stages, interpret, debug,
+    num_splits, num_warps, num_stages, interpret, debug, use_dot=None,
 ):  # fmt: skip
     batch, num_heads, d = q.shape
     num_blocks, kv_heads, block_size, _ = k_pages.shape
     max_blocks = block_tables.shape[1]
     group = num_heads // kv_heads
-    use_dot = group > 1
+    use_dot = group > 1 if use_dot is None else use_dot  # MHA: the dot-free lane path unless asked otherwise
     gp = max(MIN_DOT_ROWS, pl.next_power_of_2(group)) if use_dot else 1
     cdt = compute_dtype(q.dtype, k_pages.dtype)
     quantized = k_scales is not None
@@ -158,15 +206,10 @@ def _decode_pallas_call(
     num_splits = pl.cdiv(max_blocks * block_size, split_tokens)  # drop splits that would start past the end
     split = num_splits > 1
 
-    # q: [B, H, D] -> [B, Hkv, Gp, D], pre-scaled so logits come out in the log2 domain.
-    qg = (q.astype(jnp.float32) * (scale * LOG2E)).reshape(batch, kv_heads, group, d)
-    if gp > group:
-        qg = jnp.pad(qg, ((0, 0), (0, 0), (0, gp - group), (0, 0)))
-    qg = qg.astype(cdt)
     rows = num_blocks * kv_heads * block_size
-    inputs = [qg, k_pages.reshape(rows, d), v_pages.reshape(rows, d)]
+    inputs = [q, k_pages.reshape(rows, d), v_pages.reshape(rows, d)]
     whole = lambda shape: pl.BlockSpec(shape, lambda b, h, s: (0,) * len(shape))  # noqa: E731
-    in_specs = [pl.BlockSpec((None, None, gp, d), lambda b, h, s: (b, h, 0, 0)), whole((rows, d)), whole((rows, d))]
+    in_specs = [whole(q.shape), whole((rows, d)), whole((rows, d))]
     if quantized:
         inputs += [k_scales.reshape(rows), v_scales.reshape(rows)]
         in_specs += [whole((rows,)), whole((rows,))]
@@ -197,6 +240,10 @@ def _decode_pallas_call(
         quantized=quantized,
         use_dot=use_dot,
         split=split,
+        gp=gp,
+        q_scale=scale * LOG2E,
+        cdt=cdt,
+        group=group,
     )
     outs = pl.pallas_call(
         kernel,
@@ -217,9 +264,9 @@ def _decode_pallas_call(
         w = jnp.exp2(lse - top)  # [B, Hkv, S, Gp]; empty splits -> 0
         den = jnp.sum(w, axis=2)
         o = jnp.sum(w[..., None] * o, axis=2) / jnp.where(den > 0, den, 1.0)[..., None]  # [B, Hkv, Gp, D]
-    else:
-        (o,) = outs
-    return o[:, :, :group, :].reshape(batch, num_heads, d).astype(q.dtype)
+        return o[:, :, :group, :].reshape(batch, num_heads, d).astype(q.dtype)
+    (o,) = outs  # [B, Hkv, Gp, D]
+    return (o[:, :, :group] if gp > group else o).reshape(batch, num_heads, d)
 
 
 @functools.partial(
@@ -307,6 +354,7 @@ def paged_decode_attention_reference(
     s = validate_inputs(
         q, k_pages, v_pages, block_tables, lengths,
         k_scales=k_scales, v_scales=v_scales, sm_scale=sm_scale, sliding_window=sliding_window,
+        kernel=False,
     )  # fmt: skip
     scale = default_sm_scale(s.head_dim, sm_scale)
     k = gather_pages_f32(k_pages, k_scales, block_tables)  # [B, Hkv, T, D]

@@ -87,8 +87,12 @@ def _prefill_kernel(
         row = (page * kv_heads + h) * block_size + kpos % block_size  # [BK]
         idx = (row[:, None], jnp.arange(d, dtype=jnp.int32)[None, :])
         ok_2d = jnp.broadcast_to(k_ok[:, None], (block_k, d))
-        k = plgpu.load(k_ref.at[idx], mask=ok_2d, other=0)  # [BK, D]
-        v = plgpu.load(v_ref.at[idx], mask=ok_2d, other=0)  # [BK, D]
+        if k_ref.dtype == jnp.float8_e4m3fn:  # Triton cannot make an fp8 `other`: zero after converting
+            k = jnp.where(ok_2d, plgpu.load(k_ref.at[idx], mask=ok_2d).astype(q.dtype), 0)  # [BK, D]
+            v = jnp.where(ok_2d, plgpu.load(v_ref.at[idx], mask=ok_2d).astype(q.dtype), 0)  # [BK, D]
+        else:
+            k = plgpu.load(k_ref.at[idx], mask=ok_2d, other=0)  # [BK, D]
+            v = plgpu.load(v_ref.at[idx], mask=ok_2d, other=0)  # [BK, D]
         logits = plgpu.dot(q, k.astype(q.dtype), trans_b=True, precision=dot_precision(q.dtype))  # [BQ, BK]
         if quantized:
             logits = logits * plgpu.load(ks_ref.at[row], mask=k_ok, other=0).astype(jnp.float32)[None, :]
@@ -240,6 +244,7 @@ def paged_prefill_attention_reference(
     s = validate_inputs(
         q, k_pages, v_pages, block_tables, context_lens, query_lens,
         k_scales=k_scales, v_scales=v_scales, sm_scale=sm_scale, sliding_window=sliding_window, prefill=True,
+        kernel=False,
     )  # fmt: skip
     scale = default_sm_scale(s.head_dim, sm_scale)
     k = gather_pages_f32(k_pages, k_scales, block_tables)  # [B, Hkv, T, D]

@@ -1,0 +1,523 @@
+"""The paged serving engine: `Engine` (add_request / step / abort / stream / stats) and `generate`.
+
+One engine step = one scheduling round (jkv.scheduler), the device copies it implies (swap-out, swap-in,
+copy-on-write), at most one decode step and one prefill step on the device (jkv.runner), then sampling
+bookkeeping on the host: finished sequences give their blocks back, `n > 1` requests fork after their prompt,
+beam search picks its beams. The K/V pools are allocated once (sized by the planner unless `num_blocks` is given)
+and only ever updated in place.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterator, Sequence as Seq
+from dataclasses import dataclass, field
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jkv.block_manager import BlockManager
+from jkv.kv_cache import KVPools, allocate_pools, copy_blocks, gather_blocks, scatter_blocks
+from jkv.request import Request, RequestOutput, SampleOutput, Sequence, SeqStatus
+from jkv.runner import StepRunner, bucket, build_inputs
+from jkv.sampling import SamplingParams, sample_tokens
+from jkv.scheduler import Scheduler, SchedulerOutput
+from planner.kv_layout import blocks_for_tokens, kv_dtype as planner_kv_dtype, kv_bytes_per_token
+
+MIN_CHUNK = 16  # smallest prefill chunk bucket
+
+
+@dataclass
+class EngineStats:
+    """A snapshot of the engine: block use, sharing, fragmentation, preemption, swapping and throughput."""
+
+    step: int
+    blocks_total: int  # usable blocks (the null block excluded)
+    blocks_used: int
+    blocks_free: int
+    blocks_cached: int  # free blocks still holding reusable prefix-cache content
+    prefix_hit_rate: float
+    internal_fragmentation: float  # allocated slots holding no token / allocated slots
+    blocks_saved_by_sharing: int
+    preemptions_recompute: int
+    preemptions_swap: int
+    swap_bytes: int  # host <-> device bytes moved by swapping
+    running: int
+    waiting: int
+    swapped: int
+    tokens_generated: int
+    compilations: int
+    history: list[dict] = field(default_factory=list, repr=False)
+
+
+def _sample_many(logits_row, temperature, top_k, top_p, seeds, counters):
+    n = seeds.shape[0]
+    rows = jnp.broadcast_to(logits_row, (n, logits_row.shape[-1]))
+    return sample_tokens(rows, temperature, top_k, top_p, seeds, counters)
+
+
+_sample_many_jit = jax.jit(_sample_many)
+
+
+@partial(jax.jit, static_argnums=2)
+def _top_candidates(logits: jax.Array, cum: jax.Array, k: int):
+    """Top-k (score, beam, token) over all beams' continuations: score = cum + log p."""
+    logp = jax.nn.log_softmax(logits, axis=-1) + cum[:, None]  # [W, V]
+    scores, flat = jax.lax.top_k(logp.reshape(-1), k)
+    return scores, flat // logits.shape[-1], flat % logits.shape[-1]
+
+
+def _mix_seed(seed: int, index: int) -> int:
+    return (seed * 1_000_003 + index * 7919) & 0xFFFFFFFF
+
+
+class Engine:
+    """A paged KV-cache engine over one model.
+
+    Args:
+        model: a `jkv.load_model(...)` result (or anything with `.config` and `.params`).
+        num_blocks: KV blocks including the null block; None: from the planner, for `hbm` bytes (or, on a GPU,
+            the device's memory) -- on a CPU without `hbm`, enough for max_num_seqs full-length sequences.
+        block_size: tokens per block (a power of two).
+        max_num_seqs: most sequences running at once (the decode batch cap).
+        max_num_batched_tokens: query tokens per step (decode tokens + prefill chunk).
+        max_seq_len: longest prompt + output (default: the model's positions).
+        enable_prefix_caching, watermark: see BlockManager.
+        preemption_mode: 'recompute' or 'swap'; swap_blocks: host blocks for swapping.
+        attention: 'auto' (Pallas on GPU, jnp reference elsewhere), 'pallas', 'reference' or 'interpret'.
+        kv_dtype: storage of the pools: 'bfloat16' (default: the model's dtype), 'float16', 'float32', 'int8',
+            'float8_e4m3fn'.
+        sliding_window: attend to the last W tokens only; blocks out of the window are freed.
+        tokenizer: for `.text` in outputs (default: GPT-2's when the vocab matches).
+        record_history: keep a per-step stats record (memory timeline).
+    """
+
+    def __init__(
+        self,
+        model,
+        *,
+        num_blocks: int | None = None,
+        hbm: int | str | None = None,
+        block_size: int = 16,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 512,
+        max_seq_len: int | None = None,
+        enable_prefix_caching: bool = True,
+        watermark: float = 0.01,
+        preemption_mode: str = "recompute",
+        swap_blocks: int = 0,
+        attention: str = "auto",
+        kv_dtype: str | None = None,
+        sliding_window: int | None = None,
+        tokenizer=None,
+        record_history: bool = False,
+    ) -> None:
+        self.model = model
+        config = model.config
+        if sliding_window is not None:
+            if not isinstance(sliding_window, int) or sliding_window < 1:
+                raise ValueError(f"sliding_window={sliding_window!r} must be a positive integer.")
+            config = config.replace(sliding_window=sliding_window)
+        self.config = config
+        if block_size < 1 or block_size & (block_size - 1):
+            raise ValueError(f"block_size={block_size} must be a power of two.")
+        if max_num_seqs < 1 or max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be positive.")
+        if max_num_batched_tokens < max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens={max_num_batched_tokens} must be >= max_num_seqs={max_num_seqs}.")
+        self.max_seq_len = max_seq_len or config.n_positions
+        if not 1 <= self.max_seq_len <= config.n_positions:
+            raise ValueError(f"max_seq_len={self.max_seq_len} must be between 1 and {config.n_positions}.")
+        dtype_name = jnp.dtype(model.params["wte"]["embedding"].dtype).name
+        self.kv_dtype = kv_dtype or dtype_name
+        planner_kv_dtype(self.kv_dtype)  # validates the name
+        self.block_size = block_size
+        self.plan = None
+        if num_blocks is None:
+            num_blocks = self._planned_blocks(hbm, dtype_name, max_num_seqs, max_num_batched_tokens)
+        self.bytes_per_block = block_size * kv_bytes_per_token(config, planner_kv_dtype(self.kv_dtype))
+        self.pools: KVPools = allocate_pools(config, num_blocks, block_size, self.kv_dtype)
+        self.manager = BlockManager(
+            num_blocks, block_size, enable_prefix_caching=enable_prefix_caching, watermark=watermark,
+            num_swap_blocks=swap_blocks, sliding_window=sliding_window, bytes_per_block=self.bytes_per_block,
+        )  # fmt: skip
+        self.scheduler = Scheduler(
+            self.manager, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+            preemption_mode=preemption_mode,
+        )  # fmt: skip
+        self.runner = StepRunner(model.params, config, backend=attention, sliding_window=sliding_window)
+        self.host_pools: KVPools | None = None
+        if swap_blocks:
+            self.host_pools = jax.tree.map(
+                lambda a: np.zeros((swap_blocks, *a.shape[1:]), a.dtype), jax.device_get(jax.tree.map(lambda a: a[:1], self.pools))
+            )
+        self.max_blocks_per_seq = math.ceil(self.max_seq_len / block_size)
+        self.tokenizer = tokenizer if tokenizer is not None else self._default_tokenizer()
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        self._arrivals = itertools.count()
+        self._step = 0
+        self._tokens_generated = 0
+        self._swap_bytes = 0
+        self.record_history = record_history
+        self.history: list[dict] = []
+        self._seq_ids = itertools.count(1)
+        self._reported: set[str] = set()
+
+    # Set-up helpers ---------------------------------------------------------------------------------------
+    def _planned_blocks(self, hbm, dtype_name, max_num_seqs, max_tokens) -> int:
+        from planner import PlanOptions, make_plan, parse_size
+
+        if hbm is None and jax.default_backend() == "gpu":
+            hbm = jax.devices()[0].memory_stats()["bytes_limit"]
+        if hbm is None:
+            per_seq = blocks_for_tokens(self.max_seq_len, self.block_size, self.config.sliding_window)
+            return max_num_seqs * per_seq + 1
+        self.plan = make_plan(
+            self.config,
+            PlanOptions(hbm_bytes=parse_size(hbm), dtype=dtype_name, kv_dtype=self.kv_dtype, block_size=self.block_size,
+                        max_seq_len=self.max_seq_len, max_num_seqs=max_num_seqs, prefill_chunk=max_tokens),
+        )  # fmt: skip
+        return self.plan.layout.num_blocks
+
+    def _default_tokenizer(self):
+        if self.config.vocab_size != 50257:
+            return None
+        from jkv.tokenizer import get_tokenizer
+
+        return get_tokenizer()
+
+    # Requests ---------------------------------------------------------------------------------------------
+    def _check_request(self, prompt, sampling: SamplingParams) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this engine has no tokenizer: pass prompts as lists of token ids.")
+            prompt = self.tokenizer.encode(prompt)
+        ids = [int(t) for t in np.asarray(prompt).reshape(-1)] if len(prompt) else []
+        if not ids:
+            raise ValueError("the prompt is empty: give at least one token.")
+        if min(ids) < 0 or max(ids) >= self.config.vocab_size:
+            raise ValueError(f"the prompt holds a token id outside [0, {self.config.vocab_size}).")
+        total = len(ids) + sampling.max_tokens
+        if total > self.max_seq_len:
+            raise ValueError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({sampling.max_tokens}) = {total} exceeds the "
+                f"{self.max_seq_len}-token context: shorten the prompt or lower max_tokens."
+            )
+        width = max(sampling.n, sampling.beam_width)
+        per_seq = blocks_for_tokens(total, self.block_size, self.config.sliding_window)
+        # forks share the prompt's blocks; each needs its own blocks for its output (+1 for a copied block)
+        shared = len(ids) // self.block_size
+        need = per_seq + (width - 1) * (per_seq - shared + 1)
+        usable = self.manager.num_blocks - 1 - self.manager.watermark_blocks
+        if need > usable:
+            raise ValueError(
+                f"this request needs up to {need} KV blocks but the pool has {usable}: it can never fit; lower "
+                "max_tokens, n or beam_width, or give the engine more blocks."
+            )
+        if width > self.scheduler.max_num_seqs:
+            raise ValueError(f"n / beam_width {width} exceeds max_num_seqs={self.scheduler.max_num_seqs}.")
+        return ids
+
+    def add_request(self, prompt: str | Seq[int], sampling: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:  # fmt: skip
+        """Queue a request; returns its id. Raises ValueError (and changes nothing) for bad input."""
+        sampling = sampling or SamplingParams()
+        request_id = str(next(self._ids)) if request_id is None else str(request_id)
+        if request_id in self.requests and not self.requests[request_id].finished:
+            raise ValueError(f"request id {request_id!r} is already in use: pick another.")
+        ids = self._check_request(prompt, sampling)
+        req = Request(request_id, ids, sampling, next(self._arrivals))
+        req.seqs.append(Sequence(self._new_seq_id(), req, list(ids), len(ids)))
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+        return request_id
+
+    def _new_seq_id(self) -> int:
+        return next(self._seq_ids)
+
+    def abort(self, request_id: str) -> None:
+        req = self.requests.get(str(request_id))
+        if req is None:
+            raise ValueError(f"no request with id {request_id!r}.")
+        if not req.finished:
+            for s in req.seqs:
+                if s.status is not SeqStatus.FINISHED:
+                    s.finish_reason = "aborted"
+            self.scheduler.remove(req)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work
+
+    # The step ---------------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduling round and model step; returns the requests that produced tokens or finished."""
+        sched = self.scheduler.schedule()
+        self._run_ops(sched)
+        before = {rid: [len(s.all_tokens) for s in r.seqs] for rid, r in self.requests.items() if not r.finished}
+        touched: set[str] = {r.request_id for r in sched.preempted}
+        if sched.decode:
+            touched |= self._run_decode(sched.decode)
+        if sched.prefill:
+            touched |= self._run_prefill(sched.prefill)
+        for req in list(self.scheduler.waiting):
+            if req.error is not None:  # rejected by the scheduler
+                self.scheduler.waiting.remove(req)
+        errored = [r for r in self.requests.values() if r.error is not None and r.request_id not in self._reported]
+        self._step += 1
+        if self.record_history:
+            self.history.append(self._snapshot())
+        outs = []
+        for rid in sorted(touched | {r.request_id for r in errored}, key=lambda x: self.requests[x].arrival):
+            req = self.requests[rid]
+            outs.append(self._output(req, before.get(rid)))
+            if req.finished:
+                self._reported.add(rid)
+        return outs
+
+    def _run_ops(self, sched: SchedulerOutput) -> None:
+        for kind, arg in sched.ops:
+            if kind == "cow":
+                src = jnp.asarray([s for s, _ in arg], jnp.int32)
+                dst = jnp.asarray([d for _, d in arg], jnp.int32)
+                self.pools = copy_blocks(self.pools, src, dst)
+            elif kind == "swap_out":
+                dev = list(arg.keys())
+                host = list(arg.values())
+                data = jax.device_get(gather_blocks(self.pools, jnp.asarray(dev, jnp.int32)))
+                for h_arr, d_arr in zip(jax.tree.leaves(self.host_pools), jax.tree.leaves(data)):
+                    h_arr[host] = d_arr
+                self._swap_bytes += len(dev) * self.bytes_per_block
+            elif kind == "swap_in":
+                host = list(arg.keys())
+                dev = list(arg.values())
+                contents = jax.tree.map(lambda a: jnp.asarray(a[host]), self.host_pools)
+                self.pools = scatter_blocks(self.pools, jnp.asarray(dev, jnp.int32), contents)
+                self._swap_bytes += len(dev) * self.bytes_per_block
+            else:  # pragma: no cover - internal
+                raise AssertionError(kind)
+
+    def _sampling_row(self, s: Sequence):
+        sp = s.request.sampling
+        seed = _mix_seed(s.request.seed, s.sample_index)
+        return float(sp.temperature), int(sp.top_k), float(sp.top_p), seed, len(s.tokens) - s.num_prompt
+
+    def _greedy(self, seqs) -> bool:
+        return all(s.request.sampling.greedy for s in seqs)
+
+    def _run_decode(self, seqs: list[Sequence]) -> set[str]:
+        bs = self.block_size
+        b = bucket(len(seqs))
+        width = bucket(max(-(-len(s.tokens) // bs) for s in seqs))
+        rows = [([s.tokens[-1]], len(s.tokens) - 1, self.manager.block_table(s.seq_id), *self._sampling_row(s))
+                for s in seqs]  # fmt: skip
+        x = build_inputs(rows, block_size=bs, chunk=1, width=width, batch=b)
+        tokens, logits, self.pools = self.runner.run(self.pools, x, decode=True, greedy=self._greedy(seqs))
+        tokens = np.asarray(tokens)
+        for s in seqs:
+            s.num_computed = len(s.tokens)
+            self.manager.mark_computed(s.seq_id)
+        return self._after_sampling(seqs, tokens, logits)
+
+    def _run_prefill(self, chunks: list[tuple[Sequence, int, int]]) -> set[str]:
+        bs = self.block_size
+        b = bucket(len(chunks))
+        chunk = bucket(max(n for _, _, n in chunks), MIN_CHUNK)
+        width = bucket(max(-(-(start + n) // bs) for _, start, n in chunks))
+        rows = [(s.tokens[start : start + n], start, self.manager.block_table(s.seq_id)[:width], *self._sampling_row(s))
+                for s, start, n in chunks]  # fmt: skip
+        x = build_inputs(rows, block_size=bs, chunk=chunk, width=width, batch=b)
+        seqs = [s for s, _, _ in chunks]
+        tokens, logits, self.pools = self.runner.run(self.pools, x, decode=False, greedy=self._greedy(seqs))
+        done_rows, done = [], []
+        for r, (s, start, n) in enumerate(chunks):
+            s.num_computed = start + n
+            self.manager.mark_computed(s.seq_id, start + n)
+            if s.num_computed == len(s.tokens):
+                done_rows.append(r)
+                done.append(s)
+        if not done:
+            return set()
+        tokens = np.asarray(tokens)[done_rows]
+        return self._after_sampling(done, tokens, logits[jnp.asarray(done_rows)])
+
+    # After sampling: forks, beams, stops ------------------------------------------------------------------
+    def _after_sampling(self, seqs: list[Sequence], tokens: np.ndarray, logits: jax.Array) -> set[str]:
+        touched: set[str] = set()
+        beam_reqs: dict[str, list[int]] = {}
+        for r, s in enumerate(seqs):
+            req = s.request
+            touched.add(req.request_id)
+            if req.beam:
+                beam_reqs.setdefault(req.request_id, []).append(r)
+                continue
+            first = len(s.tokens) == s.num_prompt and len(req.seqs) == 1
+            s.pending = int(tokens[r])
+            children = self._fork_samples(s, logits[r]) if first and req.sampling.n > 1 else []
+            for q in [s, *children]:
+                self._check_stop(q)
+        for rid, rows in beam_reqs.items():
+            self._beam_step(self.requests[rid], [seqs[r] for r in rows], logits[jnp.asarray(rows)])
+        for rid in touched:
+            req = self.requests[rid]
+            if req.finished:
+                self.scheduler.remove(req)
+        return touched
+
+    def _fork_samples(self, parent: Sequence, logits_row: jax.Array) -> list[Sequence]:
+        req = parent.request
+        sp = req.sampling
+        children = []
+        for i in range(1, sp.n):
+            child = Sequence(self._new_seq_id(), req, list(parent.tokens), parent.num_prompt, sample_index=i,
+                             status=SeqStatus.RUNNING, num_computed=parent.num_computed)  # fmt: skip
+            self.manager.fork(parent.seq_id, child.seq_id)
+            req.seqs.append(child)
+            children.append(child)
+        n = len(children)
+        seeds = jnp.asarray([_mix_seed(req.seed, c.sample_index) for c in children], jnp.uint32)
+        toks = _sample_many_jit(
+            logits_row, jnp.full(n, sp.temperature, jnp.float32), jnp.full(n, sp.top_k, jnp.int32),
+            jnp.full(n, sp.top_p, jnp.float32), seeds, jnp.zeros(n, jnp.int32),
+        )  # fmt: skip
+        for c, t in zip(children, np.asarray(toks)):
+            c.pending = int(t) if sp.temperature > 0 else parent.pending
+        return children
+
+    def _check_stop(self, s: Sequence) -> None:
+        sp = s.request.sampling
+        stop = (not sp.ignore_eos) and s.pending in sp.stop_token_ids
+        if stop or s.num_output >= sp.max_tokens:
+            s.tokens.append(s.pending)
+            s.pending = None
+            s.finish_reason = "stop" if stop else "length"
+            self.scheduler.release_seq(s)
+        self._tokens_generated += 1
+
+    def _beam_step(self, req: Request, beams: list[Sequence], logits: jax.Array) -> None:
+        sp = req.sampling
+        w = sp.beam_width
+        cum = jnp.asarray([b.cum_logprob for b in beams], jnp.float32)
+        scores, parents, toks = (np.asarray(a) for a in _top_candidates(logits, cum, 2 * w))
+        new_len = len(beams[0].tokens) - beams[0].num_prompt + 1
+        chosen = []
+        for score, p, t in zip(scores, parents, toks):
+            if not sp.ignore_eos and int(t) in sp.stop_token_ids:
+                out = beams[p].tokens[beams[p].num_prompt :] + [int(t)]
+                req.finished_beams.append((float(score) / new_len**sp.length_penalty, out, "stop"))
+                continue
+            chosen.append((float(score), int(p), int(t)))
+            if len(chosen) == w:
+                break
+        self._tokens_generated += len(chosen)
+        done = new_len >= sp.max_tokens or len(req.finished_beams) >= w
+        if done:
+            for score, p, t in chosen:
+                out = beams[p].tokens[beams[p].num_prompt :] + [t]
+                req.finished_beams.append((score / new_len**sp.length_penalty, out, "length"))
+            for b in beams:
+                self.scheduler.release_seq(b)
+            return
+        new = []
+        for score, p, t in chosen:
+            parent = beams[p]
+            child = Sequence(self._new_seq_id(), req, list(parent.tokens), parent.num_prompt,
+                             status=SeqStatus.RUNNING, num_computed=parent.num_computed)  # fmt: skip
+            self.manager.fork(parent.seq_id, child.seq_id)
+            child.pending, child.cum_logprob = t, score
+            new.append(child)
+        for b in beams:
+            self.manager.free(b.seq_id)
+            b.status = SeqStatus.FINISHED
+        req.seqs = [s for s in req.seqs if s not in beams] + new
+
+    # Outputs and stats ------------------------------------------------------------------------------------
+    def _text(self, ids: list[int]) -> str | None:
+        return self.tokenizer.decode(ids) if self.tokenizer is not None else None
+
+    def _output(self, req: Request, before: list[int] | None) -> RequestOutput:
+        if req.error is not None:
+            return RequestOutput(req.request_id, req.prompt, [], [], None, True, "error", [], error=req.error)
+        if req.beam:
+            ranked = sorted(req.finished_beams, key=lambda x: -x[0])[: req.sampling.n]
+            samples = [SampleOutput(t, self._text(t), why, score) for score, t, why in ranked]
+            if not req.finished:
+                best = max(req.seqs, key=lambda s: s.cum_logprob) if req.seqs else None
+                live = best.all_tokens[best.num_prompt :] if best else []
+                samples = [SampleOutput(live, None, None, None)]
+            new = []
+        else:
+            seqs = [s for s in req.seqs]
+            samples = [SampleOutput(s.all_tokens[s.num_prompt :], None, s.finish_reason) for s in seqs]
+            first = seqs[0]
+            n_before = before[0] if before else len(first.all_tokens)
+            new = first.all_tokens[n_before:] if before else []
+        finished = req.finished
+        if finished:
+            for smp in samples:
+                smp.text = self._text(smp.token_ids)
+        head = samples[0] if samples else SampleOutput([], None, None)
+        return RequestOutput(req.request_id, req.prompt, head.token_ids, new, head.text, finished, head.finish_reason,
+                             samples)  # fmt: skip
+
+    def stats(self) -> EngineStats:
+        ms = self.manager.stats()
+        sch = self.scheduler
+        return EngineStats(
+            step=self._step,
+            blocks_total=self.manager.num_blocks - 1,
+            blocks_used=ms.num_used_blocks,
+            blocks_free=ms.num_free_blocks,
+            blocks_cached=ms.num_cached_free_blocks,
+            prefix_hit_rate=ms.prefix_hit_rate,
+            internal_fragmentation=ms.internal_fragmentation,
+            blocks_saved_by_sharing=ms.blocks_saved_by_sharing,
+            preemptions_recompute=sch.num_preempt_recompute,
+            preemptions_swap=sch.num_preempt_swap,
+            swap_bytes=self._swap_bytes,
+            running=sch.num_running_seqs(),
+            waiting=len(sch.waiting),
+            swapped=len(sch.swapped),
+            tokens_generated=self._tokens_generated,
+            compilations=len(self.runner.compiled),
+            history=self.history,
+        )
+
+    def _snapshot(self) -> dict:
+        s = self.stats()
+        return {k: v for k, v in s.__dict__.items() if k != "history"}
+
+    # Convenience ------------------------------------------------------------------------------------------
+    def stream(self) -> Iterator[RequestOutput]:
+        """Step until every request is done, yielding each request's output as tokens arrive."""
+        while self.has_unfinished():
+            yield from self.step()
+
+    def run(self) -> dict[str, RequestOutput]:
+        final: dict[str, RequestOutput] = {}
+        for out in self.stream():
+            if out.finished:
+                final[out.request_id] = out
+        return final
+
+
+def generate(model, prompts: Seq[str | Seq[int]], sampling: SamplingParams | None = None, **engine_options
+             ) -> list[RequestOutput]:  # fmt: skip
+    """Generate for every prompt with a fresh paged engine; one `RequestOutput` per prompt, in order.
+
+    A prompt that is bad input (empty, too long, can never fit) gets an output with `.error` set and no tokens;
+    the other prompts are served normally.
+    """
+    sampling = sampling or SamplingParams()
+    engine = Engine(model, **engine_options)
+    ids: list[str | RequestOutput] = []
+    for i, p in enumerate(prompts):
+        try:
+            ids.append(engine.add_request(p, sampling, request_id=f"req-{i}"))
+        except ValueError as err:
+            ids.append(RequestOutput(f"req-{i}", [], [], [], None, True, "error", [], error=str(err)))
+    final = engine.run()
+    return [x if isinstance(x, RequestOutput) else final[x] for x in ids]

@@ -1,0 +1,158 @@
+"""The paged KV cache on the device: K/V block pools, writes of new tokens, block copies and swaps.
+
+`KVPools` is a pytree of the preallocated pools, laid out as the planner says (planner/kv_layout.py):
+
+    k, v:               n_layer arrays of [num_blocks, kv_heads, block_size, head_dim]   (storage dtype)
+    k_scale, v_scale:   n_layer arrays of [num_blocks, kv_heads, block_size]             (float16; quantized only)
+
+One array per layer (the planner's `layer_pool_shape`), so a kernel reads a layer's pool as a whole buffer and
+never forces XLA to slice a copy out of a stacked array.
+
+The pools are allocated once and then only ever passed into jitted functions that donate them and return the
+updated pools, so XLA updates them in place (no second pool exists at any time). Block 0 is the null block:
+padding entries of block tables and padding tokens of a batch point at it; its contents are garbage by design.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from planner.config import ModelConfig
+from planner.kv_layout import BlockLayout
+
+FLOAT_KV = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+QUANT_KV = {"int8": (jnp.int8, 127.0), "float8_e4m3fn": (jnp.float8_e4m3fn, 448.0)}
+SCALE_DTYPE = jnp.float16
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class KVPools:
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+    k_scale: tuple[jax.Array, ...] | None = None
+    v_scale: tuple[jax.Array, ...] | None = None
+
+    @property
+    def num_blocks(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def block_size(self) -> int:
+        return self.k[0].shape[2]
+
+    @property
+    def quantized(self) -> bool:
+        return self.k_scale is not None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(x.nbytes for x in jax.tree.leaves(self))
+
+    def layer(self, i: int) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array | None]:
+        """(k, v, k_scale, v_scale) of layer i."""
+        if self.quantized:
+            return self.k[i], self.v[i], self.k_scale[i], self.v_scale[i]
+        return self.k[i], self.v[i], None, None
+
+    def with_layer(self, i: int, k, v, k_scale=None, v_scale=None) -> KVPools:
+        put = lambda t, x: t[:i] + (x,) + t[i + 1 :]
+        if self.quantized:
+            return KVPools(put(self.k, k), put(self.v, v), put(self.k_scale, k_scale), put(self.v_scale, v_scale))
+        return KVPools(put(self.k, k), put(self.v, v))
+
+
+def allocate_pools(config: ModelConfig, num_blocks: int, block_size: int, kv_dtype: str = "bfloat16") -> KVPools:
+    """Allocate the pools once, zero-filled, on the default device."""
+    if kv_dtype not in FLOAT_KV and kv_dtype not in QUANT_KV:
+        raise ValueError(f"kv_dtype={kv_dtype!r} is not supported by the engine: use one of "
+                         f"{', '.join([*FLOAT_KV, *QUANT_KV])}.")  # fmt: skip
+    if num_blocks < 2:
+        raise ValueError(f"num_blocks={num_blocks} must be at least 2 (block 0 is the null block).")
+    shape = (num_blocks, config.kv_heads, block_size, config.head_dim)
+    layers = range(config.n_layer)
+    if kv_dtype in FLOAT_KV:
+        dt = FLOAT_KV[kv_dtype]
+        return KVPools(tuple(jnp.zeros(shape, dt) for _ in layers), tuple(jnp.zeros(shape, dt) for _ in layers))
+    dt = QUANT_KV[kv_dtype][0]
+    zeros = lambda shp, d: tuple(jnp.zeros(shp, d) for _ in layers)
+    return KVPools(zeros(shape, dt), zeros(shape, dt), zeros(shape[:-1], SCALE_DTYPE), zeros(shape[:-1], SCALE_DTYPE))
+
+
+def layout_bytes(config: ModelConfig, num_blocks: int, block_size: int, kv_dtype: str) -> int:
+    """Bytes the planner counts for these pools (tests check the real pools agree byte for byte)."""
+    from planner.kv_layout import kv_dtype as planner_kv_dtype
+
+    return BlockLayout(config, planner_kv_dtype(kv_dtype), block_size, num_blocks).pool_bytes
+
+
+def quantize(x: jax.Array, kind: str) -> tuple[jax.Array, jax.Array]:
+    """Symmetric per-row quantization over the last axis: x ~= data * scale, scale = absmax / qmax."""
+    dt, qmax = QUANT_KV[kind]
+    xf = x.astype(jnp.float32)
+    scale = (jnp.max(jnp.abs(xf), axis=-1) / qmax).astype(SCALE_DTYPE)
+    s = jnp.where(scale > 0, scale.astype(jnp.float32), 1.0)[..., None]
+    q = xf / s
+    data = jnp.clip(jnp.round(q), -qmax, qmax).astype(dt) if kind == "int8" else jnp.clip(q, -qmax, qmax).astype(dt)
+    return data, scale
+
+
+def dequantize(data: jax.Array, scale: jax.Array) -> jax.Array:
+    return data.astype(jnp.float32) * scale.astype(jnp.float32)[..., None]
+
+
+def write_tokens(
+    pools: KVPools,
+    layer: int,
+    k: jax.Array,  # [N, Hkv, D] new keys, one row per token
+    v: jax.Array,  # [N, Hkv, D]
+    blocks: jax.Array,  # [N] int32 physical block of each token (0 for padding tokens)
+    offsets: jax.Array,  # [N] int32 slot within the block
+) -> KVPools:
+    """Scatter new tokens' K/V (quantizing on write) into layer `layer` of the pools; traceable."""
+    kp, vp, ksp, vsp = pools.layer(layer)
+    if pools.quantized:
+        kind = "int8" if kp.dtype == jnp.int8 else "float8_e4m3fn"
+        kq, ks = quantize(k, kind)
+        vq, vs = quantize(v, kind)
+        return pools.with_layer(
+            layer,
+            kp.at[blocks, :, offsets].set(kq),
+            vp.at[blocks, :, offsets].set(vq),
+            ksp.at[blocks, :, offsets].set(ks),
+            vsp.at[blocks, :, offsets].set(vs),
+        )
+    return pools.with_layer(
+        layer, kp.at[blocks, :, offsets].set(k.astype(kp.dtype)), vp.at[blocks, :, offsets].set(v.astype(vp.dtype))
+    )
+
+
+def _map_pools(fn, pools: KVPools) -> KVPools:
+    return jax.tree.map(fn, pools)
+
+
+@partial(jax.jit, donate_argnums=0)
+def copy_blocks(pools: KVPools, src: jax.Array, dst: jax.Array) -> KVPools:
+    """pool[dst] = pool[src] in every layer (copy-on-write); in place thanks to donation."""
+    return _map_pools(lambda a: a.at[dst].set(a[src]), pools)
+
+
+@jax.jit
+def gather_blocks(pools: KVPools, blocks: jax.Array) -> KVPools:
+    """The contents of `blocks` (all layers), to be moved to host memory when a sequence is swapped out."""
+    return _map_pools(lambda a: a[blocks], pools)
+
+
+@partial(jax.jit, donate_argnums=0)
+def scatter_blocks(pools: KVPools, blocks: jax.Array, contents: KVPools) -> KVPools:
+    """pool[blocks] = contents in every layer (swap-in)."""
+    return jax.tree.map(lambda a, c: a.at[blocks].set(c), pools, contents)
+
+
+def to_host(tree: KVPools) -> KVPools:
+    return jax.tree.map(np.asarray, jax.device_get(tree))

@@ -1,0 +1,104 @@
+"""Requests, their sequences, and what the engine hands back (`RequestOutput`).
+
+A request holds one prompt and its `SamplingParams`. It owns one sequence, or several when it forks: `n > 1`
+parallel samples or `beam_width` beams, which share the prompt's KV blocks through the block manager.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from jkv.sampling import SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"  # not admitted yet, or preempted by recomputation (blocks freed)
+    RUNNING = "running"  # blocks on the device; prefilling or decoding
+    SWAPPED = "swapped"  # preempted by swapping: blocks in host memory
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One token stream. `tokens` = prompt + generated; K/V of `tokens[:num_computed]` sit in the cache."""
+
+    seq_id: int
+    request: Request
+    tokens: list[int]
+    num_prompt: int
+    sample_index: int = 0  # which of the request's n samples (seeds differ)
+    status: SeqStatus = SeqStatus.WAITING
+    num_computed: int = 0
+    pending: int | None = None  # a sampled token not yet given a slot (appended at the next schedule)
+    cum_logprob: float = 0.0  # beam search score
+    finish_reason: str | None = None
+
+    @property
+    def output(self) -> list[int]:
+        return self.tokens[self.num_prompt :]
+
+    @property
+    def all_tokens(self) -> list[int]:
+        """Tokens including a sampled one that has no slot yet."""
+        return self.tokens if self.pending is None else [*self.tokens, self.pending]
+
+    @property
+    def num_output(self) -> int:
+        return len(self.all_tokens) - self.num_prompt
+
+    @property
+    def prefilling(self) -> bool:
+        return self.pending is None and self.num_computed < len(self.tokens)
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt: list[int]
+    sampling: SamplingParams
+    arrival: int  # admission order (lower = higher priority)
+    seqs: list[Sequence] = field(default_factory=list)
+    finished_beams: list[tuple[float, list[int], str]] = field(default_factory=list)  # (score, tokens, why)
+    error: str | None = None
+    num_preemptions: int = 0
+
+    @property
+    def seed(self) -> int:
+        return self.sampling.seed if self.sampling.seed is not None else hash(self.request_id) & 0x7FFFFFFF
+
+    @property
+    def beam(self) -> bool:
+        return self.sampling.beam_width > 1
+
+    @property
+    def finished(self) -> bool:
+        return self.error is not None or (bool(self.seqs) and all(s.status is SeqStatus.FINISHED for s in self.seqs))
+
+
+@dataclass
+class SampleOutput:
+    """One of a request's n samples (or beams)."""
+
+    token_ids: list[int]
+    text: str | None
+    finish_reason: str | None
+    score: float | None = None  # beam search: length-normalized log-probability
+
+
+@dataclass
+class RequestOutput:
+    """A request's state after a step: all tokens generated so far, and the ones new in this step.
+
+    `token_ids` / `text` are the first sample's (the best beam's); `samples` holds all n of them.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    new_token_ids: list[int]
+    text: str | None
+    finished: bool
+    finish_reason: str | None
+    samples: list[SampleOutput]
+    error: str | None = None

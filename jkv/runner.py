@@ -1,0 +1,165 @@
+"""Device side of the engine: the jitted model steps over the paged KV pools, with static, bucketed shapes.
+
+A step runs `B` rows of `C` query tokens each (decode: C == 1) through the model; every layer first scatters the
+rows' new K/V into the pools, then attends over the rows' block tables with the paged attention kernel (or its
+pure-`jnp` reference). The pools are donated, so XLA writes them in place. Shapes are bucketed to powers of two
+(rows, chunk length, block-table width), which bounds the number of compilations: `StepRunner.compiled` counts them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jkv.kv_cache import KVPools, write_tokens
+from jkv.model import forward
+from jkv.sampling import sample_tokens
+from planner.config import ModelConfig
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+    """Smallest power of two >= max(n, minimum)."""
+    return 1 << max(0, math.ceil(math.log2(max(n, minimum, 1))))
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class StepInputs:
+    """Host-built inputs of one step (all int32 unless noted); padding rows/tokens point at the null block."""
+
+    tokens: jax.Array  # [B, C]
+    positions: jax.Array  # [B, C]
+    slot_blocks: jax.Array  # [B, C] physical block each new token's K/V goes to
+    slot_offsets: jax.Array  # [B, C] slot within that block
+    block_tables: jax.Array  # [B, M]
+    context_lens: jax.Array  # [B] tokens already in the pages before this step
+    query_lens: jax.Array  # [B] valid query tokens of the row (0 for padding rows)
+    temperature: jax.Array  # [B] float32
+    top_k: jax.Array  # [B]
+    top_p: jax.Array  # [B] float32
+    seeds: jax.Array  # [B] uint32
+    counters: jax.Array  # [B] index of the token being sampled within its request
+
+
+def attention_backend(name: str):
+    """(decode_fn, prefill_fn) for 'pallas', 'reference', or 'auto' (pallas on GPU, reference elsewhere)."""
+    if name == "auto":
+        name = "pallas" if jax.default_backend() == "gpu" else "reference"
+    if name == "pallas":
+        from pallas_kernels.paged_decode import paged_decode_attention as decode
+        from pallas_kernels.paged_prefill import paged_prefill_attention as prefill
+    elif name == "reference":
+        from pallas_kernels.paged_decode import paged_decode_attention_reference as decode
+        from pallas_kernels.paged_prefill import paged_prefill_attention_reference as prefill
+    elif name == "interpret":
+        from pallas_kernels.paged_decode import paged_decode_attention
+        from pallas_kernels.paged_prefill import paged_prefill_attention
+
+        decode = partial(paged_decode_attention, interpret=True)
+        prefill = partial(paged_prefill_attention, interpret=True)
+    else:
+        raise ValueError(f"attention backend {name!r} is unknown: use 'auto', 'pallas', 'reference' or 'interpret'.")
+    return decode, prefill
+
+
+def _step(params, pools: KVPools, x: StepInputs, *, config, backend, decode, greedy, window):
+    decode_fn, prefill_fn = attention_backend(backend)
+
+    def attend(layer, q, k, v, cache):
+        b, c, hkv, d = k.shape
+        cache = write_tokens(
+            cache, layer, k.reshape(b * c, hkv, d), v.reshape(b * c, hkv, d),
+            x.slot_blocks.reshape(-1), x.slot_offsets.reshape(-1),
+        )  # fmt: skip
+        kp, vp, ks, vs = cache.layer(layer)
+        if decode:
+            out = decode_fn(q[:, 0], kp, vp, x.block_tables, x.context_lens + x.query_lens,
+                            k_scales=ks, v_scales=vs, sliding_window=window)[:, None]  # fmt: skip
+        else:
+            out = prefill_fn(q, kp, vp, x.block_tables, x.context_lens, x.query_lens,
+                             k_scales=ks, v_scales=vs, sliding_window=window)  # fmt: skip
+        return out.astype(q.dtype), cache  # [B, C, H, D]
+
+    last = jnp.maximum(x.query_lens - 1, 0)
+    logits, pools = forward(params, config, x.tokens, x.positions, pools, attend, logits_index=last)  # [B, V]
+    logits = logits.astype(jnp.float32)
+    if greedy:
+        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    else:
+        tokens = sample_tokens(logits, x.temperature, x.top_k, x.top_p, x.seeds, x.counters)
+    return tokens, logits, pools
+
+
+class StepRunner:
+    """Compiles and runs the model step for each (kind, bucket) shape; counts compilations."""
+
+    def __init__(self, params, config: ModelConfig, *, backend: str = "auto", sliding_window: int | None = None):
+        self.params = params
+        self.config = config
+        self.backend = backend
+        self.window = sliding_window
+        self._fns: dict = {}
+        self.compiled: set[tuple] = set()
+
+    def _fn(self, decode: bool, greedy: bool):
+        key = (decode, greedy)
+        if key not in self._fns:
+            self._fns[key] = jax.jit(
+                partial(_step, config=self.config, backend=self.backend, decode=decode, greedy=greedy,
+                        window=self.window),  # fmt: skip
+                donate_argnums=1,
+            )
+        return self._fns[key]
+
+    def run(self, pools: KVPools, inputs: StepInputs, *, decode: bool, greedy: bool):
+        """Run one step; returns (next tokens [B] int32, logits [B, V] float32, new pools), all on the device."""
+        self.compiled.add((decode, greedy, inputs.tokens.shape, inputs.block_tables.shape))
+        return self._fn(decode, greedy)(self.params, pools, inputs)
+
+    def lower(self, pools: KVPools, inputs: StepInputs, *, decode: bool, greedy: bool = True):
+        """The lowered step (for `.compile().memory_analysis()`)."""
+        return self._fn(decode, greedy).lower(self.params, pools, inputs)
+
+
+def build_inputs(
+    rows: list[tuple[list[int], int, list[int], float, int, float, int, int]],
+    *,
+    block_size: int,
+    chunk: int,
+    width: int,
+    batch: int,
+) -> StepInputs:
+    """Pack rows (new tokens, context_len, block table, temperature, top_k, top_p, seed, counter) into arrays.
+
+    `chunk`, `width` and `batch` are the bucketed C, M and B; padding goes to the null block 0.
+    """
+    tokens = np.zeros((batch, chunk), np.int32)
+    positions = np.zeros((batch, chunk), np.int32)
+    slot_blocks = np.zeros((batch, chunk), np.int32)
+    slot_offsets = np.zeros((batch, chunk), np.int32)
+    tables = np.zeros((batch, width), np.int32)
+    ctx = np.zeros(batch, np.int32)
+    qlen = np.zeros(batch, np.int32)
+    temp = np.zeros(batch, np.float32)
+    top_k = np.zeros(batch, np.int32)
+    top_p = np.ones(batch, np.float32)
+    seeds = np.zeros(batch, np.uint32)
+    counters = np.zeros(batch, np.int32)
+    for r, (new, context_len, table, t, k, p, seed, counter) in enumerate(rows):
+        n = len(new)
+        pos = np.arange(context_len, context_len + n)
+        tokens[r, :n] = new
+        positions[r, :n] = pos
+        tab = np.asarray(table, np.int32)
+        tables[r, : len(tab)] = tab
+        slot_blocks[r, :n] = tab[pos // block_size]
+        slot_offsets[r, :n] = pos % block_size
+        ctx[r], qlen[r] = context_len, n
+        temp[r], top_k[r], top_p[r], seeds[r], counters[r] = t, k, p, seed & 0xFFFFFFFF, counter
+    return StepInputs(*(jnp.asarray(a) for a in (tokens, positions, slot_blocks, slot_offsets, tables, ctx, qlen,
+                                                  temp, top_k, top_p, seeds, counters)))  # fmt: skip
