@@ -161,7 +161,6 @@ class Engine:
         self._arrivals = itertools.count()
         self._step = 0
         self._tokens_generated = 0
-        self._swap_bytes = 0
         self.record_history = record_history
         self.history: list[dict] = []
         self._seq_ids = itertools.count(1)
@@ -290,13 +289,11 @@ class Engine:
                 data = jax.device_get(gather_blocks(self.pools, jnp.asarray(dev, jnp.int32)))
                 for h_arr, d_arr in zip(jax.tree.leaves(self.host_pools), jax.tree.leaves(data)):
                     h_arr[host] = d_arr
-                self._swap_bytes += len(dev) * self.bytes_per_block
             elif kind == "swap_in":
                 host = list(arg.keys())
                 dev = list(arg.values())
                 contents = jax.tree.map(lambda a: jnp.asarray(a[host]), self.host_pools)
                 self.pools = scatter_blocks(self.pools, jnp.asarray(dev, jnp.int32), contents)
-                self._swap_bytes += len(dev) * self.bytes_per_block
             else:  # pragma: no cover - internal
                 raise AssertionError(kind)
 
@@ -464,20 +461,20 @@ class Engine:
                              samples)  # fmt: skip
 
     def stats(self) -> EngineStats:
-        ms = self.manager.stats()
+        ms = self.manager.stats
         sch = self.scheduler
         return EngineStats(
             step=self._step,
             blocks_total=self.manager.num_blocks - 1,
             blocks_used=ms.num_used_blocks,
             blocks_free=ms.num_free_blocks,
-            blocks_cached=ms.num_cached_free_blocks,
+            blocks_cached=ms.num_cached_blocks,
             prefix_hit_rate=ms.prefix_hit_rate,
             internal_fragmentation=ms.internal_fragmentation,
             blocks_saved_by_sharing=ms.blocks_saved_by_sharing,
             preemptions_recompute=sch.num_preempt_recompute,
             preemptions_swap=sch.num_preempt_swap,
-            swap_bytes=self._swap_bytes,
+            swap_bytes=ms.swap_bytes_moved or 0,
             running=sch.num_running_seqs(),
             waiting=len(sch.waiting),
             swapped=len(sch.swapped),
