@@ -29,24 +29,40 @@ NUM_SMS = 132  # H100 SXM; only sizes the split heuristic, any GPU runs any spli
 TARGET_PROGRAMS = 4 * NUM_SMS  # enough programs in flight to keep every SM streaming K/V
 MIN_DOT_ROWS = 16  # Triton dot operands are at least 16 in every dimension: query groups are padded to this
 
-# Tuned (tokens_per_step, num_warps, num_stages), keyed by (page kind, grouped?, head_dim). "grouped" means
-# query heads share a KV head (GQA/MQA) and the kernel uses tensor-core dots; MHA uses a vector path.
-# tokens_per_step is independent of the block size (a step gathers tokens from as many blocks as it spans), so
-# one row serves block sizes 8 to 64. Filled from scripts/bench_attention.py --tune on an H100; see docs.
-TUNING: dict[tuple[str, bool, int], tuple[int, int, int]] = {
-    ("float", False, 64): (128, 4, 3),
-    ("float", False, 128): (64, 4, 3),
-    ("float", True, 64): (128, 4, 3),
-    ("float", True, 128): (64, 4, 3),
-    ("quant", False, 64): (128, 4, 3),
-    ("quant", False, 128): (64, 4, 3),
-    ("quant", True, 64): (128, 4, 3),
-    ("quant", True, 128): (64, 4, 3),
+MIN_STEP_TOKENS = 32  # short contexts shrink tokens_per_step down to this to make room for context splits
+
+# Tuned (tokens_per_step, num_warps, num_stages, dots?), keyed by (page kind, grouped?, head_dim): page kind is
+# "16bit" (bf16/f16), "f32" or "quant" (int8/fp8); grouped means several query heads share a KV head (GQA/MQA).
+# dots: True runs QK and PV as tensor-core dots over a [16, D] query tile (rows beyond the group are padding);
+# False is the dot-free lane path (MHA only). tokens_per_step does not depend on the block size (a step gathers
+# tokens from as many blocks as it spans), so one row serves block sizes 8 to 64.
+# Measured rows (H100, scripts/bench_attention.py --tune, 2026-11-26; % of device-copy bandwidth):
+#   16bit MHA 64: dot T=256 w4 st2 93.8% at GPT-2 32x4k (lane path best 87.3%, T=64 w2; many configs < 60%)
+#   16bit GQA 128: T=128 w4 st3 92.2% at 32x4k, 100.4% at 64x8k (reads alone beat the read+write copy rate)
+#   quant MHA 64: lane T=64 w2 st4 66.6%; quant GQA 128: T=64 w4 st3 56.0% (of the copy rate, int8 bytes)
+# The other rows are set by analogy (the same bytes per step) and were not tuned.
+TUNING: dict[tuple[str, bool, int], tuple[int, int, int, bool]] = {
+    ("16bit", False, 64): (256, 4, 2, True),
+    ("16bit", False, 128): (128, 4, 2, True),
+    ("16bit", True, 64): (128, 4, 3, True),
+    ("16bit", True, 128): (128, 4, 3, True),
+    ("f32", False, 64): (128, 4, 2, True),
+    ("f32", False, 128): (64, 4, 2, True),
+    ("f32", True, 64): (64, 4, 3, True),
+    ("f32", True, 128): (64, 4, 3, True),
+    ("quant", False, 64): (64, 2, 4, False),
+    ("quant", False, 128): (64, 2, 4, False),
+    ("quant", True, 64): (64, 4, 3, True),
+    ("quant", True, 128): (64, 4, 3, True),
 }
 
 
-def tuned_config(page_dtype: jnp.dtype, group: int, head_dim: int) -> tuple[int, int, int]:
-    kind = "quant" if jnp.dtype(page_dtype) in (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn)) else "float"
+def tuned_config(page_dtype: jnp.dtype, group: int, head_dim: int) -> tuple[int, int, int, bool]:
+    dt = jnp.dtype(page_dtype)
+    if dt in (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn)):
+        kind = "quant"
+    else:
+        kind = "f32" if dt == jnp.dtype(jnp.float32) else "16bit"
     return TUNING[(kind, group > 1, head_dim)]
 
 
@@ -55,6 +71,14 @@ def choose_splits(batch: int, kv_heads: int, max_tokens: int, tokens_per_step: i
     steps = pl.cdiv(max_tokens, tokens_per_step)
     want = pl.cdiv(TARGET_PROGRAMS, batch * kv_heads)
     return max(1, min(want, steps // 2))
+
+
+def choose_step(batch: int, kv_heads: int, max_tokens: int, tokens_per_step: int) -> int:
+    """Shrink the tuned step on short contexts until the splits that fill the GPU get >= 2 steps each."""
+    want = pl.cdiv(TARGET_PROGRAMS, batch * kv_heads)
+    while tokens_per_step > MIN_STEP_TOKENS and pl.cdiv(max_tokens, tokens_per_step) < 2 * want:
+        tokens_per_step //= 2
+    return tokens_per_step
 
 
 def _decode_kernel(
@@ -195,7 +219,7 @@ def _decode_pallas_call(
     num_blocks, kv_heads, block_size, _ = k_pages.shape
     max_blocks = block_tables.shape[1]
     group = num_heads // kv_heads
-    use_dot = group > 1 if use_dot is None else use_dot  # MHA: the dot-free lane path unless asked otherwise
+    use_dot = group > 1 if use_dot is None else use_dot or group > 1  # grouped heads always use dots
     gp = max(MIN_DOT_ROWS, pl.next_power_of_2(group)) if use_dot else 1
     cdt = compute_dtype(q.dtype, k_pages.dtype)
     quantized = k_scales is not None
@@ -305,8 +329,9 @@ def paged_decode_attention(
         k_scales=k_scales, v_scales=v_scales, sm_scale=sm_scale, sliding_window=sliding_window,
     )  # fmt: skip
     check_backend_support(s.page_dtype, interpret)
-    t_def, w_def, st_def = tuned_config(s.page_dtype, s.group, s.head_dim)
-    tokens_per_step = tokens_per_step or t_def
+    t_def, w_def, st_def, dot_def = tuned_config(s.page_dtype, s.group, s.head_dim)
+    if tokens_per_step is None:
+        tokens_per_step = choose_step(s.batch, s.kv_heads, s.max_tokens, t_def)
     if tokens_per_step < 16 or tokens_per_step & (tokens_per_step - 1):
         raise ValueError(f"{tokens_per_step=} must be a power of two >= 16 (a Triton dot operand size).")
     if num_splits is None:
@@ -317,7 +342,7 @@ def paged_decode_attention(
         q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales,
         scale=default_sm_scale(s.head_dim, sm_scale), sliding_window=sliding_window,
         tokens_per_step=tokens_per_step, num_splits=num_splits, num_warps=num_warps or w_def,
-        num_stages=num_stages or st_def, interpret=interpret, debug=debug,
+        num_stages=num_stages or st_def, interpret=interpret, debug=debug, use_dot=dot_def or s.group > 1,
     )  # fmt: skip
 
 

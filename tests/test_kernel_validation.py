@@ -54,9 +54,17 @@ DECODE_BAD = [
 ]
 
 
+# Limits of the kernels only: the jnp references accept any head_dim and block size (the engine's tiny test models).
+KERNEL_ONLY = {"head_dim 32", "page_size 12", "page_size 128", "page_size 4"}
+
+
 @pytest.mark.parametrize("fn", [paged_decode_attention, paged_decode_attention_reference], ids=["kernel", "ref"])
-@pytest.mark.parametrize("over,needle", [(o, n) for _, o, n in DECODE_BAD], ids=[i for i, _, _ in DECODE_BAD])
-def test_decode_rejects(fn, over, needle):
+@pytest.mark.parametrize("case", DECODE_BAD, ids=[i for i, _, _ in DECODE_BAD])
+def test_decode_rejects(fn, case):
+    name, over, needle = case
+    if fn is paged_decode_attention_reference and name in KERNEL_ONLY:
+        assert bool(jnp.all(fn(**decode_args(**over)) == 0))  # all lengths 0 -> zeros
+        return
     with pytest.raises(ValueError, match=needle.replace("[", r"\[").replace("(", r"\(")):
         fn(**decode_args(**over), interpret=True)
 
@@ -92,8 +100,12 @@ PREFILL_BAD = [
 
 
 @pytest.mark.parametrize("fn", [paged_prefill_attention, paged_prefill_attention_reference], ids=["kernel", "ref"])
-@pytest.mark.parametrize("over,needle", [(o, n) for _, o, n in PREFILL_BAD], ids=[i for i, _, _ in PREFILL_BAD])
-def test_prefill_rejects(fn, over, needle):
+@pytest.mark.parametrize("case", PREFILL_BAD, ids=[i for i, _, _ in PREFILL_BAD])
+def test_prefill_rejects(fn, case):
+    name, over, needle = case
+    if fn is paged_prefill_attention_reference and name in KERNEL_ONLY:
+        assert bool(jnp.all(fn(**prefill_args(**over)) == 0))  # no queries -> zeros
+        return
     with pytest.raises(ValueError, match=needle):
         fn(**prefill_args(**over), interpret=True)
 

@@ -173,3 +173,18 @@ def test_kernel_hand_computed():
     out = np.asarray(paged_decode_attention(q, k, v, bt, ln, interpret=INTERPRET))
     assert out[0, 0, 1] == pytest.approx(5.0, abs=1e-3)
     assert np.abs(np.delete(out[0, 0], 1)).max() < 1e-3
+
+
+@pytest.mark.parametrize("use_dot", [False, True])
+def test_kernel_mha_paths(use_dot):
+    """MHA runs either the dot-free lane path or the padded tensor-core path (the tuning table picks one)."""
+    from pallas_kernels.paged_decode import _decode_pallas_call
+
+    case = make_case(11, batch=3, num_heads=2, kv_heads=2, head_dim=64, block_size=16, lengths=[70, 1, 16],
+                     max_blocks=5)
+    args = (case.q, case.k_pages, case.v_pages, case.block_tables, case.lengths)
+    ref = paged_decode_attention_reference(*args)
+    out = _decode_pallas_call(*args, None, None, scale=1 / 8, sliding_window=None, tokens_per_step=32,
+                              num_splits=2, num_warps=4, num_stages=2, interpret=INTERPRET, debug=False,
+                              use_dot=use_dot)
+    assert rel_err(out, ref) < TOL["bfloat16"]
