@@ -50,7 +50,6 @@ KW: dict = {}  # {"interpret": True} under --interpret (a CPU smoke test of this
 JAX_CONFIGS = [  # (pages_per_compute_block, k_splits, num_warps, num_stages)
     (8, 16, 8, 2),  # upstream defaults
     (16, 16, 4, 2),
-    (16, 8, 4, 2),
     (8, 4, 4, 2),
     (4, 16, 4, 3),
     (16, 4, 8, 2),
