@@ -148,7 +148,8 @@ class Engine:
             self.manager, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             preemption_mode=preemption_mode,
         )  # fmt: skip
-        self.runner = StepRunner(model.params, config, backend=attention, sliding_window=sliding_window)
+        self.runner = StepRunner(model.params, config, block_size=block_size, backend=attention,
+                                 sliding_window=sliding_window)  # fmt: skip
         self.host_pools: KVPools | None = None
         if swap_blocks:
             self.host_pools = jax.tree.map(
@@ -165,6 +166,7 @@ class Engine:
         self.history: list[dict] = []
         self._seq_ids = itertools.count(1)
         self._reported: set[str] = set()
+        self.last_decode_rows = 0
 
     # Set-up helpers ---------------------------------------------------------------------------------------
     def _planned_blocks(self, hbm, dtype_name, max_num_seqs, max_tokens) -> int:
@@ -258,6 +260,7 @@ class Engine:
         self._run_ops(sched)
         before = {rid: [len(s.all_tokens) for s in r.seqs] for rid, r in self.requests.items() if not r.finished}
         touched: set[str] = {r.request_id for r in sched.preempted}
+        self.last_decode_rows = len(sched.decode)
         if sched.decode:
             touched |= self._run_decode(sched.decode)
         if sched.prefill:

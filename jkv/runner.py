@@ -46,10 +46,20 @@ class StepInputs:
     counters: jax.Array  # [B] index of the token being sampled within its request
 
 
+def resolve_backend(name: str, head_dim: int, block_size: int) -> str:
+    """'auto' -> 'pallas' on a GPU when the kernels take this shape, else the pure-jnp 'reference'."""
+    if name not in ("auto", "pallas", "reference", "interpret"):
+        raise ValueError(f"attention={name!r} is unknown: use 'auto', 'pallas', 'reference' or 'interpret'.")
+    if name != "auto":
+        return name
+    from pallas_kernels.common import HEAD_DIMS, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE
+
+    fits = head_dim in HEAD_DIMS and MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE
+    return "pallas" if jax.default_backend() == "gpu" and fits else "reference"
+
+
 def attention_backend(name: str):
-    """(decode_fn, prefill_fn) for 'pallas', 'reference', or 'auto' (pallas on GPU, reference elsewhere)."""
-    if name == "auto":
-        name = "pallas" if jax.default_backend() == "gpu" else "reference"
+    """(decode_fn, prefill_fn) for 'pallas', 'reference' or 'interpret' (Pallas kernels interpreted on CPU)."""
     if name == "pallas":
         from pallas_kernels.paged_decode import paged_decode_attention as decode
         from pallas_kernels.paged_prefill import paged_prefill_attention as prefill
@@ -63,7 +73,7 @@ def attention_backend(name: str):
         decode = partial(paged_decode_attention, interpret=True)
         prefill = partial(paged_prefill_attention, interpret=True)
     else:
-        raise ValueError(f"attention backend {name!r} is unknown: use 'auto', 'pallas', 'reference' or 'interpret'.")
+        raise ValueError(f"attention={name!r} is unknown: use 'auto', 'pallas', 'reference' or 'interpret'.")
     return decode, prefill
 
 
@@ -98,10 +108,11 @@ def _step(params, pools: KVPools, x: StepInputs, *, config, backend, decode, gre
 class StepRunner:
     """Compiles and runs the model step for each (kind, bucket) shape; counts compilations."""
 
-    def __init__(self, params, config: ModelConfig, *, backend: str = "auto", sliding_window: int | None = None):
+    def __init__(self, params, config: ModelConfig, *, block_size: int, backend: str = "auto",
+                 sliding_window: int | None = None):  # fmt: skip
         self.params = params
         self.config = config
-        self.backend = backend
+        self.backend = resolve_backend(backend, config.head_dim, block_size)
         self.window = sliding_window
         self._fns: dict = {}
         self.compiled: set[tuple] = set()

@@ -43,7 +43,7 @@ def score_through_cache(
     per_seq = math.ceil(t / block_size)
     pools = allocate_pools(config, b * per_seq + 1, block_size, kv_dtype)
     tables = [list(range(1 + r * per_seq, 1 + (r + 1) * per_seq)) for r in range(b)]
-    runner = StepRunner(model.params, config, backend=attention, sliding_window=sliding_window)
+    runner = StepRunner(model.params, config, block_size=block_size, backend=attention, sliding_window=sliding_window)
     width, rows_b = bucket(per_seq), bucket(b)
     greedy_row = (0.0, 0, 1.0, 0, 0)
     rows = [(seqs[r, :prefix_len].tolist(), 0, tables[r], *greedy_row) for r in range(b)]
