@@ -189,7 +189,13 @@ class Engine:
             return None
         from jkv.tokenizer import get_tokenizer
 
-        return get_tokenizer()
+        try:
+            return get_tokenizer()
+        except ValueError as err:  # the tokenizer files are missing: token ids still work, text does not
+            import warnings
+
+            warnings.warn(f"{err} Outputs will carry token ids only (text=None).", stacklevel=3)
+            return None
 
     # Requests ---------------------------------------------------------------------------------------------
     def _check_request(self, prompt, sampling: SamplingParams) -> list[int]:
