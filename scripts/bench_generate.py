@@ -40,12 +40,13 @@ from planner.kv_layout import kv_bytes_per_token, kv_dtype  # noqa: E402
 
 
 def workload(n: int, seed: int, max_len: int, vocab: int) -> list[tuple[list[int], int]]:
-    """(prompt ids, output length) pairs: log-normal lengths (median prompt 128, median output 128)."""
+    """(prompt ids, output length) pairs: log-normal lengths, median 128 each, prompts <= max_len/4 and outputs
+    <= max_len/2, so a static batch (longest prompt + longest output) always fits the context."""
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
-        p = int(np.clip(rng.lognormal(math.log(128), 0.8), 8, max_len // 2))
-        o = int(np.clip(rng.lognormal(math.log(128), 0.8), 8, max_len - p))
+        p = int(np.clip(rng.lognormal(math.log(128), 0.8), 8, max_len // 4))
+        o = int(np.clip(rng.lognormal(math.log(128), 0.8), 8, max_len // 2))
         out.append((rng.integers(0, vocab, p).tolist(), o))
     return out
 
@@ -205,6 +206,7 @@ def main() -> None:
             row["decode_step_ms_device_ctx512"] = 1e3 * dev
             row["gpu_idle_share"] = max(0.0, 1 - dev / float(np.median(full)))
         rows.append(row)
+        print(json.dumps(row), flush=True)
         del eng
 
     if not args.skip_static:
