@@ -83,7 +83,7 @@ class Engine:
             the device's memory) -- on a CPU without `hbm`, enough for max_num_seqs full-length sequences.
         block_size: tokens per block (a power of two).
         max_num_seqs: most sequences running at once (the decode batch cap).
-        max_num_batched_tokens: query tokens per step (decode tokens + prefill chunk).
+        max_num_batched_tokens: prefill tokens per step (the chunk budget; decodes run beside it).
         max_seq_len: longest prompt + output (default: the model's positions).
         enable_prefix_caching, watermark: see BlockManager.
         preemption_mode: 'recompute' or 'swap'; swap_blocks: host blocks for swapping.
@@ -126,8 +126,6 @@ class Engine:
             raise ValueError(f"block_size={block_size} must be a power of two.")
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive.")
-        if max_num_batched_tokens < max_num_seqs:
-            raise ValueError(f"max_num_batched_tokens={max_num_batched_tokens} must be >= max_num_seqs={max_num_seqs}.")
         self.max_seq_len = max_seq_len or config.n_positions
         if not 1 <= self.max_seq_len <= config.n_positions:
             raise ValueError(f"max_seq_len={self.max_seq_len} must be between 1 and {config.n_positions}.")

@@ -9,7 +9,7 @@ Each round, in priority order (earlier arrival first):
 2. If nothing was preempted, swapped requests come back (`swap_in`) while blocks above the watermark allow.
 3. Prefill: running sequences part-way through a chunked prefill continue, then waiting requests are admitted
    (FCFS, while blocks above the watermark and the token budget last); a long prompt is split into chunks of at
-   most the step's remaining token budget, so prefill chunks run beside the decodes of the same step.
+   most the step's prefill token budget, so prefill chunks run beside the decodes of the same step.
 
 The scheduler only talks to the `BlockManager`; the device copies it implies come back as an ordered op list
 (swap-outs, swap-ins, copy-on-writes) that the engine performs before the model step.
@@ -160,7 +160,6 @@ class Scheduler:
                 self.running.append(req)
 
         # 3. prefill: continue chunked prefills, then admit waiting requests
-        budget -= len(out.decode)
         decoding = {id(s) for s in out.decode}
         for req in list(self.running):
             for s in req.seqs:

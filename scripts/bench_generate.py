@@ -58,7 +58,7 @@ def peak_bytes() -> int:
 
 def run_paged(model, reqs, *, max_num_seqs, num_blocks, block_size, history=False):
     eng = jkv.Engine(model, num_blocks=num_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
-                     max_num_batched_tokens=max(2048, max_num_seqs), enable_prefix_caching=False,
+                     max_num_batched_tokens=2048, enable_prefix_caching=False,
                      record_history=history)  # fmt: skip
     return eng
 
