@@ -3,7 +3,12 @@
 `KVPools` is a pytree of the preallocated pools, laid out as the planner says (planner/kv_layout.py):
 
     k, v:               n_layer arrays of [num_blocks, kv_heads, block_size, head_dim]   (storage dtype)
-    k_scale, v_scale:   n_layer arrays of [num_blocks, kv_heads, block_size]             (float16; quantized only)
+    k_scale, v_scale:   n_layer arrays of [num_blocks, kv_heads, block_size]             (float16; int8 / fp8)
+
+int4 pools pack two signed 4-bit values per byte (layout in `pallas_kernels/common.py`):
+
+    k, v:               n_layer arrays of [num_blocks, kv_heads, block_size, head_dim // 2]   uint8
+    k_scale, v_scale:   n_layer arrays of [num_blocks, kv_heads, block_size, head_dim // 32]  float16
 
 One array per layer (the planner's `layer_pool_shape`), so a kernel reads a layer's pool as a whole buffer and
 never forces XLA to slice a copy out of a stacked array.
@@ -22,11 +27,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.common import INT4_PAGE_DTYPE, dequantize_int4, int4_groups, quantize_int4
 from planner.config import ModelConfig
 from planner.kv_layout import BlockLayout
 
 FLOAT_KV = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 QUANT_KV = {"int8": (jnp.int8, 127.0), "float8_e4m3fn": (jnp.float8_e4m3fn, 448.0)}
+INT4 = "int4"  # packed: uint8 pages of head_dim // 2, float16 scales per 32 elements
 SCALE_DTYPE = jnp.float16
 
 
@@ -51,6 +58,11 @@ class KVPools:
         return self.k_scale is not None
 
     @property
+    def kind(self) -> str:
+        """The kv dtype name: 'bfloat16', 'float32', 'float16', 'int8', 'float8_e4m3fn' or 'int4'."""
+        return kv_kind(self.k[0].dtype)
+
+    @property
     def nbytes(self) -> int:
         return sum(x.nbytes for x in jax.tree.leaves(self))
 
@@ -69,19 +81,32 @@ class KVPools:
 
 def allocate_pools(config: ModelConfig, num_blocks: int, block_size: int, kv_dtype: str = "bfloat16") -> KVPools:
     """Allocate the pools once, zero-filled, on the default device."""
-    if kv_dtype not in FLOAT_KV and kv_dtype not in QUANT_KV:
+    if kv_dtype not in FLOAT_KV and kv_dtype not in QUANT_KV and kv_dtype != INT4:
         raise ValueError(f"kv_dtype={kv_dtype!r} is not supported by the engine: use one of "
-                         f"{', '.join([*FLOAT_KV, *QUANT_KV])}.")  # fmt: skip
+                         f"{', '.join([*FLOAT_KV, *QUANT_KV, INT4])}.")  # fmt: skip
     if num_blocks < 2:
         raise ValueError(f"num_blocks={num_blocks} must be at least 2 (block 0 is the null block).")
     shape = (num_blocks, config.kv_heads, block_size, config.head_dim)
     layers = range(config.n_layer)
+    zeros = lambda shp, d: tuple(jnp.zeros(shp, d) for _ in layers)
     if kv_dtype in FLOAT_KV:
         dt = FLOAT_KV[kv_dtype]
-        return KVPools(tuple(jnp.zeros(shape, dt) for _ in layers), tuple(jnp.zeros(shape, dt) for _ in layers))
+        return KVPools(zeros(shape, dt), zeros(shape, dt))
+    if kv_dtype == INT4:
+        if config.head_dim % 2:
+            raise ValueError(f"kv_dtype='int4' needs an even head_dim (two values per byte), not {config.head_dim}.")
+        data = (*shape[:-1], config.head_dim // 2)
+        scales = (*shape[:-1], int4_groups(config.head_dim))
+        return KVPools(zeros(data, INT4_PAGE_DTYPE), zeros(data, INT4_PAGE_DTYPE), zeros(scales, SCALE_DTYPE),
+                       zeros(scales, SCALE_DTYPE))  # fmt: skip
     dt = QUANT_KV[kv_dtype][0]
-    zeros = lambda shp, d: tuple(jnp.zeros(shp, d) for _ in layers)
     return KVPools(zeros(shape, dt), zeros(shape, dt), zeros(shape[:-1], SCALE_DTYPE), zeros(shape[:-1], SCALE_DTYPE))
+
+
+def kv_kind(storage_dtype) -> str:
+    """The kv dtype name of a pool's storage dtype (uint8 storage is packed int4)."""
+    dt = jnp.dtype(storage_dtype)
+    return INT4 if dt == jnp.dtype(INT4_PAGE_DTYPE) else dt.name
 
 
 def layout_bytes(config: ModelConfig, num_blocks: int, block_size: int, kv_dtype: str) -> int:
@@ -92,7 +117,12 @@ def layout_bytes(config: ModelConfig, num_blocks: int, block_size: int, kv_dtype
 
 
 def quantize(x: jax.Array, kind: str) -> tuple[jax.Array, jax.Array]:
-    """Symmetric per-row quantization over the last axis: x ~= data * scale, scale = absmax / qmax."""
+    """Symmetric per-row quantization over the last axis: x ~= data * scale, scale = absmax / qmax.
+
+    int4: per group of 32 elements, qmax 7, data packed two per byte (uint8 [..., D // 2], scales [..., D // 32]).
+    """
+    if kind == INT4:
+        return quantize_int4(x)
     dt, qmax = QUANT_KV[kind]
     xf = x.astype(jnp.float32)
     scale = (jnp.max(jnp.abs(xf), axis=-1) / qmax).astype(SCALE_DTYPE)
@@ -103,6 +133,9 @@ def quantize(x: jax.Array, kind: str) -> tuple[jax.Array, jax.Array]:
 
 
 def dequantize(data: jax.Array, scale: jax.Array) -> jax.Array:
+    """float32 values of quantized data (int8 / fp8 with a scale per row, or packed int4 with group scales)."""
+    if jnp.dtype(data.dtype) == jnp.dtype(INT4_PAGE_DTYPE):
+        return dequantize_int4(data, scale)
     return data.astype(jnp.float32) * scale.astype(jnp.float32)[..., None]
 
 
@@ -117,7 +150,7 @@ def write_tokens(
     """Scatter new tokens' K/V (quantizing on write) into layer `layer` of the pools; traceable."""
     kp, vp, ksp, vsp = pools.layer(layer)
     if pools.quantized:
-        kind = "int8" if kp.dtype == jnp.int8 else "float8_e4m3fn"
+        kind = kv_kind(kp.dtype)
         kq, ks = quantize(k, kind)
         vq, vs = quantize(v, kind)
         return pools.with_layer(

@@ -46,15 +46,19 @@ class StepInputs:
     counters: jax.Array  # [B] index of the token being sampled within its request
 
 
-def resolve_backend(name: str, head_dim: int, block_size: int) -> str:
-    """'auto' -> 'pallas' on a GPU when the kernels take this shape, else the pure-jnp 'reference'."""
+def resolve_backend(name: str, head_dim: int, block_size: int, kv_dtype: str | None = None) -> str:
+    """'auto' -> 'pallas' on a GPU when the kernels take this shape and page dtype, else the pure-jnp 'reference'.
+
+    int4 pages always resolve to 'reference' under 'auto' (the Pallas kernels do not take packed int4 yet; see
+    docs/kernels.md); an explicit 'pallas' or 'interpret' with int4 pages fails in the kernels' validate_inputs.
+    """
     if name not in ("auto", "pallas", "reference", "interpret"):
         raise ValueError(f"attention={name!r} is unknown: use 'auto', 'pallas', 'reference' or 'interpret'.")
     if name != "auto":
         return name
     from pallas_kernels.common import HEAD_DIMS, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE
 
-    fits = head_dim in HEAD_DIMS and MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE
+    fits = head_dim in HEAD_DIMS and MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE and kv_dtype != "int4"
     return "pallas" if jax.default_backend() == "gpu" and fits else "reference"
 
 
@@ -112,10 +116,19 @@ class StepRunner:
                  sliding_window: int | None = None):  # fmt: skip
         self.params = params
         self.config = config
-        self.backend = resolve_backend(backend, config.head_dim, block_size)
+        self.block_size = block_size
+        self.requested_backend = backend
+        self.backend = resolve_backend(backend, config.head_dim, block_size)  # refined by the pools' kind in run()
         self.window = sliding_window
         self._fns: dict = {}
         self.compiled: set[tuple] = set()
+
+    def _use_pools(self, pools: KVPools) -> None:
+        """Resolve 'auto' against the pools' page kind (int4 pages -> 'reference'); cheap after the first call."""
+        backend = resolve_backend(self.requested_backend, self.config.head_dim, self.block_size, pools.kind)
+        if backend != self.backend:
+            self.backend = backend
+            self._fns.clear()
 
     def _fn(self, decode: bool, greedy: bool):
         key = (decode, greedy)
@@ -129,11 +142,13 @@ class StepRunner:
 
     def run(self, pools: KVPools, inputs: StepInputs, *, decode: bool, greedy: bool):
         """Run one step; returns (next tokens [B] int32, logits [B, V] float32, new pools), all on the device."""
+        self._use_pools(pools)
         self.compiled.add((decode, greedy, inputs.tokens.shape, inputs.block_tables.shape))
         return self._fn(decode, greedy)(self.params, pools, inputs)
 
     def lower(self, pools: KVPools, inputs: StepInputs, *, decode: bool, greedy: bool = True):
         """The lowered step (for `.compile().memory_analysis()`)."""
+        self._use_pools(pools)
         return self._fn(decode, greedy).lower(self.params, pools, inputs)
 
 

@@ -6,6 +6,15 @@ The pool layout (per layer; see `planner/kv_layout.py`):
     k_scales, v_scales: [num_blocks, kv_heads, block_size] float16   quantized pages only: value = data * scale
     block_tables: [batch, max_blocks_per_seq] int32                  entry j holds positions [j*bs, (j+1)*bs)
 
+int4 pages (references only; the Pallas kernels refuse them):
+
+    k_pages, v_pages: [num_blocks, kv_heads, block_size, head_dim // 2] uint8   two signed 4-bit values per byte
+    k_scales, v_scales: [num_blocks, kv_heads, block_size, head_dim // 32] float16   one scale per 32 elements
+
+Byte j of a row holds element j in its low nibble and element j + head_dim // 2 in its high nibble (split halves,
+not interleaved pairs: a kernel can unpack a [T, D/2] tile into the two halves of q's dot without a shuffle), both
+two's complement in [-7, 7]; element i's value is nibble * scale[i // 32]. See `pack_int4` / `unpack_int4`.
+
 Block 0 is the null block that padding entries of block tables point to; it may hold anything (NaN included), as
 may the slots of a sequence's last block beyond its length: the kernels and references mask both out.
 
@@ -25,8 +34,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from planner.kv_layout import INT4_GROUP
+
 FLOAT_PAGE_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 QUANT_PAGE_DTYPES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))
+INT4_PAGE_DTYPE = jnp.dtype(jnp.uint8)  # packed int4 pages (two values per byte)
+INT4_QMAX = 7.0  # symmetric: -8 is never written
 QUERY_DTYPES = FLOAT_PAGE_DTYPES
 HEAD_DIMS = (64, 128)
 MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 8, 64
@@ -109,9 +122,16 @@ def validate_inputs(
             f"v_pages ({v_pages.shape}, {v_pages.dtype}) must match k_pages ({k_pages.shape}, {k_pages.dtype})."
         )
     num_blocks, kv_heads, page_size, page_head_dim = k_pages.shape
+    page_dtype = jnp.dtype(k_pages.dtype)
+    int4 = page_dtype == INT4_PAGE_DTYPE
+    if int4 and kernel:
+        raise ValueError("int4 (packed uint8) pages are served by the *_reference functions only: the Pallas "
+                         "kernels take bf16/f16/f32/int8/float8_e4m3fn pages (use attention='reference').")  # fmt: skip
     if kernel and head_dim not in HEAD_DIMS:
         raise ValueError(f"{head_dim=} must be one of {HEAD_DIMS}.")
-    if page_head_dim != head_dim:
+    if int4 and (head_dim % 2 or page_head_dim * 2 != head_dim):
+        raise ValueError(f"int4 k_pages last dim {page_head_dim} must be head_dim // 2 = {head_dim / 2} (even head_dim).")
+    if not int4 and page_head_dim != head_dim:
         raise ValueError(f"k_pages head_dim {page_head_dim} must equal q's {head_dim=}.")
     if kernel and not (_is_pow2(page_size) and MIN_BLOCK_SIZE <= page_size <= MAX_BLOCK_SIZE):
         raise ValueError(f"{page_size=} must be a power of two from {MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE}.")
@@ -122,20 +142,21 @@ def validate_inputs(
     if kv_heads < 1 or num_heads % kv_heads:
         raise ValueError(f"{num_heads=} must be a multiple of {kv_heads=} (MHA, GQA or MQA).")
 
-    page_dtype = jnp.dtype(k_pages.dtype)
-    quantized = page_dtype in QUANT_PAGE_DTYPES
+    quantized = page_dtype in QUANT_PAGE_DTYPES or int4
     if not quantized and page_dtype not in FLOAT_PAGE_DTYPES:
-        raise ValueError(f"{page_dtype=} must be one of bfloat16, float16, float32, int8, float8_e4m3fn.")
+        raise ValueError(f"{page_dtype=} must be one of bfloat16, float16, float32, int8, float8_e4m3fn, "
+                         "or uint8 (packed int4).")  # fmt: skip
     if quantized:
+        want = (num_blocks, kv_heads, page_size) + ((int4_groups(head_dim),) if int4 else ())
         if k_scales is None or v_scales is None:
-            raise ValueError(f"{page_dtype=} pages need k_scales and v_scales [num_blocks, kv_heads, block_size].")
+            raise ValueError(f"{page_dtype=} pages need k_scales and v_scales of shape {want}.")
         for name, s in (("k_scales", k_scales), ("v_scales", v_scales)):
-            if s.shape != (num_blocks, kv_heads, page_size):
-                raise ValueError(f"{name}.shape={s.shape} must be {(num_blocks, kv_heads, page_size)}.")
+            if s.shape != want:
+                raise ValueError(f"{name}.shape={s.shape} must be {want}.")
             if jnp.dtype(s.dtype) not in (jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)):
                 raise ValueError(f"{name}.dtype={s.dtype} must be float16 (or float32).")
     elif k_scales is not None or v_scales is not None:
-        raise ValueError(f"k_scales/v_scales are only for int8 or float8_e4m3fn pages, not {page_dtype=}.")
+        raise ValueError(f"k_scales/v_scales are only for int8, float8_e4m3fn or int4 pages, not {page_dtype=}.")
 
     if block_tables.ndim != 2 or block_tables.shape[0] != batch:
         raise ValueError(f"{block_tables.shape=} must be [batch={batch}, max_blocks_per_seq].")
@@ -188,13 +209,71 @@ def default_sm_scale(head_dim: int, sm_scale: float | None) -> float:
     return 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
 
 
+def int4_group_size(head_dim: int) -> int:
+    """Elements per int4 scale: 32, or the whole row when head_dim < 32 (as the planner counts it)."""
+    return min(INT4_GROUP, head_dim)
+
+
+def int4_groups(head_dim: int) -> int:
+    return math.ceil(head_dim / int4_group_size(head_dim))
+
+
+def pack_int4(q: jax.Array) -> jax.Array:
+    """Integers in [-8, 7], [..., D] (D even) -> uint8 [..., D // 2]: byte j = q[j] (low) | q[j + D/2] (high)."""
+    half = q.shape[-1] // 2
+    nib = q.astype(jnp.int32) & 0xF  # two's complement nibble
+    return (nib[..., :half] | (nib[..., half:] << 4)).astype(jnp.uint8)
+
+
+def unpack_int4(packed: jax.Array) -> jax.Array:
+    """uint8 [..., D // 2] -> int8 [..., D]: the inverse of `pack_int4` (nibbles sign-extended)."""
+    b = packed.astype(jnp.int32)
+    lo, hi = b & 0xF, (b >> 4) & 0xF
+    sext = lambda n: (n ^ 8) - 8  # 0..15 -> -8..7
+    return jnp.concatenate([sext(lo), sext(hi)], axis=-1).astype(jnp.int8)
+
+
+def dequantize_int4(packed: jax.Array, scales: jax.Array) -> jax.Array:
+    """uint8 [..., D // 2] with float16 scales [..., G] -> float32 [..., D]."""
+    q = unpack_int4(packed).astype(jnp.float32)  # [..., D]
+    d = q.shape[-1]
+    g = int4_group_size(d)
+    s = jnp.repeat(scales.astype(jnp.float32), g, axis=-1)[..., :d]  # [..., D]: scale of element i is s[i // g]
+    return q * s
+
+
+def quantize_int4(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Symmetric int4 over groups of 32 of the last axis: (uint8 [..., D // 2], float16 scales [..., G]).
+
+    scale = absmax(group) / 7 rounded to float16; data = clip(round(x / scale), -7, 7). Error per element is at
+    most half a step (scale / 2) plus what float16 rounding of the scale adds (|x| * 2^-11).
+    """
+    xf = x.astype(jnp.float32)
+    d = xf.shape[-1]
+    if d % 2:
+        raise ValueError(f"head_dim={d} must be even for int4 pages (two values per byte).")
+    g, n = int4_group_size(d), int4_groups(d)
+    pad = n * g - d
+    xg = jnp.pad(xf, [(0, 0)] * (xf.ndim - 1) + [(0, pad)]).reshape(*xf.shape[:-1], n, g)  # [..., G, g]
+    scale = (jnp.max(jnp.abs(xg), axis=-1) / INT4_QMAX).astype(jnp.float16)  # [..., G]
+    s = jnp.where(scale > 0, scale.astype(jnp.float32), 1.0)[..., None]
+    q = jnp.clip(jnp.round(xg / s), -INT4_QMAX, INT4_QMAX).reshape(*xf.shape[:-1], n * g)[..., :d]
+    return pack_int4(q), scale
+
+
 def gather_pages_f32(
     pages: jax.Array, scales: jax.Array | None, block_tables: jax.Array
 ) -> jax.Array:
-    """[num_blocks, Hkv, bs, D] pool -> [B, Hkv, M*bs, D] float32 per sequence (dequantized). For references."""
-    x = pages[block_tables].astype(jnp.float32)  # [B, M, Hkv, bs, D]
-    if scales is not None:
-        x = x * scales[block_tables].astype(jnp.float32)[..., None]
+    """[num_blocks, Hkv, bs, D] pool -> [B, Hkv, M*bs, D] float32 per sequence (dequantized). For references.
+
+    int4 pools ([..., D // 2] uint8 with [..., G] scales) are unpacked to D elements.
+    """
+    if jnp.dtype(pages.dtype) == INT4_PAGE_DTYPE:
+        x = dequantize_int4(pages[block_tables], scales[block_tables])  # [B, M, Hkv, bs, D]
+    else:
+        x = pages[block_tables].astype(jnp.float32)  # [B, M, Hkv, bs, D]
+        if scales is not None:
+            x = x * scales[block_tables].astype(jnp.float32)[..., None]
     b, m, hkv, bs, d = x.shape
     return x.transpose(0, 2, 1, 3, 4).reshape(b, hkv, m * bs, d)  # [B, Hkv, T, D]
 
@@ -205,8 +284,11 @@ def quantize_pages(
     """Symmetric per-token-per-head quantization of float pages [..., D] -> (data [..., D], float16 scales [...]).
 
     Test and benchmark helper (the engine owns its own writer): scale = absmax / qmax, data = round(x / scale).
+    dtype "int4" (or jnp.int4) gives packed uint8 pages [..., D // 2] and scales [..., D // 32] (`quantize_int4`).
     """
     dtype = jnp.dtype(dtype)
+    if dtype == jnp.dtype(jnp.int4):
+        return quantize_int4(pages)
     x = pages.astype(jnp.float32)
     qmax = 127.0 if dtype == jnp.dtype(jnp.int8) else 448.0
     absmax = jnp.max(jnp.abs(x), axis=-1)

@@ -122,6 +122,16 @@ def test_quantized_engine_matches_float_engine(model, kv, tokens):
 def test_quantized_pool_bytes_match_planner(model):
     from jkv.kv_cache import layout_bytes
 
-    for kv in ("bfloat16", "float32", "int8", "float8_e4m3fn"):
+    for kv in ("bfloat16", "float32", "int8", "float8_e4m3fn", "int4"):
         eng = jkv.Engine(model, num_blocks=37, block_size=8, kv_dtype=kv)
         assert eng.pools.nbytes == layout_bytes(model.config, 37, 8, kv)
+
+
+@pytest.mark.parametrize("n_embd,n_head", [(768, 12), (256, 2), (96, 3)])  # head_dim 64, 128, 32
+def test_int4_pool_bytes_match_planner_at_real_head_dims(n_embd, n_head):
+    from jkv.kv_cache import allocate_pools, layout_bytes
+    from planner.config import ModelConfig
+
+    cfg = ModelConfig("t", n_layer=2, n_embd=n_embd, n_head=n_head, n_positions=64, vocab_size=100)
+    for kv in ("int4", "int8", "bfloat16"):
+        assert allocate_pools(cfg, 9, 16, kv).nbytes == layout_bytes(cfg, 9, 16, kv)
