@@ -314,7 +314,7 @@ class Engine:
 
     def _run_decode(self, seqs: list[Sequence]) -> set[str]:
         bs = self.block_size
-        b = bucket(len(seqs))
+        b = min(bucket(len(seqs)), self.scheduler.max_num_seqs)  # the planner sized the workspace for this cap
         width = bucket(max(-(-len(s.tokens) // bs) for s in seqs))
         rows = [([s.tokens[-1]], len(s.tokens) - 1, self.manager.block_table(s.seq_id), *self._sampling_row(s))
                 for s in seqs]  # fmt: skip
@@ -328,7 +328,7 @@ class Engine:
 
     def _run_prefill(self, chunks: list[tuple[Sequence, int, int]]) -> set[str]:
         bs = self.block_size
-        b = bucket(len(chunks))
+        b = min(bucket(len(chunks)), self.scheduler.max_num_seqs)
         chunk = bucket(max(n for _, _, n in chunks), MIN_CHUNK)
         width = bucket(max(-(-(start + n) // bs) for _, start, n in chunks))
         rows = [(s.tokens[start : start + n], start, self.manager.block_table(s.seq_id)[:width], *self._sampling_row(s))

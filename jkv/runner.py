@@ -30,7 +30,10 @@ def bucket(n: int, minimum: int = 1) -> int:
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
 class StepInputs:
-    """Host-built inputs of one step (all int32 unless noted); padding rows/tokens point at the null block."""
+    """Inputs of one step (all int32 unless noted); padding rows/tokens point at the null block.
+
+    Built on the host as NumPy arrays, sent packed (`pack`) and rebuilt inside the jitted step (`unpack`).
+    """
 
     tokens: jax.Array  # [B, C]
     positions: jax.Array  # [B, C]
@@ -81,8 +84,35 @@ def attention_backend(name: str):
     return decode, prefill
 
 
-def _step(params, pools: KVPools, x: StepInputs, *, config, backend, decode, greedy, window):
+_INT_FIELDS = ("tokens", "positions", "slot_blocks", "slot_offsets", "block_tables", "context_lens", "query_lens",
+               "top_k", "seeds", "counters")  # fmt: skip
+
+
+def pack(x: StepInputs) -> tuple[np.ndarray, np.ndarray]:
+    """All integer inputs in one int32 vector and the floats in another: two host->device copies per step."""
+    ints = np.concatenate([np.asarray(getattr(x, f)).astype(np.uint32).view(np.int32).ravel() if f == "seeds"
+                           else np.asarray(getattr(x, f), np.int32).ravel() for f in _INT_FIELDS])  # fmt: skip
+    floats = np.concatenate([np.asarray(x.temperature, np.float32), np.asarray(x.top_p, np.float32)])
+    return ints, floats
+
+
+def unpack(ints: jax.Array, floats: jax.Array, b: int, c: int, m: int) -> StepInputs:
+    sizes = {"tokens": b * c, "positions": b * c, "slot_blocks": b * c, "slot_offsets": b * c, "block_tables": b * m}
+    shapes = {"tokens": (b, c), "positions": (b, c), "slot_blocks": (b, c), "slot_offsets": (b, c),
+              "block_tables": (b, m)}  # fmt: skip
+    out, at = {}, 0
+    for f in _INT_FIELDS:
+        n = sizes.get(f, b)
+        out[f] = ints[at : at + n].reshape(shapes.get(f, (b,)))
+        at += n
+    out["seeds"] = jax.lax.bitcast_convert_type(out["seeds"], jnp.uint32)
+    out["temperature"], out["top_p"] = floats[:b], floats[b:]
+    return StepInputs(**out)
+
+
+def _step(params, pools: KVPools, ints, floats, *, shape, config, backend, decode, greedy, window):
     decode_fn, prefill_fn = attention_backend(backend)
+    x = unpack(ints, floats, *shape)
 
     def attend(layer, q, k, v, cache):
         b, c, hkv, d = k.shape
@@ -130,26 +160,33 @@ class StepRunner:
             self.backend = backend
             self._fns.clear()
 
-    def _fn(self, decode: bool, greedy: bool):
-        key = (decode, greedy)
+    def _fn(self, decode: bool, greedy: bool, shape: tuple[int, int, int]):
+        key = (decode, greedy, shape)
         if key not in self._fns:
             self._fns[key] = jax.jit(
-                partial(_step, config=self.config, backend=self.backend, decode=decode, greedy=greedy,
+                partial(_step, shape=shape, config=self.config, backend=self.backend, decode=decode, greedy=greedy,
                         window=self.window),  # fmt: skip
                 donate_argnums=1,
             )
+            self.compiled.add((self.backend, *key))
         return self._fns[key]
+
+    @staticmethod
+    def _shape(inputs: StepInputs) -> tuple[int, int, int]:
+        b, c = inputs.tokens.shape
+        return b, c, inputs.block_tables.shape[1]
 
     def run(self, pools: KVPools, inputs: StepInputs, *, decode: bool, greedy: bool):
         """Run one step; returns (next tokens [B] int32, logits [B, V] float32, new pools), all on the device."""
         self._use_pools(pools)
-        self.compiled.add((decode, greedy, inputs.tokens.shape, inputs.block_tables.shape))
-        return self._fn(decode, greedy)(self.params, pools, inputs)
+        ints, floats = pack(inputs)
+        return self._fn(decode, greedy, self._shape(inputs))(self.params, pools, ints, floats)
 
     def lower(self, pools: KVPools, inputs: StepInputs, *, decode: bool, greedy: bool = True):
         """The lowered step (for `.compile().memory_analysis()`)."""
         self._use_pools(pools)
-        return self._fn(decode, greedy).lower(self.params, pools, inputs)
+        ints, floats = pack(inputs)
+        return self._fn(decode, greedy, self._shape(inputs)).lower(self.params, pools, ints, floats)
 
 
 def build_inputs(
@@ -187,5 +224,5 @@ def build_inputs(
         slot_offsets[r, :n] = pos % block_size
         ctx[r], qlen[r] = context_len, n
         temp[r], top_k[r], top_p[r], seeds[r], counters[r] = t, k, p, seed & 0xFFFFFFFF, counter
-    return StepInputs(*(jnp.asarray(a) for a in (tokens, positions, slot_blocks, slot_offsets, tables, ctx, qlen,
-                                                  temp, top_k, top_p, seeds, counters)))  # fmt: skip
+    return StepInputs(tokens, positions, slot_blocks, slot_offsets, tables, ctx, qlen, temp, top_k, top_p, seeds,
+                      counters)  # fmt: skip

@@ -62,6 +62,9 @@ class SamplingParams:
         return self.temperature == 0.0 or self.beam_width > 1
 
 
+from planner.memory import SAMPLER_ROWS  # rows sampled at a time: the sort's workspace stays ~SAMPLER_ROWS x V
+
+
 def sample_tokens(
     logits: jax.Array,  # [B, V] float32
     temperature: jax.Array,  # [B] float32; 0 -> greedy
@@ -70,7 +73,33 @@ def sample_tokens(
     seeds: jax.Array,  # [B] uint32
     counters: jax.Array,  # [B] int32: index of the token being sampled within its request
 ) -> jax.Array:
-    """One token per row; greedy rows take the argmax. Traceable (call it inside the jitted step)."""
+    """One token per row; greedy rows take the argmax. Traceable (call it inside the jitted step).
+
+    NOTE: rows go through the sort in blocks of SAMPLER_ROWS (lax.map), so a decode batch of thousands of
+    sequences never holds several [B, V] float32 copies at once; the planner counts one block's workspace.
+    """
+    b = logits.shape[0]
+    if b <= SAMPLER_ROWS:
+        return _sample_rows(logits, temperature, top_k, top_p, seeds, counters)
+    n = -(-b // SAMPLER_ROWS)
+    pad = n * SAMPLER_ROWS - b
+
+    def blocks(a):
+        a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
+        return a.reshape(n, SAMPLER_ROWS, *a.shape[1:])
+
+    args = tuple(blocks(a) for a in (logits, temperature, top_k, top_p, seeds, counters))
+    return jax.lax.map(lambda a: _sample_rows(*a), args).reshape(-1)[:b]
+
+
+def _sample_rows(
+    logits: jax.Array,  # [B, V] float32
+    temperature: jax.Array,  # [B] float32; 0 -> greedy
+    top_k: jax.Array,  # [B] int32; 0 -> off
+    top_p: jax.Array,  # [B] float32; 1 -> off
+    seeds: jax.Array,  # [B] uint32
+    counters: jax.Array,  # [B] int32
+) -> jax.Array:
     vocab = logits.shape[-1]
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     t = jnp.where(temperature > 0, temperature, 1.0)[:, None]

@@ -21,6 +21,14 @@ F32 = 4
 # to be calibrated against measured peaks on the GPU (scripts/measure_memory.py); override with reserve_bytes.
 DEFAULT_RESERVE_BYTES = 512 * 2**20
 
+# Logits workspace of a step, in [sequences, vocab] float32 buffers: the lm-head product, the step's logits output
+# and the greedy/softmax pass over it. The sampler then sorts rows in blocks of SAMPLER_ROWS (jkv.sampling), with
+# about SAMPLER_COPIES [rows, vocab] float32-sized buffers live (scaled logits, order, sorted, probs, cumsum, mask).
+# Calibrated against compiled memory analyses on the GPU (docs/benchmarks.md, "Plan vs measured").
+LOGITS_COPIES = 3
+SAMPLER_ROWS = 32
+SAMPLER_COPIES = 12
+
 
 def param_bytes(config: ModelConfig, dtype_bytes: int, tp: int = 1) -> int:
     """Bytes of parameters on one device: exact from shapes, tied embedding once.
@@ -59,7 +67,7 @@ class StepWorkspace:
     qkv: int
     attention: int  # attention output and softmax statistics; + scores when naive
     mlp: int  # MLP intermediate before and after GELU
-    logits: int  # float32 logits and the sampler's probabilities
+    logits: int  # float32 logits and the sampler's block workspace
 
     @property
     def total(self) -> int:
@@ -90,5 +98,6 @@ def step_workspace(
     if naive_attention:
         attention += 2 * heads * tokens * context * F32
     mlp = 2 * tokens * (config.mlp_dim // tp) * dtype_bytes
-    logits = 2 * sequences * config.vocab_size * F32
+    sampler = min(sequences, SAMPLER_ROWS) * SAMPLER_COPIES
+    logits = (LOGITS_COPIES * sequences + sampler) * config.vocab_size * F32
     return StepWorkspace(name, tokens, sequences, residual, qkv, attention, mlp, logits)

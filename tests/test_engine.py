@@ -219,7 +219,7 @@ def test_compilations_are_bounded(model):
     eng.run()
     # shapes are powers of two: rows <= 8 (4 buckets), chunk 16..32 (2), table width <= 32 blocks (6)
     assert eng.stats().compilations <= 4 * 6 + 4 * 2 * 6
-    assert len(eng.runner._fns) <= 2
+    assert len({k[:2] for k in eng.runner._fns}) <= 2  # decode/prefill, greedy
 
 
 def test_step_updates_pools_in_place(model):
