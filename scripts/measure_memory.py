@@ -77,20 +77,37 @@ def child(model_name: str, kv: str, hbm: int, utilization: float) -> dict:
         toks, logits, eng.pools = eng.runner.run(eng.pools, x, decode=chunk == 1, greedy=False)
         jax.block_until_ready((toks, logits))
 
-    stages = {}
+    def compiled_temp(rows: int, ctx: int, chunk: int) -> int:
+        per = math.ceil(ctx / bs)
+        x = build_inputs([([1] * chunk, ctx - chunk, [1] * per, 1.0, 0, 0.9, r, 0) for r in range(rows)],
+                         block_size=bs, chunk=chunk, width=bucket(per), batch=rows)  # fmt: skip
+        ma = eng.runner.lower(eng.pools, x, decode=chunk == 1, greedy=False).compile().memory_analysis()
+        return int(ma.temp_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes)
+
     prefill_rows = max(1, plan.workspaces[0].tokens // max_len)
-    run_step(prefill_rows, max_len, min(max_len, plan.workspaces[0].tokens))
-    stages["prefill"] = dev.memory_stats()["peak_bytes_in_use"]
-    run_step(plan.max_num_seqs, min(128, max_len), 1)
-    stages["decode_max_batch"] = dev.memory_stats()["peak_bytes_in_use"]
+    prefill_chunk = min(max_len, plan.workspaces[0].tokens)
     b_long = plan.max_batch(max_len)
-    run_step(b_long, max_len, 1)
+    stages = {
+        "compiled_prefill": compiled_temp(prefill_rows, max_len, prefill_chunk),
+        "compiled_decode_max_batch": compiled_temp(plan.max_num_seqs, min(128, max_len), 1),
+        "compiled_decode_256": compiled_temp(256, min(128, max_len), 1),
+    }
+    failed = None
+    for name, args in (("prefill", (prefill_rows, max_len, prefill_chunk)),
+                       ("decode_max_batch", (plan.max_num_seqs, min(128, max_len), 1)),
+                       ("decode_max_len", (b_long, max_len, 1))):  # fmt: skip
+        try:
+            run_step(*args)
+        except Exception as err:  # noqa: BLE001 - an OOM here means the plan over-promised
+            failed = f"{name}: {type(err).__name__}: {str(err)[:200]}"
+            break
+        stages[name] = dev.memory_stats()["peak_bytes_in_use"]
     stats = dev.memory_stats()
     peak = stats["peak_bytes_in_use"]
     total = gpu_used_bytes() - base
     # the real maximum decode batch under the same cap (activation-limited; K/V capacity is exact arithmetic)
-    largest, tried = plan.max_num_seqs, []
-    for factor in (1.05, 1.1, 1.25, 1.5, 2.0, 3.0):
+    largest, tried = (plan.max_num_seqs if failed is None else 0), []
+    for factor in (() if failed else (1.25, 1.5, 2.0)):
         b = int(plan.max_num_seqs * factor)
         try:
             run_step(b, min(128, max_len), 1)
@@ -106,7 +123,7 @@ def child(model_name: str, kv: str, hbm: int, utilization: float) -> dict:
         "measured": {"params": params, "kv_pool": pool, "activation": peak - params - pool,
                      "reserve": total - peak, "peak": total, "peak_in_use": peak},
         "stages": stages, "planned_max_batch": plan.max_num_seqs, "planned_batch_at_max_len": b_long,
-        "real_max_batch_lower_bound": largest, "search": tried, "device": dev.device_kind, "jax": jax.__version__,
+        "real_max_batch_lower_bound": largest, "search": tried, "failed": failed, "device": dev.device_kind, "jax": jax.__version__,
     }  # fmt: skip
 
 
@@ -145,6 +162,9 @@ def main() -> None:
                 row["budget"] = budget
                 rows.append(row)
                 p, q = row["planned"], row["measured"]
+                if row["failed"]:
+                    print(f"  OOM: {row['failed']}", flush=True)
+                print(f"  stages: {json.dumps(row['stages'])}", flush=True)
                 print(f"{model:12s} {kv:9s} {budget:5s} peak plan {p['peak'] / 2**30:6.2f} GiB meas "
                       f"{q['peak'] / 2**30:6.2f} GiB ({100 * (p['peak'] / q['peak'] - 1):+.1f}%)  "
                       f"[{time.time() - t0:.0f}s]", flush=True)  # fmt: skip
