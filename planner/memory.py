@@ -17,9 +17,12 @@ from planner.kv_layout import kv_heads_per_device
 F32 = 4
 
 # Runtime reserve: memory a process needs beyond parameters, KV pool and step workspace: compiled executables,
-# cuBLAS/cuDNN workspaces, the sampler's scratch and the allocator's fragmentation slack. A documented default,
-# to be calibrated against measured peaks on the GPU (scripts/measure_memory.py); override with reserve_bytes.
-DEFAULT_RESERVE_BYTES = 512 * 2**20
+# cuBLAS workspaces, XLA's autotuning scratch at compile time and the allocator's slack. Override with
+# reserve_bytes. NOTE: 512 MiB was the first default; scripts/measure_memory.py on an H200 (2026-11-26, JAX's
+# pool capped at a 24 GB card's budget) saw a gpt2 bf16 plan fail while XLA autotuned the lm-head product at the
+# planned decode batch, and 0.63 GiB of device memory outside JAX's pool for gpt2-xl. 1 GiB is the next guess,
+# not yet a fit: see docs/benchmarks.md, "Plan vs measured memory".
+DEFAULT_RESERVE_BYTES = 2**30
 
 # Logits workspace of a step, in [sequences, vocab] float32 buffers: the lm-head product, the step's logits output
 # and the greedy/softmax pass over it. The sampler then sorts rows in blocks of SAMPLER_ROWS (jkv.sampling), with
