@@ -1,6 +1,7 @@
 """Bytes of the KV cache: element types, quantization scales, and the block layout of the K/V pools.
 
-The pool layout every part of jkv agrees on (engine, kernels, planner):
+The pool layout every part of jkv agrees on (engine, kernels, planner), shown stacked over layers; the engine keeps
+one array per layer (`layer_pool_shape`), so a kernel reads a whole layer's pool without a slice copy:
 
     k_pool, v_pool: [n_layer, num_blocks, kv_heads, block_size, head_dim]    (int4: head_dim // 2 bytes, packed)
     k_scale, v_scale: [n_layer, num_blocks, kv_heads, block_size, n_groups]  (quantized kinds only, float16)
