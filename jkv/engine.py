@@ -491,8 +491,16 @@ class Engine:
         )
 
     def _snapshot(self) -> dict:
+        """One history record: the stats, wall time, and the device's bytes in use where it reports them."""
+        import time
+
         s = self.stats()
-        return {k: v for k, v in s.__dict__.items() if k != "history"}
+        rec = {k: v for k, v in s.__dict__.items() if k != "history"}
+        rec["time"] = time.perf_counter()
+        mem = jax.devices()[0].memory_stats() or {}
+        rec["bytes_in_use"] = mem.get("bytes_in_use")
+        rec["peak_bytes_in_use"] = mem.get("peak_bytes_in_use")
+        return rec
 
     # Convenience ------------------------------------------------------------------------------------------
     def stream(self) -> Iterator[RequestOutput]:

@@ -1,0 +1,23 @@
+"""scripts/profile_run.py end to end on the tiny fixture: a PNG, a history that tells the truth, a trace."""
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+FIXTURE = Path(__file__).parent / "fixtures" / "hf_tiny_gpt2"
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "profile_run.py"
+
+
+def test_profile_run_writes_timeline_history_and_trace(tmp_path, monkeypatch):
+    png, hist, trace = tmp_path / "t.png", tmp_path / "h.json", tmp_path / "trace"
+    argv = [str(SCRIPT), "--model", str(FIXTURE), "--requests", "10", "--max-tokens", "12", "--num-blocks", "40",
+            "--block-size", "4", "--max-num-seqs", "8", "--png", str(png), "--json", str(hist), "--trace", str(trace)]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(SCRIPT), run_name="__main__")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    history = json.loads(hist.read_text())
+    assert history and all(0 <= h["blocks_used"] <= 39 for h in history)
+    assert all(h["blocks_used"] + h["blocks_free"] == h["blocks_total"] == 39 for h in history)
+    assert history[-1]["blocks_used"] == 0 and history[-1]["running"] == 0
+    assert any(trace.rglob("*.xplane.pb"))
