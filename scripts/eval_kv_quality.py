@@ -205,7 +205,8 @@ def summarize(logp: np.ndarray, ref_logp: np.ndarray, targets: np.ndarray, rows:
 def model_config(args) -> ModelConfig:
     if args.smoke:
         return ModelConfig("jkv-smoke-2x64", vocab_size=50257, n_positions=64, n_embd=64, n_layer=2, n_head=2)
-    return ModelConfig("jkv-trained-6x384", vocab_size=50257, n_positions=512, n_embd=384, n_layer=6, n_head=6)
+    return ModelConfig(f"jkv-trained-{args.n_layer}x{args.n_embd}", vocab_size=50257, n_positions=args.n_positions,
+                       n_embd=args.n_embd, n_layer=args.n_layer, n_head=args.n_head)  # fmt: skip
 
 
 def configurations(args) -> list[tuple[str, str, int | None, str]]:
@@ -257,6 +258,10 @@ def parse_args(argv=None):
     src.add_argument("--train", action="store_true", help="train a GPT-2-architecture model first (the default)")
     p.add_argument("--smoke", action="store_true", help="tiny model, few steps, few sequences: a CPU test in seconds")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-layer", type=int, default=6, help="trained model: layers")
+    p.add_argument("--n-embd", type=int, default=384, help="trained model: width")
+    p.add_argument("--n-head", type=int, default=6, help="trained model: heads (head_dim 64 suits the kernels)")
+    p.add_argument("--n-positions", type=int, default=512, help="trained model: context")
     p.add_argument("--steps", type=int, default=2000, help="most training steps (early stopping may end sooner)")
     p.add_argument("--batch", type=int, default=16, help="training sequences per step")
     p.add_argument("--train-seq-len", type=int, default=512)
