@@ -32,6 +32,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -94,13 +95,15 @@ def eval_documents(modules=EVAL_MODULES) -> tuple[list[str], list[str]]:
         except ImportError:
             continue
         used.append(name)
-        objs = [mod] + [getattr(mod, n) for n in sorted(vars(mod)) if not n.startswith("_")]
+        objs = [mod] + [vars(mod)[n] for n in sorted(vars(mod)) if not n.startswith("_")]
         for obj in objs:
             if obj is not mod and getattr(obj, "__module__", None) != name:
                 continue
             if not (inspect.ismodule(obj) or inspect.isclass(obj) or inspect.isfunction(obj)):
                 continue
-            doc = inspect.getdoc(obj)
+            with warnings.catch_warnings():  # typing.io / typing.re warn when their docs are read
+                warnings.simplefilter("ignore", DeprecationWarning)
+                doc = inspect.getdoc(obj)
             if doc and len(doc) >= 80 and doc not in seen:
                 seen.add(doc)
                 docs.append(doc)
