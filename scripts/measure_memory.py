@@ -48,7 +48,6 @@ def child(model_name: str, kv: str, hbm: int, utilization: float) -> dict:
 
     warnings.filterwarnings("ignore")
     import jax
-    import jax.numpy as jnp
 
     import jkv
     from jkv.runner import bucket, build_inputs

@@ -175,13 +175,12 @@ def test_stop_tokens(model, prompts, expected):
 
 
 def test_bad_input_is_per_request(model, prompts, expected):
-    bad = [[], list(range(100)), [5, 2000]]  # empty; 100 + 10 > 128 positions is fine... see below
+    # an empty prompt, 125 + 10 tokens beyond the 128 positions, an id outside the vocab, between two good ones
     outs = run(model, [prompts[0], [], [1] * 125, [5, 2000], prompts[1]], num_blocks=64, block_size=4)
     assert outs[0].token_ids == expected[0] and outs[4].token_ids == expected[1]
     assert "empty" in outs[1].error
     assert "exceeds" in outs[2].error
     assert "outside" in outs[3].error
-    del bad
     eng = jkv.Engine(model, num_blocks=8, block_size=4)
     with pytest.raises(ValueError, match="never fit"):
         eng.add_request(list(range(40)), jkv.SamplingParams(max_tokens=10))

@@ -29,7 +29,7 @@ def oracle(case, sm_scale=None, window=None):
     k, v = dense_from_case(case)  # [B, Hkv, T, D]
     q = np.asarray(case.q.astype(jnp.float32), np.float64)
     b, h, d = q.shape
-    hkv, t = k.shape[1], k.shape[2]
+    hkv = k.shape[1]
     scale = 1 / math.sqrt(d) if sm_scale is None else sm_scale
     out = np.zeros((b, h, d))
     for i in range(b):

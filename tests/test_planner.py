@@ -66,7 +66,7 @@ def test_gqa_and_tp_kv_bytes():
 def test_tp_splits_params():
     cfg = PRESETS["gpt2"]
     full, half = param_bytes(cfg, 2, 1), param_bytes(cfg, 2, 2)
-    e, f, layers = 768, 3072, 12
+    e, layers = 768, 12
     replicated = (50257 * e + 1024 * e + 2 * e + layers * (4 * e + 2 * e)) * 2  # embeddings, LNs, c_proj biases
     assert half - replicated == (full - replicated) // 2
 
