@@ -262,17 +262,16 @@ class Engine:
         """Run one scheduling round and model step; returns the requests that produced tokens or finished."""
         sched = self.scheduler.schedule()
         self._run_ops(sched)
-        before = {rid: [len(s.all_tokens) for s in r.seqs] for rid, r in self.requests.items() if not r.finished}
+        active = {s.request for s in sched.decode} | {s.request for s, _, _ in sched.prefill} | set(sched.preempted)
+        before = {r.request_id: [len(s.all_tokens) for s in r.seqs] for r in active}
         touched: set[str] = {r.request_id for r in sched.preempted}
         self.last_decode_rows = len(sched.decode)
         if sched.decode:
             touched |= self._run_decode(sched.decode)
         if sched.prefill:
             touched |= self._run_prefill(sched.prefill)
-        for req in list(self.scheduler.waiting):
-            if req.error is not None:  # rejected by the scheduler
-                self.scheduler.waiting.remove(req)
-        errored = [r for r in self.requests.values() if r.error is not None and r.request_id not in self._reported]
+        errored = self.scheduler.rejected  # requests the scheduler found can never be admitted
+        self.scheduler.rejected = []
         self._step += 1
         if self.record_history:
             self.history.append(self._snapshot())
@@ -324,7 +323,7 @@ class Engine:
         for s in seqs:
             s.num_computed = len(s.tokens)
             self.manager.mark_computed(s.seq_id)
-        return self._after_sampling(seqs, tokens, logits)
+        return self._after_sampling(seqs, tokens, logits, list(range(len(seqs))))
 
     def _run_prefill(self, chunks: list[tuple[Sequence, int, int]]) -> set[str]:
         bs = self.block_size
@@ -345,26 +344,29 @@ class Engine:
                 done.append(s)
         if not done:
             return set()
-        tokens = np.asarray(tokens)[done_rows]
-        return self._after_sampling(done, tokens, logits[jnp.asarray(done_rows)])
+        return self._after_sampling(done, np.asarray(tokens), logits, done_rows)
 
     # After sampling: forks, beams, stops ------------------------------------------------------------------
-    def _after_sampling(self, seqs: list[Sequence], tokens: np.ndarray, logits: jax.Array) -> set[str]:
+    def _after_sampling(self, seqs: list[Sequence], tokens: np.ndarray, logits: jax.Array, rows: list[int]
+                        ) -> set[str]:  # fmt: skip
+        """seqs[i] got tokens[rows[i]] (logits row rows[i]); logits stay on the device unless a fork needs them."""
         touched: set[str] = set()
-        beam_reqs: dict[str, list[int]] = {}
-        for r, s in enumerate(seqs):
+        beam_reqs: set[str] = set()
+        for s, r in zip(seqs, rows):
             req = s.request
             touched.add(req.request_id)
             if req.beam:
-                beam_reqs.setdefault(req.request_id, []).append(r)
+                beam_reqs.add(req.request_id)
                 continue
             first = len(s.tokens) == s.num_prompt and len(req.seqs) == 1
             s.pending = int(tokens[r])
             children = self._fork_samples(s, logits[r]) if first and req.sampling.n > 1 else []
             for q in [s, *children]:
                 self._check_stop(q)
-        for rid, rows in beam_reqs.items():
-            self._beam_step(self.requests[rid], [seqs[r] for r in rows], logits[jnp.asarray(rows)])
+        row_of = {id(s): r for s, r in zip(seqs, rows)}
+        for rid in beam_reqs:
+            beams = [s for s in seqs if s.request.request_id == rid]
+            self._beam_step(self.requests[rid], beams, logits[jnp.asarray([row_of[id(b)] for b in beams])])
         for rid in touched:
             req = self.requests[rid]
             if req.finished:

@@ -58,6 +58,7 @@ class Scheduler:
         self.swapped: list[Request] = []
         self.num_preempt_recompute = 0
         self.num_preempt_swap = 0
+        self.rejected: list[Request] = []  # found never admissible this round; the engine reports them
 
     # Queue management -------------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -181,6 +182,7 @@ class Scheduler:
                     req.error = (f"request {req.request_id} needs {needed} KV blocks but the pool has only "
                                  f"{m.num_free_blocks} free: lower max_tokens or the prompt, or give the engine more blocks.")  # fmt: skip
                     self.waiting.popleft()
+                    self.rejected.append(req)
                     continue
                 break
             self.waiting.popleft()
