@@ -93,6 +93,9 @@ class Engine:
         sliding_window: attend to the last W tokens only; blocks out of the window are freed.
         tokenizer: for `.text` in outputs (default: GPT-2's when the vocab matches).
         record_history: keep a per-step stats record (memory timeline).
+        compile_cache_dir: keep compiled steps in JAX's persistent compilation cache there (process-wide setting),
+            so a restarted server does not pay again for every bucketed step shape (measured: ~30 s of compiles
+            in a 256-request GPT-2 run on an H200).
     """
 
     def __init__(
@@ -114,7 +117,12 @@ class Engine:
         sliding_window: int | None = None,
         tokenizer=None,
         record_history: bool = False,
+        compile_cache_dir: str | None = None,
     ) -> None:
+        if compile_cache_dir is not None:
+            jax.config.update("jax_compilation_cache_dir", str(compile_cache_dir))
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+            jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
         self.model = model
         config = model.config
         if sliding_window is not None:

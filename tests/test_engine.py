@@ -235,3 +235,13 @@ def test_step_updates_pools_in_place(model):
     eng.run()
     after = [a.unsafe_buffer_pointer() for a in jax.tree.leaves(eng.pools)]
     assert before == after
+
+
+def test_compile_cache_dir_keeps_compiled_steps(model, tmp_path):
+    cache = tmp_path / "xla-cache"
+    jkv.generate(model, [[1, 2, 3]], jkv.SamplingParams(max_tokens=2), num_blocks=16, block_size=4,
+                 max_num_seqs=2, compile_cache_dir=str(cache))  # fmt: skip
+    try:
+        assert cache.is_dir() and any(cache.iterdir())
+    finally:
+        jax.config.update("jax_compilation_cache_dir", None)
