@@ -10,7 +10,6 @@ and only ever updated in place.
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Iterator, Sequence as Seq
 from dataclasses import dataclass, field
 from functools import partial
@@ -156,12 +155,9 @@ class Engine:
         )  # fmt: skip
         self.runner = StepRunner(model.params, config, block_size=block_size, backend=attention,
                                  sliding_window=sliding_window)  # fmt: skip
-        self.host_pools: KVPools | None = None
+        self.host_pools: KVPools | None = None  # swap space in host memory, laid out like the pools
         if swap_blocks:
-            self.host_pools = jax.tree.map(
-                lambda a: np.zeros((swap_blocks, *a.shape[1:]), a.dtype), jax.device_get(jax.tree.map(lambda a: a[:1], self.pools))
-            )
-        self.max_blocks_per_seq = math.ceil(self.max_seq_len / block_size)
+            self.host_pools = jax.tree.map(lambda a: np.zeros((swap_blocks, *a.shape[1:]), a.dtype), self.pools)
         self.tokenizer = tokenizer if tokenizer is not None else self._default_tokenizer()
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()

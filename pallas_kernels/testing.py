@@ -8,12 +8,27 @@ kernel must never read: block 0, every unreferenced block, and the slots of each
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.common import quantize_pages
+
+# JKV_TEST_GPU=1 on a GPU runs the kernel tests natively; everywhere else the kernels are interpreted.
+ON_GPU = os.environ.get("JKV_TEST_GPU") == "1" and jax.default_backend() == "gpu"
+INTERPRET = not ON_GPU
+# Relative L2 error bounds by page dtype (output rounded to q's dtype; bf16 keeps 8 bits of mantissa).
+TOL = {"float32": 2e-3, "float16": 4e-3, "bfloat16": 2e-2, "int8": 2e-2, "float8_e4m3fn": 2e-2}
+
+
+def rel_err(out, ref) -> float:
+    """||out - ref|| / ||ref|| in float64; fails on any non-finite output."""
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    assert np.isfinite(out).all(), "non-finite values in the output"
+    return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
 @dataclass

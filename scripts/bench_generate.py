@@ -56,7 +56,7 @@ def peak_bytes() -> int:
     return int(stats.get("peak_bytes_in_use", 0))
 
 
-def run_paged(model, reqs, *, max_num_seqs, num_blocks, block_size, history=False):
+def run_paged(model, *, max_num_seqs, num_blocks, block_size, history=False):
     eng = jkv.Engine(model, num_blocks=num_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
                      max_num_batched_tokens=2048, enable_prefix_caching=False,
                      record_history=history)  # fmt: skip
@@ -193,7 +193,7 @@ def main() -> None:
     blocks = args.batch * math.ceil(cfg.n_positions / bs) + 1
     for name, cap in ((f"jkv paged, batch {args.batch}", args.batch),
                       (f"jkv paged, static's KV memory ({static_kv / 2**30:.2f} GiB)", 4 * args.batch)):  # fmt: skip
-        eng = run_paged(model, reqs, max_num_seqs=cap, num_blocks=blocks, block_size=bs, history=True)
+        eng = run_paged(model, max_num_seqs=cap, num_blocks=blocks, block_size=bs, history=True)
         drive(eng, warm)
         eng.history.clear()
         wall, steps, drows = drive(eng, reqs)

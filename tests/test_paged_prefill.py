@@ -2,26 +2,13 @@
 the Pallas kernel against the reference (interpret=True on CPU; JKV_TEST_GPU=1 runs it compiled on a GPU)."""
 
 import math
-import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from pallas_kernels.paged_prefill import paged_prefill_attention, paged_prefill_attention_reference
-from pallas_kernels.testing import dense_from_case, make_case
-
-ON_GPU = os.environ.get("JKV_TEST_GPU") == "1" and jax.default_backend() == "gpu"
-INTERPRET = not ON_GPU
-TOL = {"float32": 2e-3, "float16": 4e-3, "bfloat16": 2e-2, "int8": 2e-2, "float8_e4m3fn": 2e-2}
-
-
-def rel_err(out, ref):
-    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
-    assert np.isfinite(out).all(), "non-finite values in the output"
-    return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
-
+from pallas_kernels.testing import INTERPRET, TOL, dense_from_case, make_case, rel_err
 
 def oracle(case, window=None):
     k, v = dense_from_case(case)  # [B, Hkv, T, D]
