@@ -11,9 +11,10 @@ KL(bf16 || this) and top-1 agreement are against it, token by token on the same 
 
 Model: `--model DIR`, a Hugging Face GPT-2 checkpoint, or (default, `--train`) a GPT-2-architecture model trained
 in the same command, fixed seed: 6 layers x 384 wide x 6 heads (head_dim 64, so the Pallas kernels serve it),
-512 positions, GPT-2's 50,257-token vocabulary, on the English prose of the CPython documentation that ships in
-every Python (`pydoc_data.topics`), with every 10th topic held out for early stopping. Evaluation text is a
-different source: the docstrings of a fixed list of standard-library modules (`inspect.getdoc`).
+512 positions, GPT-2's 50,257-token vocabulary, on English text that ships in every Python: the CPython
+documentation topics (`pydoc_data.topics`) and the docstrings of the standard library outside the evaluation
+modules (read with `ast`), with every 10th document held out for early stopping. Evaluation text: the docstrings
+of a fixed list of other standard-library modules (`inspect.getdoc`), never trained on.
 
 Prints a table last; writes the results as JSON (--json, default $OUT/kv_quality.json when $OUT is set).
 `--smoke` runs the whole pipeline on a tiny model in seconds (CPU test).
@@ -77,11 +78,43 @@ TARGETS = {  # issue 6; |ΔPPL| so that a lucky negative change does not pass fo
 
 
 # Text ------------------------------------------------------------------------------------------------------------
-def train_documents() -> tuple[list[str], list[str]]:
-    """(training, validation) topics of the CPython documentation shipped in the stdlib; every 10th held out."""
+def stdlib_docstrings(exclude: tuple[str, ...] = ()) -> list[str]:
+    """Docstrings (>= 80 characters) of every standard-library source file, read with `ast` (nothing imported).
+
+    Modules in `exclude` and their submodules are skipped, as are the test suites and IDLE.
+    """
+    import ast
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs = []
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root).with_suffix("").parts
+        if parts[0] in ("test", "idlelib", "site-packages", "lib2to3") or "tests" in parts:
+            continue
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        if any(name == m or name.startswith(m + ".") for m in exclude):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) >= 80:
+                    docs.append(doc)
+    return docs
+
+
+def train_documents(exclude: set[str] = frozenset()) -> tuple[list[str], list[str]]:
+    """(training, validation) documents: the CPython documentation topics shipped in the stdlib
+    (`pydoc_data.topics`) and the docstrings of every stdlib module outside EVAL_MODULES, distinct, without any
+    text in `exclude` (the evaluation docstrings); every 10th document is held out for early stopping."""
     from pydoc_data.topics import topics
 
-    texts = list(dict.fromkeys(topics[k] for k in sorted(topics)))  # a few topics share one text: keep it once
+    texts = [topics[k] for k in sorted(topics)] + stdlib_docstrings(EVAL_MODULES)
+    texts = [x for x in dict.fromkeys(texts) if x not in exclude]  # a few texts occur twice: keep them once
     return [x for i, x in enumerate(texts) if i % 10], [x for i, x in enumerate(texts) if not i % 10]
 
 
@@ -304,10 +337,11 @@ def main(argv=None) -> dict:
     else:
         tok = jkv.get_tokenizer()
         config = model_config(args)
-        tr_docs, va_docs = train_documents()
+        tr_docs, va_docs = train_documents(set(eval_documents()[0]))
         train_ids, val_ids = token_stream(tok, tr_docs), token_stream(tok, va_docs)
-        print(f"training {config.name}: {len(train_ids):,} tokens of pydoc_data.topics ({len(tr_docs)} topics), "
-              f"{len(val_ids):,} held out for early stopping", flush=True)  # fmt: skip
+        print(f"training {config.name}: {len(train_ids):,} tokens ({len(tr_docs)} documents: pydoc_data.topics and "
+              f"docstrings of the stdlib outside the evaluation modules), {len(val_ids):,} held out for early "
+              "stopping", flush=True)  # fmt: skip
         params, train_info = train(config, train_ids, val_ids, args)
         model = Model(config, jax.tree.map(lambda a: a.astype(jnp.bfloat16), params), jnp.bfloat16, "trained")
         model_desc = {"source": "trained here", "kind": "trained", "config": {

@@ -38,10 +38,14 @@ def test_summarize_equals_quality_metrics(script):
 
 
 def test_eval_text_is_not_training_text(script):
-    train, val = script.train_documents()
     docs, modules = script.eval_documents()
-    assert len(train) > 50 and len(val) >= 5 and len(docs) > 100 and len(modules) > 50
+    train, val = script.train_documents(set(docs))
+    assert len(train) > 1000 and len(val) >= 100 and len(docs) > 100 and len(modules) > 50
     assert not set(train) & set(val) and not set(docs) & set(train + val)
+    # No source file of an evaluation module (or its submodules) feeds the training text.
+    everything = set(script.stdlib_docstrings())
+    held_out = everything - set(script.stdlib_docstrings(script.EVAL_MODULES))
+    assert held_out and not held_out & set(train + val)
 
 
 def test_smoke_end_to_end(script, tmp_path):

@@ -1,0 +1,175 @@
+#!/usr/bin/env python
+"""Where the device time of one engine decode step goes: per-kernel GPU time from a jax.profiler trace.
+
+    python scripts/profile_step.py --model gpt2 --rows 32 --context 512 [--kv-dtype int8] [--out DIR]
+
+Builds a paged engine, one decode step of `rows` sequences at `context` tokens each (the engine's own jitted
+step, as `scripts/bench_generate.py` times it), warms it up, then:
+
+- times it: median wall time of a step with `block_until_ready` (dispatch + device);
+- traces `--steps` steps with `jax.profiler` and sums the GPU kernel events per step, grouped by kernel name
+  (the trace directory stays under --out for TensorBoard/Perfetto);
+- reports the device busy time per step (union of kernel intervals), the launch count, and the largest kernels;
+- saves the optimized HLO and counts whole-pool copies in it (a copy of a pool-sized buffer inside the step
+  would mean the in-place update failed).
+
+The largest kernel groups name what to optimize; the gap between wall and busy time is launch/dispatch cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import re
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+import jkv  # noqa: E402
+from jkv.runner import bucket, build_inputs  # noqa: E402
+
+
+def decode_inputs(eng, rows: int, context: int):
+    """A decode step of `rows` sequences, each `context` tokens long, over disjoint blocks of the pool."""
+    bs = eng.block_size
+    per = math.ceil(context / bs)
+    if rows * per + 1 > eng.manager.num_blocks:
+        raise SystemExit(f"the pool has {eng.manager.num_blocks} blocks; {rows} x {context} tokens need {rows * per + 1}.")
+    table = lambda r: list(range(1 + r * per, 1 + (r + 1) * per))  # noqa: E731
+    return build_inputs([([1], context - 1, table(r), 0.0, 0, 1.0, 0, 0) for r in range(rows)], block_size=bs,
+                        chunk=1, width=bucket(per), batch=bucket(rows))  # fmt: skip
+
+
+def kernel_events(trace_dir: Path) -> list[tuple[str, int, int]]:
+    """(name, start_ns, end_ns) of every event on the GPU planes of the newest trace under trace_dir."""
+    from jax.profiler import ProfileData
+
+    files = sorted(glob.glob(str(trace_dir / "**" / "*.xplane.pb"), recursive=True))
+    if not files:
+        raise SystemExit(f"no .xplane.pb under {trace_dir}: the trace was not written.")
+    data = ProfileData.from_file(files[-1])
+    out = []
+    for plane in data.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            # Kernel launches sit on the stream lines; skip XLA's op/module summary lines (they overlap them).
+            if "stream" not in line.name.lower():
+                continue
+            out.extend((ev.name, ev.start_ns, ev.end_ns) for ev in line.events)
+    return out
+
+
+def busy_ns(events: list[tuple[str, int, int]]) -> int:
+    """Length of the union of the events' intervals."""
+    total, end = 0, -1
+    for _, s, e in sorted(events, key=lambda x: x[1]):
+        if s > end:
+            total += e - s
+            end = e
+        elif e > end:
+            total += e - end
+            end = e
+    return total
+
+
+def short(name: str) -> str:
+    """Group names: drop numeric suffixes XLA adds to fusions and kernels (fusion.123 -> fusion)."""
+    return re.sub(r"(_\d+|\.\d+)+$", "", name)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="gpt2")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--kv-dtype", default=None)
+    ap.add_argument("--rows", type=int, default=32)
+    ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--out", default="profile_step_out")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*random.*")
+    model = jkv.load_model(args.model, dtype=args.dtype)
+    cfg = model.config
+    blocks = args.rows * math.ceil(cfg.n_positions / args.block_size) + 1
+    eng = jkv.Engine(model, num_blocks=blocks, block_size=args.block_size, max_num_seqs=args.rows,
+                     kv_dtype=args.kv_dtype, enable_prefix_caching=False)  # fmt: skip
+    x = decode_inputs(eng, args.rows, args.context)
+
+    compiled = eng.runner.lower(eng.pools, x, decode=True).compile()
+    hlo = compiled.as_text()
+    (out / "decode_step.hlo.txt").write_text(hlo)
+    layer_pool = eng.pools.k[0]
+    pool_shape = ",".join(str(d) for d in layer_pool.shape)
+    copies = [ln.strip()[:160] for ln in hlo.splitlines() if re.search(r"= \S+\[" + pool_shape + r"\]\S* copy\(", ln)]
+    mem = compiled.memory_analysis()
+
+    for _ in range(5):
+        toks, _, eng.pools = eng.runner.run(eng.pools, x, decode=True, greedy=True)
+    toks.block_until_ready()
+    walls = []
+    for _ in range(30):
+        t0 = time.perf_counter()
+        toks, _, eng.pools = eng.runner.run(eng.pools, x, decode=True, greedy=True)
+        toks.block_until_ready()
+        walls.append(time.perf_counter() - t0)
+    wall = float(np.median(walls))
+
+    trace_dir = out / "trace"
+    with jax.profiler.trace(str(trace_dir)):
+        for _ in range(args.steps):
+            toks, _, eng.pools = eng.runner.run(eng.pools, x, decode=True, greedy=True)
+        toks.block_until_ready()
+    events = kernel_events(trace_dir)
+    if not events and jax.default_backend() == "gpu":
+        from jax.profiler import ProfileData
+
+        files = sorted(glob.glob(str(trace_dir / "**" / "*.xplane.pb"), recursive=True))
+        names = [(p.name, [ln.name for ln in p.lines]) for p in ProfileData.from_file(files[-1]).planes]
+        print("no kernel events found; planes and lines in the trace:", names)
+    per_name = defaultdict(lambda: [0, 0])
+    for name, s, e in events:
+        per_name[short(name)][0] += e - s
+        per_name[short(name)][1] += 1
+    busy = busy_ns(events) / args.steps / 1e3
+    total = sum(v[0] for v in per_name.values()) / args.steps / 1e3
+    rows = sorted(per_name.items(), key=lambda kv: -kv[1][0])
+    result = {
+        "device": jax.devices()[0].device_kind, "jax": jax.__version__, "model": cfg.name, "dtype": args.dtype,
+        "kv_dtype": eng.kv_dtype, "rows": args.rows, "context": args.context, "backend": eng.runner.backend,
+        "wall_us": 1e6 * wall, "busy_us": busy, "kernel_sum_us": total,
+        "launches_per_step": len(events) / args.steps, "pool_copies_in_hlo": copies,
+        "command_buffers_in_hlo": hlo.count("command_buffer"),
+        "temp_bytes": mem.temp_size_in_bytes if mem else None,
+        "kernels": [{"name": n, "us_per_step": v[0] / args.steps / 1e3, "count_per_step": v[1] / args.steps}
+                    for n, v in rows],
+    }  # fmt: skip
+    (out / "profile_step.json").write_text(json.dumps(result, indent=2))
+    print(f"{result['device']}  {cfg.name} {args.dtype} weights, {eng.kv_dtype} KV, {args.rows} rows x {args.context} "
+          f"tokens, attention={eng.runner.backend}")  # fmt: skip
+    print(f"step wall {1e6 * wall:.0f} us | GPU busy {busy:.0f} us | kernel sum {total:.0f} us | "
+          f"{len(events) / args.steps:.0f} launches/step | temp {result['temp_bytes']} B | "
+          f"pool copies in HLO: {len(copies)} | command_buffer mentions: {result['command_buffers_in_hlo']}")  # fmt: skip
+    print(f"{'kernel':60s} {'us/step':>9s} {'n/step':>7s} {'share':>6s}")
+    for n, v in rows[: args.top]:
+        us = v[0] / args.steps / 1e3
+        print(f"{n[:60]:60s} {us:9.1f} {v[1] / args.steps:7.1f} {100 * us / max(total, 1e-9):5.1f}%")
+
+
+if __name__ == "__main__":
+    main()
