@@ -285,9 +285,11 @@ class BlockManager:
     def is_swapped(self, seq_id: int) -> bool:
         return self._get(seq_id).host_table is not None
 
-    def block_table(self, seq_id: int) -> list[int]:
-        """The device block of each block index of a resident sequence (a copy)."""
-        return list(self._resident(seq_id, "read the block table of").block_table)
+    def block_table(self, seq_id: int, *, copy: bool = True) -> list[int]:
+        """The device block of each block index of a resident sequence (a copy; `copy=False`: the manager's own
+        list, valid until the next call that changes the sequence -- read it, never mutate it)."""
+        table = self._resident(seq_id, "read the block table of").block_table
+        return list(table) if copy else table
 
     def block_tables(self, seq_ids: Sequence[int], width: int | None = None) -> np.ndarray:
         """Block tables of resident sequences, int32 [len(seq_ids), width], padded with NULL_BLOCK."""

@@ -167,7 +167,6 @@ class Engine:
         self.record_history = record_history
         self.history: list[dict] = []
         self._seq_ids = itertools.count(1)
-        self._reported: set[str] = set()
         self.last_decode_rows = 0
 
     # Set-up helpers ---------------------------------------------------------------------------------------
@@ -266,26 +265,19 @@ class Engine:
         """Run one scheduling round and model step; returns the requests that produced tokens or finished."""
         sched = self.scheduler.schedule()
         self._run_ops(sched)
-        active = {s.request for s in sched.decode} | {s.request for s, _, _ in sched.prefill} | set(sched.preempted)
-        before = {r.request_id: [len(s.all_tokens) for s in r.seqs] for r in active}
-        touched: set[str] = {r.request_id for r in sched.preempted}
+        touched: dict[str, Request] = {r.request_id: r for r in sched.preempted}  # requests to report, by id
         self.last_decode_rows = len(sched.decode)
         if sched.decode:
-            touched |= self._run_decode(sched.decode)
+            self._run_decode(sched.decode, touched)
         if sched.prefill:
-            touched |= self._run_prefill(sched.prefill)
-        errored = self.scheduler.rejected  # requests the scheduler found can never be admitted
+            self._run_prefill(sched.prefill, touched)
+        for req in self.scheduler.rejected:  # requests the scheduler found can never be admitted
+            touched[req.request_id] = req
         self.scheduler.rejected = []
         self._step += 1
         if self.record_history:
             self.history.append(self._snapshot())
-        outs = []
-        for rid in sorted(touched | {r.request_id for r in errored}, key=lambda x: self.requests[x].arrival):
-            req = self.requests[rid]
-            outs.append(self._output(req, before.get(rid)))
-            if req.finished:
-                self._reported.add(rid)
-        return outs
+        return [self._output(req) for req in sorted(touched.values(), key=lambda r: r.arrival)]
 
     def _run_ops(self, sched: SchedulerOutput) -> None:
         for kind, arg in sched.ops:
@@ -315,21 +307,21 @@ class Engine:
     def _greedy(self, seqs) -> bool:
         return all(s.request.sampling.greedy for s in seqs)
 
-    def _run_decode(self, seqs: list[Sequence]) -> set[str]:
+    def _run_decode(self, seqs: list[Sequence], touched: dict[str, Request]) -> None:
         bs = self.block_size
         b = min(bucket(len(seqs)), self.scheduler.max_num_seqs)  # the planner sized the workspace for this cap
-        width = bucket(max(-(-len(s.tokens) // bs) for s in seqs))
-        rows = [([s.tokens[-1]], len(s.tokens) - 1, self.manager.block_table(s.seq_id), *self._sampling_row(s))
-                for s in seqs]  # fmt: skip
+        table = partial(self.manager.block_table, copy=False)  # read only, before anything changes the tables
+        rows = [([s.tokens[-1]], len(s.tokens) - 1, table(s.seq_id), *self._sampling_row(s)) for s in seqs]
+        width = bucket(-(-max(r[1] + 1 for r in rows) // bs))
         x = build_inputs(rows, block_size=bs, chunk=1, width=width, batch=b)
         tokens, logits, self.pools = self.runner.run(self.pools, x, decode=True, greedy=self._greedy(seqs))
-        tokens = np.asarray(tokens)
+        tokens = np.asarray(tokens).tolist()
         for s in seqs:
             s.num_computed = len(s.tokens)
             self.manager.mark_computed(s.seq_id)
-        return self._after_sampling(seqs, tokens, logits, list(range(len(seqs))))
+        self._after_sampling(seqs, tokens, logits, range(len(seqs)), touched)
 
-    def _run_prefill(self, chunks: list[tuple[Sequence, int, int]]) -> set[str]:
+    def _run_prefill(self, chunks: list[tuple[Sequence, int, int]], touched: dict[str, Request]) -> None:
         bs = self.block_size
         b = min(bucket(len(chunks)), self.scheduler.max_num_seqs)
         chunk = bucket(max(n for _, _, n in chunks), MIN_CHUNK)
@@ -346,36 +338,38 @@ class Engine:
             if s.num_computed == len(s.tokens):
                 done_rows.append(r)
                 done.append(s)
-        if not done:
-            return set()
-        return self._after_sampling(done, np.asarray(tokens), logits, done_rows)
+        if done:
+            self._after_sampling(done, np.asarray(tokens).tolist(), logits, done_rows, touched)
 
     # After sampling: forks, beams, stops ------------------------------------------------------------------
-    def _after_sampling(self, seqs: list[Sequence], tokens: np.ndarray, logits: jax.Array, rows: list[int]
-                        ) -> set[str]:  # fmt: skip
-        """seqs[i] got tokens[rows[i]] (logits row rows[i]); logits stay on the device unless a fork needs them."""
-        touched: set[str] = set()
-        beam_reqs: set[str] = set()
+    def _after_sampling(self, seqs: list[Sequence], tokens: list[int], logits: jax.Array, rows: Seq[int],
+                        touched: dict[str, Request]) -> None:  # fmt: skip
+        """seqs[i] got tokens[rows[i]] (logits row rows[i]); logits stay on the device unless a fork needs them.
+
+        Adds the requests concerned to `touched`; finished requests leave the scheduler.
+        """
+        beams: dict[str, list[tuple[Sequence, int]]] = {}
+        ended: list[Request] = []
         for s, r in zip(seqs, rows):
             req = s.request
-            touched.add(req.request_id)
+            touched[req.request_id] = req
             if req.beam:
-                beam_reqs.add(req.request_id)
+                beams.setdefault(req.request_id, []).append((s, r))
                 continue
-            first = len(s.tokens) == s.num_prompt and len(req.seqs) == 1
-            s.pending = int(tokens[r])
-            children = self._fork_samples(s, logits[r]) if first and req.sampling.n > 1 else []
-            for q in [s, *children]:
-                self._check_stop(q)
-        row_of = {id(s): r for s, r in zip(seqs, rows)}
-        for rid in beam_reqs:
-            beams = [s for s in seqs if s.request.request_id == rid]
-            self._beam_step(self.requests[rid], beams, logits[jnp.asarray([row_of[id(b)] for b in beams])])
-        for rid in touched:
-            req = self.requests[rid]
+            s.pending = tokens[r]
+            if req.sampling.n > 1 and len(req.seqs) == 1 and len(s.tokens) == s.num_prompt:  # first token: fork
+                for q in [s, *self._fork_samples(s, logits[r])]:
+                    if self._check_stop(q):
+                        ended.append(req)
+            elif self._check_stop(s):
+                ended.append(req)
+        for pairs in beams.values():
+            req = pairs[0][0].request
+            self._beam_step(req, [s for s, _ in pairs], logits[jnp.asarray([r for _, r in pairs])])
+            ended.append(req)
+        for req in ended:
             if req.finished:
                 self.scheduler.remove(req)
-        return touched
 
     def _fork_samples(self, parent: Sequence, logits_row: jax.Array) -> list[Sequence]:
         req = parent.request
@@ -397,15 +391,18 @@ class Engine:
             c.pending = int(t) if sp.temperature > 0 else parent.pending
         return children
 
-    def _check_stop(self, s: Sequence) -> None:
+    def _check_stop(self, s: Sequence) -> bool:
+        """Count s's new (pending) token; finish s on a stop token or at max_tokens. Returns whether it finished."""
         sp = s.request.sampling
+        self._tokens_generated += 1
         stop = (not sp.ignore_eos) and s.pending in sp.stop_token_ids
         if stop or s.num_output >= sp.max_tokens:
             s.tokens.append(s.pending)
             s.pending = None
             s.finish_reason = "stop" if stop else "length"
             self.scheduler.release_seq(s)
-        self._tokens_generated += 1
+            return True
+        return False
 
     def _beam_step(self, req: Request, beams: list[Sequence], logits: jax.Array) -> None:
         sp = req.sampling
@@ -448,7 +445,7 @@ class Engine:
     def _text(self, ids: list[int]) -> str | None:
         return self.tokenizer.decode(ids) if self.tokenizer is not None else None
 
-    def _output(self, req: Request, before: list[int] | None) -> RequestOutput:
+    def _output(self, req: Request) -> RequestOutput:
         if req.error is not None:
             return RequestOutput(req.request_id, req.prompt, [], [], None, True, "error", [], error=req.error)
         if req.beam:
@@ -456,15 +453,13 @@ class Engine:
             samples = [SampleOutput(t, self._text(t), why, score) for score, t, why in ranked]
             if not req.finished:
                 best = max(req.seqs, key=lambda s: s.cum_logprob) if req.seqs else None
-                live = best.all_tokens[best.num_prompt :] if best else []
+                live = best.output_ids() if best else []
                 samples = [SampleOutput(live, None, None, None)]
             new = []
         else:
-            seqs = [s for s in req.seqs]
-            samples = [SampleOutput(s.all_tokens[s.num_prompt :], None, s.finish_reason) for s in seqs]
-            first = seqs[0]
-            n_before = before[0] if before else len(first.all_tokens)
-            new = first.all_tokens[n_before:] if before else []
+            samples = [SampleOutput(s.output_ids(), None, s.finish_reason) for s in req.seqs]
+            new = samples[0].token_ids[req.num_streamed :]  # the first sample's tokens since its last report
+            req.num_streamed = len(samples[0].token_ids)
         finished = req.finished
         if finished:
             for smp in samples:

@@ -45,7 +45,14 @@ class Sequence:
 
     @property
     def num_output(self) -> int:
-        return len(self.all_tokens) - self.num_prompt
+        return len(self.tokens) + (self.pending is not None) - self.num_prompt
+
+    def output_ids(self) -> list[int]:
+        """Generated tokens, a sampled one without a slot included (a fresh list, no copy of the prompt)."""
+        out = self.tokens[self.num_prompt :]
+        if self.pending is not None:
+            out.append(self.pending)
+        return out
 
     @property
     def prefilling(self) -> bool:
@@ -62,6 +69,7 @@ class Request:
     finished_beams: list[tuple[float, list[int], str]] = field(default_factory=list)  # (score, tokens, why)
     error: str | None = None
     num_preemptions: int = 0
+    num_streamed: int = 0  # tokens of the first sample already reported in a RequestOutput's new_token_ids
 
     @property
     def seed(self) -> int:
