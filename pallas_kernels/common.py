@@ -6,14 +6,17 @@ The pool layout (per layer; see `planner/kv_layout.py`):
     k_scales, v_scales: [num_blocks, kv_heads, block_size] float16   quantized pages only: value = data * scale
     block_tables: [batch, max_blocks_per_seq] int32                  entry j holds positions [j*bs, (j+1)*bs)
 
-int4 pages (references only; the Pallas kernels refuse them):
+int4 pages (served by the kernels and the references alike):
 
     k_pages, v_pages: [num_blocks, kv_heads, block_size, head_dim // 2] uint8   two signed 4-bit values per byte
     k_scales, v_scales: [num_blocks, kv_heads, block_size, head_dim // 32] float16   one scale per 32 elements
 
 Byte j of a row holds element j in its low nibble and element j + head_dim // 2 in its high nibble (split halves,
-not interleaved pairs: a kernel can unpack a [T, D/2] tile into the two halves of q's dot without a shuffle), both
-two's complement in [-7, 7]; element i's value is nibble * scale[i // 32]. See `pack_int4` / `unpack_int4`.
+not interleaved pairs: a kernel unpacks a byte tile into two column ranges of the row without a shuffle), both
+two's complement in [-7, 7]; element i's value is nibble * scale[i // 32]. See `pack_int4` / `unpack_int4`. In a
+kernel (`load_int4_groups`), bytes [32c, 32c + 32) of a row hold scale group c in their low nibbles and group
+c + G/2 in their high nibbles (G = head_dim // 32 groups; head_dim is 64 or 128 there, so no group straddles the
+halves): one [T, 32] byte tile gives two whole groups, each dotted with its 32 columns of q and scaled per token.
 
 Block 0 is the null block that padding entries of block tables point to; it may hold anything (NaN included), as
 may the slots of a sequence's last block beyond its length: the kernels and references mask both out.
@@ -33,6 +36,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.pallas import triton as plgpu
 
 from planner.kv_layout import INT4_GROUP
 
@@ -66,8 +70,13 @@ class PagedShapes:
     block_size: int
     max_blocks: int  # block-table width
     page_dtype: jnp.dtype
-    quantized: bool
+    quantized: bool  # int8, float8_e4m3fn or int4 pages (with scales)
     query_len: int | None = None  # prefill chunk width C; None for decode
+
+    @property
+    def int4(self) -> bool:
+        """Packed int4 pages (uint8, head_dim // 2 bytes a row, a scale per 32 elements)."""
+        return self.page_dtype == INT4_PAGE_DTYPE
 
     @property
     def group(self) -> int:
@@ -124,13 +133,12 @@ def validate_inputs(
     num_blocks, kv_heads, page_size, page_head_dim = k_pages.shape
     page_dtype = jnp.dtype(k_pages.dtype)
     int4 = page_dtype == INT4_PAGE_DTYPE
-    if int4 and kernel:
-        raise ValueError("int4 (packed uint8) pages are served by the *_reference functions only: the Pallas "
-                         "kernels take bf16/f16/f32/int8/float8_e4m3fn pages (use attention='reference').")  # fmt: skip
     if kernel and head_dim not in HEAD_DIMS:
         raise ValueError(f"{head_dim=} must be one of {HEAD_DIMS}.")
-    if int4 and (head_dim % 2 or page_head_dim * 2 != head_dim):
-        raise ValueError(f"int4 k_pages last dim {page_head_dim} must be head_dim // 2 = {head_dim / 2} (even head_dim).")
+    if int4 and head_dim % 2:
+        raise ValueError(f"{head_dim=} must be even for int4 pages (two values per byte).")
+    if int4 and page_head_dim * 2 != head_dim:
+        raise ValueError(f"int4 k_pages last dim {page_head_dim} must be head_dim // 2 = {head_dim // 2}.")
     if not int4 and page_head_dim != head_dim:
         raise ValueError(f"k_pages head_dim {page_head_dim} must equal q's {head_dim=}.")
     if kernel and not (_is_pow2(page_size) and MIN_BLOCK_SIZE <= page_size <= MAX_BLOCK_SIZE):
@@ -307,8 +315,53 @@ def dot_precision(dtype):
 
 
 def compute_dtype(q_dtype, page_dtype) -> jnp.dtype:
-    """Dtype of the dot operands: the page dtype for float pages; for int8/fp8 pages float16 when q is float16,
-    else bfloat16 (both hold int8 and e4m3 values exactly)."""
+    """Dtype of the dot operands: the page dtype for float pages; for int8/fp8/int4 pages float16 when q is
+    float16, else bfloat16 (both hold int8, int4 and e4m3 values exactly)."""
     if jnp.dtype(page_dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)):
         return jnp.dtype(page_dtype)
     return jnp.dtype(jnp.float16) if jnp.dtype(q_dtype) == jnp.dtype(jnp.float16) else jnp.dtype(jnp.bfloat16)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# int4 inside a kernel
+# --------------------------------------------------------------------------------------------------------------
+
+
+def int4_nibbles(b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A uint8 tile -> its (low, high) nibbles as int32 in [-8, 7], same shape.
+
+    Widen (zero-extend: 0..255), shift the nibble to the top of the int32 and shift it back arithmetically, which
+    sign-extends it: low = (b << 28) >> 28, high = (b << 24) >> 28. Plain int32 shifts, for Triton and XLA alike.
+    """
+    b = b.astype(jnp.int32)
+    return (b << 28) >> 28, (b << 24) >> 28
+
+
+def load_int4_groups(
+    data_ref, scales_ref, row: jax.Array, valid: jax.Array, head_dim: int
+) -> tuple[list[jax.Array], list[jax.Array]]:
+    """Gather T rows of an int4 pool inside a kernel, one 32-element scale group at a time.
+
+    data_ref: [rows, head_dim // 2] uint8 (the flattened pool); scales_ref: [rows * G] (its scales, flattened);
+    row, valid: [T]. Returns G nibble tiles int32 [T, 32] (group g = elements [32g, 32g + 32) of each row) and G
+    scales float32 [T]; rows that are not valid are not read and come back as 0 (data and scale).
+
+    Byte tile c = bytes [32c, 32c + 32) of the rows carries group c in its low nibbles and group c + G/2 in its
+    high nibbles (the split-halves layout), so G/2 uint8 loads of [T, 32] fetch every group, with no shuffle.
+    """
+    n_groups = head_dim // INT4_GROUP
+    assert head_dim % (2 * INT4_GROUP) == 0, f"{head_dim=}: kernels need whole int4 groups in each half"
+    half = n_groups // 2
+    t = row.shape[0]
+    cols = jnp.arange(INT4_GROUP, dtype=jnp.int32)
+    valid_2d = jnp.broadcast_to(valid[:, None], (t, INT4_GROUP))
+    tiles: list = [None] * n_groups
+    for c in range(half):
+        idx = (row[:, None], (c * INT4_GROUP + cols)[None, :])  # full integer indexers, as for the other gathers
+        packed = plgpu.load(data_ref.at[idx], mask=valid_2d, other=0)  # [T, 32] uint8
+        tiles[c], tiles[c + half] = int4_nibbles(packed)  # [T, 32] int32 each
+    scales = [
+        plgpu.load(scales_ref.at[row * n_groups + g], mask=valid, other=0).astype(jnp.float32)  # [T]
+        for g in range(n_groups)
+    ]
+    return tiles, scales

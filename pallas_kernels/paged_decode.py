@@ -18,8 +18,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common import (
-    LOG2E, check_backend_support, compute_dtype, default_sm_scale, dot_precision, gather_pages_f32,
-    silence_triton_deprecation, validate_inputs,
+    INT4_PAGE_DTYPE, LOG2E, check_backend_support, compute_dtype, default_sm_scale, dot_precision,
+    gather_pages_f32, int4_groups, load_int4_groups, silence_triton_deprecation, validate_inputs,
 )  # fmt: skip
 
 silence_triton_deprecation()
@@ -32,7 +32,8 @@ MIN_DOT_ROWS = 16  # Triton dot operands are at least 16 in every dimension: que
 MIN_STEP_TOKENS = 32  # short contexts shrink tokens_per_step down to this to make room for context splits
 
 # Tuned (tokens_per_step, num_warps, num_stages, dots?), keyed by (page kind, grouped?, head_dim): page kind is
-# "16bit" (bf16/f16), "f32" or "quant" (int8/fp8); grouped means several query heads share a KV head (GQA/MQA).
+# "16bit" (bf16/f16), "f32", "quant" (int8/fp8) or "int4" (packed uint8); grouped means several query heads share
+# a KV head (GQA/MQA).
 # dots: True runs QK and PV as tensor-core dots over a [16, D] query tile (rows beyond the group are padding);
 # False is the dot-free lane path (MHA only). tokens_per_step does not depend on the block size (a step gathers
 # tokens from as many blocks as it spans), so one row serves block sizes 8 to 64.
@@ -40,7 +41,10 @@ MIN_STEP_TOKENS = 32  # short contexts shrink tokens_per_step down to this to ma
 #   16bit MHA 64: dot T=256 w4 st2 93.8% at GPT-2 32x4k (lane path best 87.3%, T=64 w2; many configs < 60%)
 #   16bit GQA 128: T=128 w4 st3 92.2% at 32x4k, 100.4% at 64x8k (reads alone beat the read+write copy rate)
 #   quant MHA 64: lane T=64 w2 st4 66.6%; quant GQA 128: T=64 w4 st3 56.0% (of the copy rate, int8 bytes)
-# The other rows are set by analogy (the same bytes per step) and were not tuned.
+# The other rows are set by analogy (the same bytes per step) and were not tuned. The "int4" rows copy the "quant"
+# rows (not tuned on a GPU, nor even run on one when written): an int4 step reads about half the bytes of an int8
+# step but does more per-element work (unpacking, a dot per 32-element scale group), and the lane path's [T, D]
+# float32 accumulator, not the bytes, caps tokens_per_step at 64 for 2 warps.
 TUNING: dict[tuple[str, bool, int], tuple[int, int, int, bool]] = {
     ("16bit", False, 64): (256, 4, 2, True),
     ("16bit", False, 128): (128, 4, 2, True),
@@ -54,6 +58,10 @@ TUNING: dict[tuple[str, bool, int], tuple[int, int, int, bool]] = {
     ("quant", False, 128): (64, 2, 4, False),
     ("quant", True, 64): (64, 4, 3, True),
     ("quant", True, 128): (64, 4, 3, True),
+    ("int4", False, 64): (64, 2, 4, False),
+    ("int4", False, 128): (64, 2, 4, False),
+    ("int4", True, 64): (64, 4, 3, True),
+    ("int4", True, 128): (64, 4, 3, True),
 }
 
 
@@ -61,6 +69,8 @@ def tuned_config(page_dtype: jnp.dtype, group: int, head_dim: int) -> tuple[int,
     dt = jnp.dtype(page_dtype)
     if dt in (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn)):
         kind = "quant"
+    elif dt == INT4_PAGE_DTYPE:
+        kind = "int4"
     else:
         kind = "f32" if dt == jnp.dtype(jnp.float32) else "16bit"
     return TUNING[(kind, group > 1, head_dim)]
@@ -84,10 +94,10 @@ def choose_step(batch: int, kv_heads: int, max_tokens: int, tokens_per_step: int
 def _decode_kernel(
     # inputs
     q_ref,  # [B, H, D]           queries, unscaled, in q's dtype
-    k_ref,  # [NB * Hkv * bs, D]  the whole K pool, one row per (block, head, slot)
-    v_ref,  # [NB * Hkv * bs, D]
-    *refs,  # [k_scales_ref, v_scales_ref: [NB * Hkv * bs]], block_tables_ref [B, M], lengths_ref [B],
-    # outputs: o_ref [Gp, D] (the result, or this split's partial), [lse_ref [Gp]] (split partials)
+    k_ref,  # [NB * Hkv * bs, Dp] the whole K pool, one row per (block, head, slot); Dp = D (D // 2 for int4)
+    v_ref,  # [NB * Hkv * bs, Dp]
+    *refs,  # [k_scales_ref, v_scales_ref: [NB * Hkv * bs] ([NB * Hkv * bs * G] for int4)], block_tables_ref [B, M],
+    # lengths_ref [B]; outputs: o_ref [Gp, D] (the result, or this split's partial), [lse_ref [Gp]] (split partials)
     group: int,
     kv_heads: int,
     block_size: int,
@@ -96,6 +106,7 @@ def _decode_kernel(
     split_tokens: int,
     sliding_window: int | None,
     quantized: bool,
+    int4: bool,
     use_dot: bool,
     split: bool,
     gp: int,
@@ -110,12 +121,19 @@ def _decode_kernel(
     b, h, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     t_step = tokens_per_step
     d = q_ref.shape[-1]
+    # The head dim in column chunks, each with its own scale per token: one chunk (the whole row) for float, int8
+    # and fp8 pages; the 32-element scale groups for int4 pages. Logits sum over the chunks; each chunk keeps its
+    # own output columns (lists of one element leave the other page kinds' arithmetic exactly as it was).
+    n_chunks = int4_groups(d) if int4 else 1
+    cw = d // n_chunks  # chunk width
     gi = jnp.arange(gp, dtype=jnp.int32)
-    di = jnp.arange(d, dtype=jnp.int32)
-    head_idx = (b, h * group + jnp.minimum(gi, group - 1)[:, None], di[None, :])  # [Gp, D] of q / out
-    head_ok = jnp.broadcast_to((gi < group)[:, None], (gp, d))
-    # This KV head's query heads (rows >= group are padding for the dot), scaled into the log2 domain.
-    q = plgpu.load(q_ref.at[head_idx], mask=head_ok, other=0).astype(jnp.float32) * q_scale  # [Gp, D]
+    head_ok = jnp.broadcast_to((gi < group)[:, None], (gp, cw))
+    q = []  # per chunk [Gp, cw]
+    for c in range(n_chunks):
+        di = jnp.arange(c * cw, (c + 1) * cw, dtype=jnp.int32)
+        head_idx = (b, h * group + jnp.minimum(gi, group - 1)[:, None], di[None, :])  # [Gp, cw] of q / out
+        # This KV head's query heads (rows >= group are padding for the dot), scaled into the log2 domain.
+        q.append(plgpu.load(q_ref.at[head_idx], mask=head_ok, other=0).astype(jnp.float32) * q_scale)
 
     length = len_ref[b]
     lo = 0 if sliding_window is None else jnp.maximum(length - sliding_window, 0)
@@ -125,12 +143,16 @@ def _decode_kernel(
     n_steps = jnp.maximum(pl.cdiv(end, t_step) - first, 0)  # every step holds >= 1 token of [start, end)
 
     def load_step(i):
-        """Gather step i's K/V tiles [T, D] (zeros outside [start, end)) and their dequantization scales."""
+        """Gather step i's K/V chunks [T, cw] (zeros outside [start, end)) and their dequantization scales [T]."""
         pos = (first + i) * t_step + jnp.arange(t_step, dtype=jnp.int32)  # [T] positions
         valid = (pos >= start) & (pos < end)  # [T]
         slot = jnp.minimum(pos // block_size, max_blocks - 1)
         page = plgpu.load(bt_ref.at[b, slot], mask=valid, other=0)  # [T] block ids
         row = (page * kv_heads + h) * block_size + pos % block_size  # [T] rows of the flattened pool
+        if int4:  # G chunks of int32 nibbles [T, 32], and G scales [T] each for K and V
+            k, k_scale = load_int4_groups(k_ref, ks_ref, row, valid, d)
+            v, v_scale = load_int4_groups(v_ref, vs_ref, row, valid, d)
+            return valid, k, v, k_scale, v_scale
         # Full integer indexers (not row + slice): the form both Triton lowering and interpret mode take.
         idx = (row[:, None], jnp.arange(d, dtype=jnp.int32)[None, :])
         valid_2d = jnp.broadcast_to(valid[:, None], (t_step, d))
@@ -145,30 +167,35 @@ def _decode_kernel(
             v_scale = plgpu.load(vs_ref.at[row], mask=valid, other=0).astype(jnp.float32)  # [T]
         else:
             k_scale = v_scale = None
-        return valid, k, v, k_scale, v_scale
+        return valid, [k], [v], [k_scale], [v_scale]
 
     if use_dot:
-        # All query heads of the KV head in one [Gp, D] tile: two tensor-core dots per step, online softmax per
-        # row (logits in the log2 domain: q carries sm_scale * log2 e).
-        q = q.astype(cdt)  # [Gp, D]
+        # All query heads of the KV head in one [Gp, D] tile: two tensor-core dots per step and chunk, online softmax
+        # per row (logits in the log2 domain: q carries sm_scale * log2 e).
+        q = [qc.astype(cdt) for qc in q]  # [Gp, cw] each
 
         def body(i, carry):
-            o, m, l = carry  # [Gp, D], [Gp], [Gp] float32
+            o, m, l = carry  # chunks [Gp, cw], [Gp], [Gp] float32
             valid, k, v, k_scale, v_scale = load_step(i)
-            logits = plgpu.dot(q, k.astype(cdt), trans_b=True, precision=dot_precision(cdt))  # [Gp, T]
-            if quantized:
-                logits = logits * k_scale[None, :]
+            logits = None
+            for c in range(n_chunks):
+                lc = plgpu.dot(q[c], k[c].astype(cdt), trans_b=True, precision=dot_precision(cdt))  # [Gp, T]
+                if quantized:
+                    lc = lc * k_scale[c][None, :]
+                logits = lc if logits is None else logits + lc
             logits = jnp.where(valid[None, :], logits, -jnp.inf)
             m_new = jnp.maximum(m, jnp.max(logits, axis=1))  # [Gp], finite: the step holds a valid token
             alpha = jnp.exp2(m - m_new)
             p = jnp.exp2(logits - m_new[:, None])  # [Gp, T]
             l = alpha * l + jnp.sum(p, axis=1)
-            if quantized:
-                p = p * v_scale[None, :]
-            pv = plgpu.dot(p.astype(cdt), v.astype(cdt), precision=dot_precision(cdt))  # [Gp, D]
-            return alpha[:, None] * o + pv, m_new, l
+            o_new = []
+            for c in range(n_chunks):
+                pc = p * v_scale[c][None, :] if quantized else p
+                pv = plgpu.dot(pc.astype(cdt), v[c].astype(cdt), precision=dot_precision(cdt))  # [Gp, cw]
+                o_new.append(alpha[:, None] * o[c] + pv)
+            return tuple(o_new), m_new, l
 
-        o0 = jnp.zeros((gp, d), jnp.float32)
+        o0 = tuple(jnp.zeros((gp, cw), jnp.float32) for _ in range(n_chunks))
         m0 = jnp.full((gp,), -jnp.inf, jnp.float32)
         l0 = jnp.zeros((gp,), jnp.float32)
         o, m, l = jax.lax.fori_loop(0, n_steps, body, (o0, m0, l0))
@@ -177,36 +204,44 @@ def _decode_kernel(
         # accumulator, so a step is elementwise work plus a reduction over D; lanes merge once at the end.
 
         def body(i, carry):
-            acc, m, l = carry  # [T, D], [T], [T] float32, one online softmax per token lane
+            acc, m, l = carry  # chunks [T, cw], [T], [T] float32, one online softmax per token lane
             valid, k, v, k_scale, v_scale = load_step(i)
-            logits = jnp.sum(k.astype(jnp.float32) * q, axis=1)  # [T]
-            if quantized:
-                logits = logits * k_scale
+            logits = None
+            for c in range(n_chunks):
+                lc = jnp.sum(k[c].astype(jnp.float32) * q[c], axis=1)  # [T]
+                if quantized:
+                    lc = lc * k_scale[c]
+                logits = lc if logits is None else logits + lc
             logits = jnp.where(valid, logits, -jnp.inf)
             m_new = jnp.maximum(m, logits)
             m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # a lane may have seen no token yet
             alpha = jnp.exp2(m - m_safe)
             p = jnp.exp2(logits - m_safe)  # [T]
             l = alpha * l + p
-            if quantized:
-                p = p * v_scale
-            acc = alpha[:, None] * acc + p[:, None] * v.astype(jnp.float32)
-            return acc, m_new, l
+            acc_new = []
+            for c in range(n_chunks):
+                pc = p * v_scale[c] if quantized else p
+                acc_new.append(alpha[:, None] * acc[c] + pc[:, None] * v[c].astype(jnp.float32))
+            return tuple(acc_new), m_new, l
 
-        acc0 = jnp.zeros((t_step, d), jnp.float32)
+        acc0 = tuple(jnp.zeros((t_step, cw), jnp.float32) for _ in range(n_chunks))
         m0 = jnp.full((t_step,), -jnp.inf, jnp.float32)
         l0 = jnp.zeros((t_step,), jnp.float32)
         acc, m_lane, l_lane = jax.lax.fori_loop(0, n_steps, body, (acc0, m0, l0))
         m_top = jnp.max(m_lane)
         m_top = jnp.where(m_top == -jnp.inf, 0.0, m_top)
         w = jnp.exp2(m_lane - m_top)  # [T]; lanes that saw nothing -> 0
-        o = jnp.sum(w[:, None] * acc, axis=0)[None, :]  # [1, D]
+        o = [jnp.sum(w[:, None] * a, axis=0)[None, :] for a in acc]  # chunks [1, cw]
         l = jnp.sum(w * l_lane)[None]  # [1]
         m = jnp.full((1,), m_top, jnp.float32)
 
     has = l > 0
-    o = o / jnp.where(has, l, 1.0)[:, None]  # empty range (length 0, or a split past the end): zeros
-    o_ref[...] = o.astype(o_ref.dtype)
+    den = jnp.where(has, l, 1.0)[:, None]  # empty range (length 0, or a split past the end): zeros
+    if n_chunks == 1:
+        o_ref[...] = (o[0] / den).astype(o_ref.dtype)
+    else:  # each chunk to its own static column range
+        for c in range(n_chunks):
+            o_ref[:, pl.ds(c * cw, cw)] = (o[c] / den).astype(o_ref.dtype)
     if split:
         out_refs[1][...] = jnp.where(has, m + jnp.log2(jnp.where(has, l, 1.0)), -jnp.inf)
 
@@ -216,13 +251,14 @@ def _decode_pallas_call(
     num_splits, num_warps, num_stages, interpret, debug, use_dot=None,
 ):  # fmt: skip
     batch, num_heads, d = q.shape
-    num_blocks, kv_heads, block_size, _ = k_pages.shape
+    num_blocks, kv_heads, block_size, dp = k_pages.shape  # dp: d, or d // 2 for packed int4
     max_blocks = block_tables.shape[1]
     group = num_heads // kv_heads
     use_dot = group > 1 if use_dot is None else use_dot or group > 1  # grouped heads always use dots
     gp = max(MIN_DOT_ROWS, pl.next_power_of_2(group)) if use_dot else 1
     cdt = compute_dtype(q.dtype, k_pages.dtype)
     quantized = k_scales is not None
+    int4 = jnp.dtype(k_pages.dtype) == INT4_PAGE_DTYPE
 
     steps = pl.cdiv(max_blocks * block_size, tokens_per_step)
     num_splits = max(1, min(num_splits, steps))
@@ -231,12 +267,13 @@ def _decode_pallas_call(
     split = num_splits > 1
 
     rows = num_blocks * kv_heads * block_size
-    inputs = [q, k_pages.reshape(rows, d), v_pages.reshape(rows, d)]
+    inputs = [q, k_pages.reshape(rows, dp), v_pages.reshape(rows, dp)]
     whole = lambda shape: pl.BlockSpec(shape, lambda b, h, s: (0,) * len(shape))  # noqa: E731
-    in_specs = [whole(q.shape), whole((rows, d)), whole((rows, d))]
+    in_specs = [whole(q.shape), whole((rows, dp)), whole((rows, dp))]
     if quantized:
-        inputs += [k_scales.reshape(rows), v_scales.reshape(rows)]
-        in_specs += [whole((rows,)), whole((rows,))]
+        n_scales = rows * (int4_groups(d) if int4 else 1)  # int4: G group scales per row, row-major
+        inputs += [k_scales.reshape(n_scales), v_scales.reshape(n_scales)]
+        in_specs += [whole((n_scales,)), whole((n_scales,))]
     inputs += [block_tables, lengths]
     in_specs += [whole(block_tables.shape), whole(lengths.shape)]
 
@@ -262,6 +299,7 @@ def _decode_pallas_call(
         split_tokens=split_tokens,
         sliding_window=sliding_window,
         quantized=quantized,
+        int4=int4,
         use_dot=use_dot,
         split=split,
         gp=gp,
@@ -302,12 +340,12 @@ def _decode_pallas_call(
 )  # fmt: skip
 def paged_decode_attention(
     q: jax.Array,  # [B, H, D]
-    k_pages: jax.Array,  # [num_blocks, Hkv, bs, D]
+    k_pages: jax.Array,  # [num_blocks, Hkv, bs, D] ([..., D // 2] uint8 for packed int4)
     v_pages: jax.Array,  # [num_blocks, Hkv, bs, D]
     block_tables: jax.Array,  # [B, M] int32
     lengths: jax.Array,  # [B] int32, the current token included
     *,
-    k_scales: jax.Array | None = None,  # [num_blocks, Hkv, bs] float16 (int8 / float8_e4m3fn pages)
+    k_scales: jax.Array | None = None,  # [num_blocks, Hkv, bs] float16 (int8 / fp8); [..., D // 32] for int4
     v_scales: jax.Array | None = None,
     sm_scale: float | None = None,  # default 1/sqrt(D)
     sliding_window: int | None = None,  # attend to positions >= length - W
@@ -323,6 +361,7 @@ def paged_decode_attention(
     Grid (batch, kv_head, context split): each program keeps all query heads of one KV head (GQA/MQA) in one
     tile, streams its share of the context `tokens_per_step` tokens at a time straight from the pool through the
     block table (one step may span several blocks), and keeps an online softmax; splits are merged afterwards.
+    int8/fp8/int4 pages are dequantized in the kernel (int4: unpacked per 32-element scale group, see `common`).
     """
     s = validate_inputs(
         q, k_pages, v_pages, block_tables, lengths,

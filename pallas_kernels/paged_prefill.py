@@ -19,8 +19,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common import (
-    LOG2E, check_backend_support, compute_dtype, default_sm_scale, dot_precision, gather_pages_f32,
-    silence_triton_deprecation, validate_inputs,
+    INT4_PAGE_DTYPE, LOG2E, check_backend_support, compute_dtype, default_sm_scale, dot_precision,
+    gather_pages_f32, int4_groups, load_int4_groups, silence_triton_deprecation, validate_inputs,
 )  # fmt: skip
 
 silence_triton_deprecation()
@@ -29,27 +29,34 @@ silence_triton_deprecation()
 MIN_DOT_ROWS = 16
 
 # Tuned (block_q rows, block_k tokens, num_warps, num_stages), keyed by (page kind, head_dim). block_q counts
-# query rows of one KV head: (query token, query head of the group) pairs, token-major.
+# query rows of one KV head: (query token, query head of the group) pairs, token-major. None of these rows was
+# tuned on a GPU yet (the int4 rows copy the quant rows).
 TUNING: dict[tuple[str, int], tuple[int, int, int, int]] = {
     ("float", 64): (64, 64, 4, 3),
     ("float", 128): (64, 64, 4, 3),
     ("quant", 64): (64, 64, 4, 3),
     ("quant", 128): (64, 64, 4, 3),
+    ("int4", 64): (64, 64, 4, 3),
+    ("int4", 128): (64, 64, 4, 3),
 }
 
 
 def tuned_config(page_dtype: jnp.dtype, head_dim: int) -> tuple[int, int, int, int]:
-    kind = "quant" if jnp.dtype(page_dtype) in (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn)) else "float"
+    dt = jnp.dtype(page_dtype)
+    if dt == INT4_PAGE_DTYPE:
+        kind = "int4"
+    else:
+        kind = "quant" if dt in (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn)) else "float"
     return TUNING[(kind, head_dim)]
 
 
 def _prefill_kernel(
     # inputs
     q_ref,  # [BQ, D]             query rows (token-major, then group head), scaled, compute dtype
-    k_ref,  # [NB * Hkv * bs, D]   the whole K pool, one row per (block, head, slot)
-    v_ref,  # [NB * Hkv * bs, D]
-    *refs,  # [k_scales_ref, v_scales_ref: [NB * Hkv * bs]], block_tables_ref [B, M], context_lens_ref [B],
-    #         query_lens_ref [B]; outputs: o_ref [BQ, D]
+    k_ref,  # [NB * Hkv * bs, Dp]  the whole K pool, one row per (block, head, slot); Dp = D (D // 2 for int4)
+    v_ref,  # [NB * Hkv * bs, Dp]
+    *refs,  # [k_scales_ref, v_scales_ref: [NB * Hkv * bs] ([NB * Hkv * bs * G] for int4)], block_tables_ref
+    #         [B, M], context_lens_ref [B], query_lens_ref [B]; outputs: o_ref [BQ, D]
     group: int,
     kv_heads: int,
     block_size: int,
@@ -57,6 +64,7 @@ def _prefill_kernel(
     block_k: int,
     sliding_window: int | None,
     quantized: bool,
+    int4: bool,
 ):
     if quantized:
         ks_ref, vs_ref, bt_ref, ctx_ref, ql_ref, o_ref = refs
@@ -64,6 +72,10 @@ def _prefill_kernel(
         bt_ref, ctx_ref, ql_ref, o_ref = refs
     b, h, qb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     block_q, d = q_ref.shape
+    # The head dim in column chunks with a scale per token each: the whole row, or int4's 32-element scale groups
+    # (as in paged_decode: lists of one chunk leave the other page kinds' arithmetic exactly as it was).
+    n_chunks = int4_groups(d) if int4 else 1
+    cw = d // n_chunks
 
     ctx, qlen = ctx_ref[b], ql_ref[b]
     tok = (qb * block_q + jnp.arange(block_q, dtype=jnp.int32)) // group  # [BQ] query token of each row
@@ -76,26 +88,40 @@ def _prefill_kernel(
     first = lo // block_k
     n_steps = jnp.where(last_tok >= first_tok, pl.cdiv(hi, block_k) - first, 0)
 
-    q = q_ref[...]  # [BQ, D]
+    if n_chunks == 1:
+        q = [q_ref[...]]  # [BQ, D]
+    else:
+        q = [q_ref[:, pl.ds(c * cw, cw)] for c in range(n_chunks)]  # [BQ, cw] each, static column ranges
 
     def body(i, carry):
-        o, m, l = carry  # [BQ, D], [BQ], [BQ] float32
+        o, m, l = carry  # chunks [BQ, cw], [BQ], [BQ] float32
         kpos = (first + i) * block_k + jnp.arange(block_k, dtype=jnp.int32)  # [BK]
         k_ok = (kpos >= lo) & (kpos < hi)
         slot = jnp.minimum(kpos // block_size, max_blocks - 1)
         page = plgpu.load(bt_ref.at[b, slot], mask=k_ok, other=0)  # [BK]
         row = (page * kv_heads + h) * block_size + kpos % block_size  # [BK]
-        idx = (row[:, None], jnp.arange(d, dtype=jnp.int32)[None, :])
-        ok_2d = jnp.broadcast_to(k_ok[:, None], (block_k, d))
-        if k_ref.dtype == jnp.float8_e4m3fn:  # Triton cannot make an fp8 `other`: zero after converting
-            k = jnp.where(ok_2d, plgpu.load(k_ref.at[idx], mask=ok_2d).astype(q.dtype), 0)  # [BK, D]
-            v = jnp.where(ok_2d, plgpu.load(v_ref.at[idx], mask=ok_2d).astype(q.dtype), 0)  # [BK, D]
+        if int4:  # G chunks of int32 nibbles [BK, 32] and G scales [BK], for K and V
+            k, k_scale = load_int4_groups(k_ref, ks_ref, row, k_ok, d)
+            v, v_scale = load_int4_groups(v_ref, vs_ref, row, k_ok, d)
         else:
-            k = plgpu.load(k_ref.at[idx], mask=ok_2d, other=0)  # [BK, D]
-            v = plgpu.load(v_ref.at[idx], mask=ok_2d, other=0)  # [BK, D]
-        logits = plgpu.dot(q, k.astype(q.dtype), trans_b=True, precision=dot_precision(q.dtype))  # [BQ, BK]
-        if quantized:
-            logits = logits * plgpu.load(ks_ref.at[row], mask=k_ok, other=0).astype(jnp.float32)[None, :]
+            idx = (row[:, None], jnp.arange(d, dtype=jnp.int32)[None, :])
+            ok_2d = jnp.broadcast_to(k_ok[:, None], (block_k, d))
+            if k_ref.dtype == jnp.float8_e4m3fn:  # Triton cannot make an fp8 `other`: zero after converting
+                k = jnp.where(ok_2d, plgpu.load(k_ref.at[idx], mask=ok_2d).astype(q[0].dtype), 0)  # [BK, D]
+                v = jnp.where(ok_2d, plgpu.load(v_ref.at[idx], mask=ok_2d).astype(q[0].dtype), 0)  # [BK, D]
+            else:
+                k = plgpu.load(k_ref.at[idx], mask=ok_2d, other=0)  # [BK, D]
+                v = plgpu.load(v_ref.at[idx], mask=ok_2d, other=0)  # [BK, D]
+            k, v = [k], [v]
+            if quantized:
+                k_scale = [plgpu.load(ks_ref.at[row], mask=k_ok, other=0).astype(jnp.float32)]  # [BK]
+                v_scale = [plgpu.load(vs_ref.at[row], mask=k_ok, other=0).astype(jnp.float32)]  # [BK]
+        logits = None
+        for c in range(n_chunks):
+            lc = plgpu.dot(q[c], k[c].astype(q[c].dtype), trans_b=True, precision=dot_precision(q[c].dtype))
+            if quantized:
+                lc = lc * k_scale[c][None, :]
+            logits = lc if logits is None else logits + lc  # [BQ, BK]
         mask = (kpos[None, :] <= qpos[:, None]) & k_ok[None, :] & row_ok[:, None]  # [BQ, BK] causal
         if sliding_window is not None:
             mask &= kpos[None, :] > qpos[:, None] - sliding_window
@@ -105,17 +131,23 @@ def _prefill_kernel(
         alpha = jnp.exp2(m - m_safe)
         p = jnp.exp2(logits - m_safe[:, None])  # [BQ, BK]
         l = alpha * l + jnp.sum(p, axis=1)
-        if quantized:
-            p = p * plgpu.load(vs_ref.at[row], mask=k_ok, other=0).astype(jnp.float32)[None, :]
-        pv = plgpu.dot(p.astype(q.dtype), v.astype(q.dtype), precision=dot_precision(q.dtype))  # [BQ, D]
-        return alpha[:, None] * o + pv, m_new, l
+        o_new = []
+        for c in range(n_chunks):
+            pc = p * v_scale[c][None, :] if quantized else p
+            pv = plgpu.dot(pc.astype(q[c].dtype), v[c].astype(q[c].dtype), precision=dot_precision(q[c].dtype))
+            o_new.append(alpha[:, None] * o[c] + pv)  # [BQ, cw]
+        return tuple(o_new), m_new, l
 
-    o0 = jnp.zeros((block_q, d), jnp.float32)
+    o0 = tuple(jnp.zeros((block_q, cw), jnp.float32) for _ in range(n_chunks))
     m0 = jnp.full((block_q,), -jnp.inf, jnp.float32)
     l0 = jnp.zeros((block_q,), jnp.float32)
     o, m, l = jax.lax.fori_loop(0, n_steps, body, (o0, m0, l0))
-    o = o / jnp.where(l > 0, l, 1.0)[:, None]  # padding rows (and rows of empty chunks): zeros
-    o_ref[...] = o.astype(o_ref.dtype)
+    den = jnp.where(l > 0, l, 1.0)[:, None]  # padding rows (and rows of empty chunks): zeros
+    if n_chunks == 1:
+        o_ref[...] = (o[0] / den).astype(o_ref.dtype)
+    else:  # each chunk to its own static column range
+        for c in range(n_chunks):
+            o_ref[:, pl.ds(c * cw, cw)] = (o[c] / den).astype(o_ref.dtype)
 
 
 @functools.partial(
@@ -126,13 +158,13 @@ def _prefill_kernel(
 )  # fmt: skip
 def paged_prefill_attention(
     q: jax.Array,  # [B, C, H, D]
-    k_pages: jax.Array,  # [num_blocks, Hkv, bs, D]
+    k_pages: jax.Array,  # [num_blocks, Hkv, bs, D] ([..., D // 2] uint8 for packed int4)
     v_pages: jax.Array,  # [num_blocks, Hkv, bs, D]
     block_tables: jax.Array,  # [B, M] int32
     context_lens: jax.Array,  # [B] int32: tokens before the chunk
     query_lens: jax.Array,  # [B] int32: valid queries in the chunk (their K/V already in the pages)
     *,
-    k_scales: jax.Array | None = None,  # [num_blocks, Hkv, bs] float16 (int8 / float8_e4m3fn pages)
+    k_scales: jax.Array | None = None,  # [num_blocks, Hkv, bs] float16 (int8 / fp8); [..., D // 32] for int4
     v_scales: jax.Array | None = None,
     sm_scale: float | None = None,  # default 1/sqrt(D)
     sliding_window: int | None = None,
@@ -147,6 +179,7 @@ def paged_prefill_attention(
 
     Grid (batch, kv_head, query block): a program holds `block_q` (token, group head) query rows of one KV head,
     so GQA/MQA read each K/V tile once for the whole group, and streams only the keys its rows can see.
+    int8/fp8/int4 pages are dequantized in the kernel (int4: unpacked per 32-element scale group, see `common`).
     """
     s = validate_inputs(
         q, k_pages, v_pages, block_tables, context_lens, query_lens,
@@ -172,16 +205,18 @@ def paged_prefill_attention(
     qr = qr.transpose(0, 2, 1, 3, 4).reshape(batch, kv_heads, rows, d)
     qr = jnp.pad(qr, ((0, 0), (0, 0), (0, n_qblocks * block_q - rows), (0, 0))).astype(cdt)
     pool_rows = s.num_blocks * kv_heads * block_size
+    dp = k_pages.shape[-1]  # d, or d // 2 for packed int4
     whole = lambda shape: pl.BlockSpec(shape, lambda b, h, i: (0,) * len(shape))  # noqa: E731
-    inputs = [qr, k_pages.reshape(pool_rows, d), v_pages.reshape(pool_rows, d)]
+    inputs = [qr, k_pages.reshape(pool_rows, dp), v_pages.reshape(pool_rows, dp)]
     in_specs = [
         pl.BlockSpec((None, None, block_q, d), lambda b, h, i: (b, h, i, 0)),
-        whole((pool_rows, d)),
-        whole((pool_rows, d)),
+        whole((pool_rows, dp)),
+        whole((pool_rows, dp)),
     ]
     if s.quantized:
-        inputs += [k_scales.reshape(pool_rows), v_scales.reshape(pool_rows)]
-        in_specs += [whole((pool_rows,)), whole((pool_rows,))]
+        n_scales = pool_rows * (int4_groups(d) if s.int4 else 1)  # int4: G group scales per row, row-major
+        inputs += [k_scales.reshape(n_scales), v_scales.reshape(n_scales)]
+        in_specs += [whole((n_scales,)), whole((n_scales,))]
     inputs += [block_tables, context_lens, query_lens]
     in_specs += [whole(block_tables.shape), whole(context_lens.shape), whole(query_lens.shape)]
 
@@ -194,6 +229,7 @@ def paged_prefill_attention(
         block_k=block_k,
         sliding_window=sliding_window,
         quantized=s.quantized,
+        int4=s.int4,
     )
     out = pl.pallas_call(
         kernel,

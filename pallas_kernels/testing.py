@@ -3,7 +3,8 @@
 `make_case` builds a pool whose used blocks hold random non-zero K/V, points each sequence's block table at
 blocks scattered anywhere in the pool (padding entries at the null block 0), and poisons everything a correct
 kernel must never read: block 0, every unreferenced block, and the slots of each last block beyond the length
-(NaN for float pages, NaN scales and extreme data for quantized pages).
+(NaN for float pages, NaN scales and extreme data for quantized pages). page_dtype "int4" gives packed int4
+pages (uint8 [..., D // 2] with float16 scales [..., D // 32]).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from pallas_kernels.common import quantize_pages
 ON_GPU = os.environ.get("JKV_TEST_GPU") == "1" and jax.default_backend() == "gpu"
 INTERPRET = not ON_GPU
 # Relative L2 error bounds by page dtype (output rounded to q's dtype; bf16 keeps 8 bits of mantissa).
-TOL = {"float32": 2e-3, "float16": 4e-3, "bfloat16": 2e-2, "int8": 2e-2, "float8_e4m3fn": 2e-2}
+TOL = {"float32": 2e-3, "float16": 4e-3, "bfloat16": 2e-2, "int8": 2e-2, "float8_e4m3fn": 2e-2, "int4": 2e-2}
+INT4_POISON = 0x88  # both nibbles -8, a value `quantize_int4` never writes
 
 
 def rel_err(out, ref) -> float:
@@ -95,8 +97,20 @@ def make_case(
         if n and tail:
             bad[tables[b, n - 1], tail:] = True
     page_dtype = jnp.dtype(page_dtype)
-    quantized = page_dtype in (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))
-    if quantized:
+    int4 = page_dtype == jnp.dtype(jnp.int4)
+    quantized = page_dtype in (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn)) or int4
+    if int4:  # packed uint8 pages [..., D // 2], float16 scales [..., G]
+        kd, ks = (np.asarray(a) for a in quantize_pages(jnp.asarray(k), page_dtype))
+        vd, vs = (np.asarray(a) for a in quantize_pages(jnp.asarray(v), page_dtype))
+        if poison:
+            bm = bad[:, None, :, None]  # broadcast over heads and over bytes / groups
+            ks = np.where(bm, np.float16(np.nan), ks)
+            vs = np.where(bm, np.float16(np.inf), vs)
+            kd = np.where(bm, np.uint8(INT4_POISON), kd)
+            vd = np.where(bm, np.uint8(INT4_POISON), vd)
+        k_pages, v_pages = jnp.asarray(kd, jnp.uint8), jnp.asarray(vd, jnp.uint8)
+        k_scales, v_scales = jnp.asarray(ks, jnp.float16), jnp.asarray(vs, jnp.float16)
+    elif quantized:
         kd, ks = (np.asarray(a) for a in quantize_pages(jnp.asarray(k), page_dtype))
         vd, vs = (np.asarray(a) for a in quantize_pages(jnp.asarray(v), page_dtype))
         ks, vs = ks.astype(np.float16), vs.astype(np.float16)
@@ -139,12 +153,32 @@ def make_case(
     )
 
 
+def unpack_int4_np(packed: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Packed int4 uint8 [..., D // 2] with scales [..., G] -> float64 [..., D], in NumPy.
+
+    Written from the format's definition (byte j: element j in the low nibble, element j + D/2 in the high one,
+    two's complement; element i scaled by scales[i // 32]), independently of the jnp and kernel code paths.
+    """
+    b = np.asarray(packed).astype(np.int64)
+    lo, hi = b % 16, b // 16
+    nib = np.concatenate([lo, hi], axis=-1)  # [..., D] in 0..15
+    nib = np.where(nib >= 8, nib - 16, nib).astype(np.float64)
+    d = nib.shape[-1]
+    group = min(32, d)
+    s = np.asarray(scales, np.float64)
+    return nib * s[..., np.arange(d) // group]
+
+
 def dense_from_case(case: PagedCase) -> tuple[np.ndarray, np.ndarray]:
     """The case's K and V as dense float64 [B, Hkv, M*bs, D] (dequantized; poison included): test oracle input."""
     def dense(pages, scales):
-        x = np.asarray(pages.astype(jnp.float32), np.float64)[np.asarray(case.block_tables)]  # [B, M, Hkv, bs, D]
-        if scales is not None:
-            x = x * np.asarray(scales, np.float64)[np.asarray(case.block_tables)][..., None]
+        tables = np.asarray(case.block_tables)
+        if pages.dtype == jnp.uint8:  # packed int4
+            x = unpack_int4_np(np.asarray(pages)[tables], np.asarray(scales)[tables])  # [B, M, Hkv, bs, D]
+        else:
+            x = np.asarray(pages.astype(jnp.float32), np.float64)[tables]  # [B, M, Hkv, bs, D]
+            if scales is not None:
+                x = x * np.asarray(scales, np.float64)[tables][..., None]
         b, m, h, bs, d = x.shape
         return x.transpose(0, 2, 1, 3, 4).reshape(b, h, m * bs, d)
 

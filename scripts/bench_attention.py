@@ -3,7 +3,8 @@
 For each shape (batch x context, GPT-2 MHA 12x64 and GQA 32q/8kv x 128, block size 16) it checks each
 implementation against `paged_decode_attention_reference`, then times it:
 
-  jkv        pallas_kernels.paged_decode_attention (bf16 pages; and int8 pages + float16 scales)
+  jkv        pallas_kernels.paged_decode_attention (bf16 pages; int8 pages + float16 scales; packed int4 pages +
+             float16 scales per 32 elements)
   jax        jax.experimental.pallas.ops.gpu.paged_attention, best of a few configurations
   xla        dense XLA attention (einsum + softmax) on a contiguous [B, Hkv, T, D] cache
   copy       a large device-to-device copy: the bandwidth ceiling (bytes read + written / time)
@@ -11,7 +12,9 @@ implementation against `paged_decode_attention_reference`, then times it:
 Timing: each implementation is called n times back to back inside one jitted function (distinct query arrays,
 K/V rotated over enough copies to defeat the 50 MB L2), warmed up, synchronized with block_until_ready; the
 per-call time is (median T(n2) - median T(n1)) / (n2 - n1), which cancels dispatch overhead.
-Effective bandwidth = K/V bytes the call must read (scales included) / time.
+Effective bandwidth = K/V bytes the call must read (scales included) / time. The quantized columns (int8, int4)
+are timed only when the kernel matches the reference on the same quantized pages (relative L2 error < 3e-2);
+"vs bf16 err" is the quantization's own error against the bf16 result, for information.
 
     python scripts/bench_attention.py                 # the table (docs/benchmarks.md)
     python scripts/bench_attention.py --tune          # sweep kernel configurations at a few shapes
@@ -37,12 +40,14 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pallas_kernels.common import quantize_pages  # noqa: E402
+from pallas_kernels.common import int4_groups, quantize_pages  # noqa: E402
 from pallas_kernels.paged_decode import (  # noqa: E402
     _decode_pallas_call, choose_splits, paged_decode_attention, paged_decode_attention_reference, tuned_config,
 )
 
 MODELS = {"gpt2": (12, 12, 64), "gqa": (32, 8, 128)}  # (q heads, kv heads, head_dim)
+QUANT_KINDS = ("int8", "int4")  # quantized page kinds of the table; quantize_pages(x, jnp.int4) packs int4
+MAX_KERNEL_ERR = 3e-2  # relative L2 error vs the reference above which an implementation is not timed
 SHAPES = [(8, 1024), (32, 1024), (32, 4096), (64, 8192), (128, 2048)]
 L2_DEFEAT_BYTES = 160 << 20  # K/V copies rotated so that a call finds nothing of its inputs in L2
 N_Q = 16  # distinct query arrays (>= calls per timed function)
@@ -147,8 +152,14 @@ class Shape:
         self.num_blocks = batch * self.m + 1
         self.seed = seed
 
-    def kv_bytes(self, itemsize: int, scale_bytes: int = 0) -> int:
-        return 2 * self.batch * self.ctx * self.hkv * (self.d * itemsize + scale_bytes)
+    def kv_bytes(self, itemsize: float, scale_bytes: int = 0) -> int:
+        """K and V bytes of the whole context: itemsize per element (0.5 for int4) plus scale bytes per row."""
+        return int(2 * self.batch * self.ctx * self.hkv * (self.d * itemsize + scale_bytes))
+
+    def quant_bytes(self, kind: str) -> int:
+        """Bytes a quantized call reads: int8 rows of D bytes + one float16 scale; int4 rows of D/2 bytes + one
+        float16 scale per 32 elements."""
+        return self.kv_bytes(1, 2) if kind == "int8" else self.kv_bytes(0.5, 2 * int4_groups(self.d))
 
     def n_sets(self, nbytes):
         return int(min(6, max(2, math.ceil(L2_DEFEAT_BYTES / nbytes))))
@@ -172,7 +183,7 @@ class Shape:
         return qs, pools, lengths
 
 
-def bench_shape(sh: Shape, copy_bw: float, do_int8: bool, do_jax: bool, do_xla: bool) -> dict:
+def bench_shape(sh: Shape, copy_bw: float, quant_kinds: tuple[str, ...], do_jax: bool, do_xla: bool) -> dict:
     res = {"shape": sh.label(), "batch": sh.batch, "ctx": sh.ctx, "model": sh.model}
     nbytes = sh.kv_bytes(2)
     n_sets = sh.n_sets(nbytes)
@@ -188,24 +199,28 @@ def bench_shape(sh: Shape, copy_bw: float, do_int8: bool, do_jax: bool, do_xla: 
     res["jkv_us"] = t * 1e6
     res["jkv_bw"] = nbytes / t
 
-    if do_int8:
-        q8 = []
+    for kind in quant_kinds:  # int8 / int4 pages quantized from the same bf16 pools
+        qp = []
         for k, v, tb in pools:
-            kd, ks = quantize_pages(k, jnp.int8)
-            vd, vs = quantize_pages(v, jnp.int8)
-            q8.append((kd, vd, tb, lengths, ks, vs))
-        kd, vd, tb, _, ks, vs = q8[0]
-        ref8 = paged_decode_attention_reference(qs[0], kd, vd, tb, lengths, k_scales=ks, v_scales=vs)
-        out8 = paged_decode_attention(qs[0], kd, vd, tb, lengths, k_scales=ks, v_scales=vs, **KW)
-        res["int8_err"] = rel_err(out8, ref8)
-        res["int8_vs_bf16_err"] = rel_err(out8, ref)
-        t8 = time_per_call(
+            kd, ks = quantize_pages(k, jnp.dtype(kind))
+            vd, vs = quantize_pages(v, jnp.dtype(kind))
+            qp.append((kd, vd, tb, lengths, ks, vs))
+        kd, vd, tb, _, ks, vs = qp[0]
+        ref_q = paged_decode_attention_reference(qs[0], kd, vd, tb, lengths, k_scales=ks, v_scales=vs)
+        out_q = paged_decode_attention(qs[0], kd, vd, tb, lengths, k_scales=ks, v_scales=vs, **KW)
+        res[f"{kind}_err"] = rel_err(out_q, ref_q)
+        res[f"{kind}_vs_bf16_err"] = rel_err(out_q, ref)
+        if res[f"{kind}_err"] > MAX_KERNEL_ERR:
+            log(f"  jkv {kind}: wrong (err {res[f'{kind}_err']:.2e} vs the reference), not timed")
+            del qp
+            continue
+        tq = time_per_call(
             lambda q, k, v, tb, ln, ks, vs: paged_decode_attention(q, k, v, tb, ln, k_scales=ks, v_scales=vs, **KW),
-            qs, q8,
+            qs, qp,
         )  # fmt: skip
-        res["int8_us"] = t8 * 1e6
-        res["int8_bw"] = sh.kv_bytes(1, 2) / t8
-        del q8
+        res[f"{kind}_us"] = tq * 1e6
+        res[f"{kind}_bw"] = sh.quant_bytes(kind) / tq
+        del qp
 
     if do_jax:
         with warnings.catch_warnings():
@@ -260,7 +275,7 @@ def bench_shape(sh: Shape, copy_bw: float, do_int8: bool, do_jax: bool, do_xla: 
         res["xla_us"], res["xla_bw"] = tx * 1e6, nbytes / tx
         del cpools
 
-    for k in ("jkv", "int8", "jax", "xla"):
+    for k in ("jkv", *QUANT_KINDS, "jax", "xla"):
         if f"{k}_bw" in res:
             res[f"{k}_pct"] = 100 * res[f"{k}_bw"] / copy_bw
     return res
@@ -272,6 +287,8 @@ TUNE_PLAN = [  # (model, batch, ctx, page dtype, tokens_per_step, warps, stages,
     ("gqa", 32, 4096, "int8", (128,), (4, 8), (2,), (None,), (None,)),
     ("gpt2", 32, 4096, "bfloat16", (64, 128, 256), (2, 4, 8), (2, 3, 4), (None,), (None,)),
     ("gqa", 32, 4096, "bfloat16", (32, 64, 128), (4, 8), (2, 3, 4), (None,), (None,)),
+    ("gpt2", 32, 4096, "int4", (32, 64, 128), (2, 4), (2, 3, 4), (None,), (False, True)),  # TUNING "int4" rows
+    ("gqa", 32, 4096, "int4", (32, 64, 128), (4, 8), (2, 3), (None,), (None,)),
 ]
 
 
@@ -282,20 +299,21 @@ def tune(copy_bw: float):
         if over_budget():
             break
         sh = Shape(model, batch, ctx)
-        quant = dtype == "int8"
-        nbytes = sh.kv_bytes(1, 2) if quant else sh.kv_bytes(2)
+        quant = dtype in QUANT_KINDS
+        nbytes = sh.quant_bytes(dtype) if quant else sh.kv_bytes(2)
         n_sets = sh.n_sets(nbytes)
         qs, pools, lengths = sh.make(n_sets, N_Q)
         if quant:
             kvs = []
             for k, v, tb in pools:
-                (kd, ks), (vd, vs) = quantize_pages(k, jnp.int8), quantize_pages(v, jnp.int8)
+                (kd, ks), (vd, vs) = quantize_pages(k, jnp.dtype(dtype)), quantize_pages(v, jnp.dtype(dtype))
                 kvs.append((kd, vd, tb, lengths, ks, vs))
         else:
             kvs = [(k, v, tb, lengths, None, None) for k, v, tb in pools]
         del pools
         ref = paged_decode_attention_reference(qs[0], *kvs[0][:4], k_scales=kvs[0][4], v_scales=kvs[0][5])
-        d_t, d_w, d_st, d_dot = tuned_config(jnp.dtype(dtype), sh.h // sh.hkv, sh.d)
+        # The pages' own dtype keys the table (uint8 for packed int4).
+        d_t, d_w, d_st, d_dot = tuned_config(kvs[0][0].dtype, sh.h // sh.hkv, sh.d)
         for t in t_opts:
             for w in w_opts:
                 for st in st_opts:
@@ -355,6 +373,7 @@ def main():
     ap.add_argument("--no-jax", action="store_true")
     ap.add_argument("--no-xla", action="store_true")
     ap.add_argument("--no-int8", action="store_true")
+    ap.add_argument("--no-int4", action="store_true")
     ap.add_argument("--time-budget", type=float, default=None, help="seconds; sweeps stop starting after it")
     ap.add_argument("--tune-first", action="store_true", help="run --tune before the table")
     ap.add_argument("--interpret", action="store_true", help="CPU smoke test (use with tiny --shapes)")
@@ -379,7 +398,8 @@ def main():
         for model in args.models.split(","):
             for spec in args.shapes.split(","):
                 b, c = (int(x) for x in spec.split("x"))
-                r = bench_shape(Shape(model, b, c), copy_bw, not args.no_int8, not args.no_jax, not args.no_xla)
+                kinds = tuple(k for k in QUANT_KINDS if not getattr(args, f"no_{k}"))
+                r = bench_shape(Shape(model, b, c), copy_bw, kinds, not args.no_jax, not args.no_xla)
                 table.append(r)
                 log(json.dumps(r))
                 with open(args.json, "w") as f:
@@ -409,16 +429,20 @@ def print_table(out):
     cb = out["copy_bw"]
     log(f"\n{out['meta']['device']}, JAX {out['meta']['jax']}, {out['meta']['date']}; copy {cb / 1e12:.2f} TB/s")
     log("| shape | jkv bf16 us | TB/s | % copy | JAX kernel us (cfg) | % copy | jkv/JAX | XLA contig us | % copy "
-        "| jkv int8 us | int8 speedup |")
-    log("|---|---|---|---|---|---|---|---|---|---|---|")
+        "| jkv int8 us | int8 speedup | jkv int4 us | int4 TB/s | int4 % copy | int4 vs bf16 |")
+    log("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in out["table"]:
         def g(k, fmt="{:.1f}"):
             return fmt.format(r[k]) if k in r else "-"
+
+        def speedup(r, kind):  # bf16 time / quantized time: > 1 means the quantized pages are faster
+            return f"{r['jkv_us'] / r[f'{kind}_us']:.2f}x" if f"{kind}_us" in r else "-"
+
         ratio = f"{r['jax_us'] / r['jkv_us']:.2f}x" if "jax_us" in r else "-"
-        sp = f"{r['jkv_us'] / r['int8_us']:.2f}x" if "int8_us" in r else "-"
+        int4_tbs = f"{r['int4_bw'] / 1e12:.2f}" if "int4_bw" in r else "-"
         log(f"| {r['shape']} | {g('jkv_us')} | {r['jkv_bw'] / 1e12:.2f} | {g('jkv_pct')} | {g('jax_us')} "
             f"{r.get('jax_cfg', '')} | {g('jax_pct')} | {ratio} | {g('xla_us')} | {g('xla_pct')} | {g('int8_us')} "
-            f"| {sp} |")
+            f"| {speedup(r, 'int8')} | {g('int4_us')} | {int4_tbs} | {g('int4_pct')} | {speedup(r, 'int4')} |")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,14 @@
-"""int4 KV pages end to end: packing, the round-trip bound, the jnp references, and the engine with every feature.
+"""int4 KV pages end to end: packing, the round-trip bound, the jnp references, the Pallas kernels against an
+independent float32 attention, and the engine with every feature.
 
 int4 pages are uint8 [num_blocks, Hkv, bs, D // 2] (byte j: element j low nibble, element j + D/2 high nibble,
-two's complement in [-7, 7]) with float16 scales [num_blocks, Hkv, bs, ceil(D / 32)]; only the references
-serve them (the Pallas kernels refuse them; `resolve_backend('auto')` picks 'reference').
+two's complement in [-7, 7]) with float16 scales [num_blocks, Hkv, bs, ceil(D / 32)]; the references and the
+Pallas kernels (head_dim 64/128) serve them. The kernels' full case grid is in test_paged_decode.py and
+test_paged_prefill.py; `resolve_backend('auto')` still picks 'reference' for int4 (jkv/runner.py).
 """
 
 import functools
+import math
 from pathlib import Path
 
 import jax
@@ -21,8 +24,8 @@ from pallas_kernels.common import (
     dequantize_int4, pack_int4, quantize_pages, unpack_int4, validate_inputs,
 )  # fmt: skip
 from pallas_kernels.paged_decode import paged_decode_attention, paged_decode_attention_reference
-from pallas_kernels.paged_prefill import paged_prefill_attention_reference
-from pallas_kernels.testing import make_case
+from pallas_kernels.paged_prefill import paged_prefill_attention, paged_prefill_attention_reference
+from pallas_kernels.testing import INTERPRET, make_case, rel_err
 
 FIXTURE = Path(__file__).parent / "fixtures" / "hf_tiny_gpt2"
 
@@ -114,14 +117,87 @@ def test_validation_of_int4_pages():
                                            lengths=[5])  # fmt: skip
     args = (case.q, kd, vd, case.block_tables, case.lengths)
     validate_inputs(*args, **scales, kernel=False)
-    with pytest.raises(ValueError, match="reference"):
-        paged_decode_attention(*args, **scales, interpret=True)  # kernels refuse int4
+    s = validate_inputs(*args, **scales)  # the kernels' limits too
+    assert s.int4 and s.quantized and s.head_dim == 64
     with pytest.raises(ValueError, match="k_scales.shape"):
         validate_inputs(*args, k_scales=scales["k_scales"][..., 0], v_scales=scales["v_scales"], kernel=False)
     with pytest.raises(ValueError, match="need k_scales"):
         validate_inputs(*args, kernel=False)
     with pytest.raises(ValueError, match="head_dim // 2"):
         validate_inputs(case.q, kd[..., :16], vd[..., :16], case.block_tables, case.lengths, **scales, kernel=False)
+    with pytest.raises(ValueError, match="need k_scales"):
+        paged_decode_attention(*args, interpret=True)
+
+
+# The kernels against float32 attention over the dequantized pages -----------------------------------------------
+def f32_attention(q, kf, vf, tables, ctx, query_lens=None, window=None):
+    """Paged attention in NumPy float32 over dequantized float pages [num_blocks, Hkv, bs, D], gathering only the
+    positions each query may see (so NaN in unused slots is never touched). Decode: q [B, H, D] and ctx are the
+    lengths (current token included). Prefill: q [B, C, H, D], ctx the context lengths, plus query_lens."""
+    q, kf, vf, tables = (np.asarray(a, np.float32) for a in (q, kf, vf, tables))
+    tables = tables.astype(np.int64)
+    decode = query_lens is None
+    if decode:
+        q = q[:, None]  # [B, 1, H, D]
+    b, _, h, d = q.shape
+    hkv, bs = kf.shape[1], kf.shape[2]
+    out = np.zeros(q.shape, np.float32)
+    for i in range(b):
+        n_q = 1 if decode else int(query_lens[i])
+        for t in range(n_q):
+            last = int(ctx[i]) - 1 if decode else int(ctx[i]) + t  # the query's position
+            if last < 0:
+                continue  # decode length 0: zeros
+            first = 0 if window is None else max(0, last - window + 1)
+            pos = np.arange(first, last + 1)
+            blocks, slots = tables[i, pos // bs], pos % bs
+            for j in range(h):
+                kk, vv = kf[blocks, j // (h // hkv), slots], vf[blocks, j // (h // hkv), slots]  # [n, D]
+                logits = kk @ q[i, t, j] / np.float32(math.sqrt(d))
+                p = np.exp(logits - logits.max())
+                out[i, t, j] = p @ vv / p.sum()
+    return out[:, 0] if decode else out
+
+
+@pytest.mark.parametrize(
+    "h,hkv,d,bs,lengths,window,num_splits",
+    [
+        (8, 2, 128, 16, [0, 1, 17, 64], None, None),  # GQA, an empty row
+        (4, 4, 64, 8, [5, 40, 23], 9, 3),  # MHA (lane path), window, forced splits
+    ],
+)
+def test_decode_kernel_matches_f32_attention_over_dequantized_pages(h, hkv, d, bs, lengths, window, num_splits):
+    case = make_case(3, batch=len(lengths), num_heads=h, kv_heads=hkv, head_dim=d, block_size=bs, lengths=lengths,
+                     page_dtype=jnp.int4)  # fmt: skip
+    kf, vf = dequantize_int4(case.k_pages, case.k_scales), dequantize_int4(case.v_pages, case.v_scales)
+    want = f32_attention(case.q.astype(jnp.float32), kf, vf, case.block_tables, case.lengths, window=window)
+    got = paged_decode_attention(case.q, case.k_pages, case.v_pages, case.block_tables, case.lengths,
+                                 sliding_window=window, num_splits=num_splits, interpret=INTERPRET,
+                                 **case.kwargs())  # fmt: skip
+    assert rel_err(got, want) < 2e-2  # bf16 q, bf16 dot operands and output
+    for b, n in enumerate(lengths):
+        if n == 0:
+            assert np.all(np.asarray(got[b], np.float32) == 0)
+
+
+@pytest.mark.parametrize(
+    "h,hkv,d,bs,lengths,qlens,window",
+    [
+        (4, 2, 64, 16, [30, 9], [12, 9], None),  # GQA
+        (2, 2, 128, 8, [26, 11], [10, 0], 6),  # MHA at head_dim 128, window, a row without queries
+    ],
+)
+def test_prefill_kernel_matches_f32_attention_over_dequantized_pages(h, hkv, d, bs, lengths, qlens, window):
+    case = make_case(4, batch=len(lengths), num_heads=h, kv_heads=hkv, head_dim=d, block_size=bs, lengths=lengths,
+                     query_lens=qlens, page_dtype=jnp.int4)  # fmt: skip
+    kf, vf = dequantize_int4(case.k_pages, case.k_scales), dequantize_int4(case.v_pages, case.v_scales)
+    want = f32_attention(case.q.astype(jnp.float32), kf, vf, case.block_tables, case.lengths, case.query_lens,
+                         window=window)  # fmt: skip
+    got = paged_prefill_attention(case.q, case.k_pages, case.v_pages, case.block_tables, case.lengths,
+                                  case.query_lens, sliding_window=window, interpret=INTERPRET, **case.kwargs())
+    assert rel_err(got, want) < 2e-2
+    for b, ql in enumerate(qlens):
+        assert np.all(np.asarray(got[b, ql:], np.float32) == 0)
 
 
 def test_auto_backend_picks_reference_for_int4(monkeypatch):
@@ -129,7 +205,7 @@ def test_auto_backend_picks_reference_for_int4(monkeypatch):
     assert resolve_backend("auto", 64, 16) == "pallas"
     assert resolve_backend("auto", 64, 16, "int8") == "pallas"
     assert resolve_backend("auto", 64, 16, "int4") == "reference"
-    assert resolve_backend("pallas", 64, 16, "int4") == "pallas"  # explicit: the kernel's validation refuses it
+    assert resolve_backend("pallas", 64, 16, "int4") == "pallas"  # explicit: the kernels serve int4 pages
 
 
 def test_pools_layout(model):

@@ -47,6 +47,16 @@ DECODE_BAD = [
                              v_scales=jnp.zeros((NB, HKV, BS), jnp.float16)), "k_scales.shape"),
     ("scales on bf16", dict(k_scales=jnp.zeros((NB, HKV, BS), jnp.float16),
                             v_scales=jnp.zeros((NB, HKV, BS), jnp.float16)), "only for int8"),
+    ("int4 without scales", dict(k_pages=jnp.zeros((NB, HKV, BS, D // 2), jnp.uint8),
+                                 v_pages=jnp.zeros((NB, HKV, BS, D // 2), jnp.uint8)), "k_scales"),
+    ("int4 per-token scales", dict(k_pages=jnp.zeros((NB, HKV, BS, D // 2), jnp.uint8),
+                                   v_pages=jnp.zeros((NB, HKV, BS, D // 2), jnp.uint8),
+                                   k_scales=jnp.zeros((NB, HKV, BS), jnp.float16),
+                                   v_scales=jnp.zeros((NB, HKV, BS), jnp.float16)), "k_scales.shape"),
+    ("int4 unpacked width", dict(k_pages=jnp.zeros((NB, HKV, BS, D), jnp.uint8),
+                                 v_pages=jnp.zeros((NB, HKV, BS, D), jnp.uint8),
+                                 k_scales=jnp.zeros((NB, HKV, BS, D // 32), jnp.float16),
+                                 v_scales=jnp.zeros((NB, HKV, BS, D // 32), jnp.float16)), "head_dim // 2"),
     ("tables batch", dict(block_tables=jnp.zeros((B + 1, M), jnp.int32)), "block_tables.shape"),
     ("tables dtype", dict(block_tables=jnp.zeros((B, M), jnp.float32)), "block_tables.dtype"),
     ("lengths shape", dict(lengths=jnp.zeros((B + 1,), jnp.int32)), "lengths"),
@@ -96,6 +106,10 @@ PREFILL_BAD = [
     ("context_lens shape", dict(context_lens=jnp.zeros((1,), jnp.int32)), "context_lens"),
     ("page_size 4", dict(k_pages=jnp.zeros((NB, HKV, 4, D), jnp.bfloat16),
                          v_pages=jnp.zeros((NB, HKV, 4, D), jnp.bfloat16)), "page_size=4"),
+    ("int4 per-token scales", dict(k_pages=jnp.zeros((NB, HKV, BS, D // 2), jnp.uint8),
+                                   v_pages=jnp.zeros((NB, HKV, BS, D // 2), jnp.uint8),
+                                   k_scales=jnp.zeros((NB, HKV, BS), jnp.float16),
+                                   v_scales=jnp.zeros((NB, HKV, BS), jnp.float16)), "k_scales.shape"),
 ]
 
 
@@ -115,4 +129,8 @@ def test_valid_inputs_pass_validation():
 
     a = decode_args()
     s = validate_inputs(a["q"], a["k_pages"], a["v_pages"], a["block_tables"], a["lengths"])
-    assert (s.group, s.block_size, s.max_tokens, s.quantized) == (2, BS, M * BS, False)
+    assert (s.group, s.block_size, s.max_tokens, s.quantized, s.int4) == (2, BS, M * BS, False, False)
+    # Packed int4 pages pass the kernels' checks (head_dim 64 -> 32 bytes a row, 2 scale groups).
+    pages, scales = jnp.zeros((NB, HKV, BS, D // 2), jnp.uint8), jnp.zeros((NB, HKV, BS, D // 32), jnp.float16)
+    s = validate_inputs(a["q"], pages, pages, a["block_tables"], a["lengths"], k_scales=scales, v_scales=scales)
+    assert (s.head_dim, s.quantized, s.int4) == (D, True, True)

@@ -1,5 +1,6 @@
 """Paged decode attention: the jnp reference on hand-computed cases and against a float64 oracle, then the Pallas
-kernel against the reference (interpret=True on CPU; JKV_TEST_GPU=1 runs the compiled kernel on a GPU)."""
+kernel against the reference (interpret=True on CPU; JKV_TEST_GPU=1 runs the compiled kernel on a GPU), for every
+page kind: bf16/f16/f32, int8/fp8 and packed int4."""
 
 import math
 
@@ -90,7 +91,7 @@ def test_reference_sm_scale_and_dtype():
 # --- reference: against the float64 oracle on random poisoned pools -------------------------------------------
 
 
-@pytest.mark.parametrize("page_dtype", ["float32", "bfloat16", "int8", "float8_e4m3fn"])
+@pytest.mark.parametrize("page_dtype", ["float32", "bfloat16", "int8", "float8_e4m3fn", "int4"])
 @pytest.mark.parametrize("window", [None, 5])
 def test_reference_matches_oracle(page_dtype, window):
     case = make_case(1, batch=4, num_heads=4, kv_heads=2, head_dim=64, block_size=8, lengths=[1, 9, 16, 23],
@@ -116,6 +117,11 @@ KERNEL_CASES = [
     ("int8", 8, 2, 128, 16, "long", None),
     ("float8_e4m3fn", 4, 1, 64, 8, "random", None),
     ("int8", 4, 2, 64, 32, "random", 20),
+    ("int4", 4, 4, 64, 16, "edges", None),  # MHA (lane path), an empty row
+    ("int4", 8, 2, 128, 8, "edges", None),  # GQA 4 (dots), an empty row
+    ("int4", 2, 2, 128, 32, "random", 11),  # MHA at head_dim 128, sliding window
+    ("int4", 8, 2, 128, 16, "random", 20),  # GQA at head_dim 128, sliding window
+    ("int4", 4, 1, 64, 64, "long", 100),  # MQA, several context splits, window
 ]
 
 
@@ -143,15 +149,17 @@ def test_kernel_matches_reference(page_dtype, h, hkv, d, bs, kind, window):
             assert np.all(np.asarray(out[b], np.float32) == 0)
 
 
+@pytest.mark.parametrize("page_dtype", ["bfloat16", "int4"])
 @pytest.mark.parametrize("tokens_per_step,num_splits", [(16, 1), (32, 3), (64, 2)])
-def test_kernel_block_sizes(tokens_per_step, num_splits):
+def test_kernel_block_sizes(tokens_per_step, num_splits, page_dtype):
     """Explicit tuning knobs (tile widths below, at and above the block size; 1 to 3 context splits)."""
-    case = make_case(7, batch=3, num_heads=4, kv_heads=2, head_dim=64, block_size=16, lengths=[33, 1, 96])
+    case = make_case(7, batch=3, num_heads=4, kv_heads=2, head_dim=64, block_size=16, lengths=[33, 1, 96],
+                     page_dtype=page_dtype)
     args = (case.q, case.k_pages, case.v_pages, case.block_tables, case.lengths)
-    ref = paged_decode_attention_reference(*args)
+    ref = paged_decode_attention_reference(*args, **case.kwargs())
     out = paged_decode_attention(*args, tokens_per_step=tokens_per_step, num_splits=num_splits,
-                                 interpret=INTERPRET)
-    assert rel_err(out, ref) < TOL["bfloat16"]
+                                 interpret=INTERPRET, **case.kwargs())
+    assert rel_err(out, ref) < TOL[page_dtype]
 
 
 def test_kernel_hand_computed():
@@ -161,16 +169,17 @@ def test_kernel_hand_computed():
     assert np.abs(np.delete(out[0, 0], 1)).max() < 1e-3
 
 
+@pytest.mark.parametrize("page_dtype,d", [("bfloat16", 64), ("int4", 64), ("int4", 128)])
 @pytest.mark.parametrize("use_dot", [False, True])
-def test_kernel_mha_paths(use_dot):
+def test_kernel_mha_paths(use_dot, page_dtype, d):
     """MHA runs either the dot-free lane path or the padded tensor-core path (the tuning table picks one)."""
     from pallas_kernels.paged_decode import _decode_pallas_call
 
-    case = make_case(11, batch=3, num_heads=2, kv_heads=2, head_dim=64, block_size=16, lengths=[70, 1, 16],
-                     max_blocks=5)
+    case = make_case(11, batch=3, num_heads=2, kv_heads=2, head_dim=d, block_size=16, lengths=[70, 1, 16],
+                     max_blocks=5, page_dtype=page_dtype)
     args = (case.q, case.k_pages, case.v_pages, case.block_tables, case.lengths)
-    ref = paged_decode_attention_reference(*args)
-    out = _decode_pallas_call(*args, None, None, scale=1 / 8, sliding_window=None, tokens_per_step=32,
-                              num_splits=2, num_warps=4, num_stages=2, interpret=INTERPRET, debug=False,
-                              use_dot=use_dot)
-    assert rel_err(out, ref) < TOL["bfloat16"]
+    ref = paged_decode_attention_reference(*args, **case.kwargs())
+    out = _decode_pallas_call(*args, case.k_scales, case.v_scales, scale=1 / math.sqrt(d), sliding_window=None,
+                              tokens_per_step=32, num_splits=2, num_warps=4, num_stages=2, interpret=INTERPRET,
+                              debug=False, use_dot=use_dot)
+    assert rel_err(out, ref) < TOL[page_dtype]

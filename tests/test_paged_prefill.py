@@ -1,5 +1,6 @@
 """Paged prefill/append attention: the jnp reference on hand-computed cases and against a float64 oracle, then
-the Pallas kernel against the reference (interpret=True on CPU; JKV_TEST_GPU=1 runs it compiled on a GPU)."""
+the Pallas kernel against the reference (interpret=True on CPU; JKV_TEST_GPU=1 runs it compiled on a GPU), for
+every page kind: bf16/f16/f32, int8/fp8 and packed int4."""
 
 import math
 
@@ -66,7 +67,7 @@ def test_reference_hand_computed_window():
     assert out[0, 1, 0, 1] == pytest.approx(6.25, abs=1e-5)
 
 
-@pytest.mark.parametrize("page_dtype", ["float32", "int8"])
+@pytest.mark.parametrize("page_dtype", ["float32", "int8", "int4"])
 @pytest.mark.parametrize("window", [None, 6])
 def test_reference_matches_oracle(page_dtype, window):
     case = make_case(3, batch=3, num_heads=4, kv_heads=2, head_dim=64, block_size=8, lengths=[5, 17, 30],
@@ -85,6 +86,10 @@ KERNEL_CASES = [
     ("bfloat16", 4, 2, 64, 8, [45, 20], [12, 16], 16, 9),  # sliding window
     ("int8", 8, 2, 64, 16, [60, 17], [20, 17], 24, None),
     ("float8_e4m3fn", 4, 4, 128, 32, [40, 5], [8, 5], 8, None),
+    ("int4", 4, 4, 64, 16, [16, 40, 1], [16, 7, 1], 16, None),  # MHA
+    ("int4", 8, 2, 128, 8, [33, 9], [17, 9], 20, None),  # GQA 4 at head_dim 128
+    ("int4", 4, 2, 128, 32, [45, 20], [12, 0], 16, 9),  # sliding window, a row with no queries
+    ("int4", 4, 1, 64, 64, [70, 64], [6, 30], 32, None),  # MQA
 ]
 
 
