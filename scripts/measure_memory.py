@@ -4,7 +4,8 @@
     python scripts/measure_memory.py [--models gpt2,gpt2-xl] [--kv-dtypes bfloat16,int8] [--budgets 24GB,full]
 
 For each (model, KV dtype, budget) a child process caps JAX's allocator at the plan's budget
-(XLA_PYTHON_CLIENT_MEM_FRACTION = hbm * utilization / card memory; `full` = the whole card), builds the engine's
+(XLA_PYTHON_CLIENT_MEM_FRACTION = hbm * utilization / card memory, preallocated as JAX does by default: one
+region, so the allocator cannot fragment by growing; `full` = the whole card), builds the engine's
 pools from the plan, and runs the largest steps the plan promises on the engine's own jitted step functions:
 a prefill of `prefill_chunk` tokens and decode steps at the planned maximum batch (at 128 tokens and at the
 maximum length), with the sampling path on (the sampler's sort is the widest workspace). It reads
@@ -12,8 +13,10 @@ maximum length), with the sampling path on (the sampler's sort is the widest wor
 the largest decode batch that still runs (the real maximum) under the same cap.
 
 Measured terms: parameters = bytes_in_use after loading; KV pool = growth when the pools are allocated;
-activation = peak_bytes_in_use - parameters - pool; runtime reserve = the process's device memory (nvidia-smi)
-- peak_bytes_in_use (CUDA context, compiled code, allocator slack).
+activation = peak_bytes_in_use - parameters - pool; outside JAX's pool = the process's device memory
+(nvidia-smi) - the allocator's pool (CUDA context, loaded kernels, cuBLAS/cuDNN handles). Measured peak =
+peak_bytes_in_use + outside-pool bytes: everything the process needs on the card. (With a preallocated pool,
+nvidia-smi alone always shows the cap, whatever the process really uses.)
 """
 
 from __future__ import annotations
@@ -103,7 +106,7 @@ def child(model_name: str, kv: str, hbm: int, utilization: float) -> dict:
         stages[name] = dev.memory_stats()["peak_bytes_in_use"]
     stats = dev.memory_stats()
     peak = stats["peak_bytes_in_use"]
-    total = gpu_used_bytes() - base
+    outside = gpu_used_bytes() - base - stats.get("pool_bytes", stats["bytes_limit"])
     # the real maximum decode batch under the same cap (activation-limited; K/V capacity is exact arithmetic)
     largest, tried = (plan.max_num_seqs if failed is None else 0), []
     for factor in (() if failed else (1.25, 1.5, 2.0)):
@@ -120,7 +123,8 @@ def child(model_name: str, kv: str, hbm: int, utilization: float) -> dict:
         "planned": {"params": plan.param_bytes, "kv_pool": plan.kv_pool_bytes, "activation": plan.activation_bytes,
                     "reserve": plan.reserve_bytes, "peak": plan.peak_bytes},
         "measured": {"params": params, "kv_pool": pool, "activation": peak - params - pool,
-                     "reserve": total - peak, "peak": total, "peak_in_use": peak},
+                     "reserve": outside, "peak": peak + outside, "peak_in_use": peak},
+        "largest_free_block": stats.get("largest_free_block_bytes"),
         "stages": stages, "planned_max_batch": plan.max_num_seqs, "planned_batch_at_max_len": b_long,
         "real_max_batch_lower_bound": largest, "search": tried, "failed": failed, "device": dev.device_kind, "jax": jax.__version__,
     }  # fmt: skip
@@ -148,9 +152,10 @@ def main() -> None:
         hbm = total if budget == "full" else parse_size(budget)
         for model in args.models.split(","):
             for kv in args.kv_dtypes.split(","):
-                env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false",
-                           XLA_PYTHON_CLIENT_MEM_FRACTION=f"{hbm * args.utilization / total:.4f}")  # fmt: skip
+                env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION=f"{hbm * args.utilization / total:.4f}")
                 t0 = time.time()
+                if args.out and rows:  # after every row, so a run cut short keeps what it measured
+                    Path(args.out).write_text(json.dumps(rows, indent=2))
                 r = subprocess.run([sys.executable, __file__, "--child", model, kv, str(hbm), str(args.utilization)],
                                    capture_output=True, text=True, env=env)  # fmt: skip
                 line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
@@ -171,7 +176,7 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(rows, indent=2))
     print("\nterm          model        kv        budget   planned GiB  measured GiB   error")
     for row in rows:
-        for term in ("params", "kv_pool", "activation", "reserve", "peak"):
+        for term in ("params", "kv_pool", "activation", "reserve", "peak"):  # reserve measured = outside JAX's pool
             p, q = row["planned"][term], row["measured"][term]
             err = f"{100 * (p / q - 1):+.1f}%" if q else "n/a"
             print(f"{term:13s} {row['model']:12s} {row['kv_dtype']:9s} {row['budget']:6s} {p / 2**30:11.3f} "
