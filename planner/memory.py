@@ -16,19 +16,22 @@ from planner.kv_layout import kv_heads_per_device
 
 F32 = 4
 
-# Runtime reserve: memory a process needs beyond parameters, KV pool and step workspace: compiled executables,
-# cuBLAS workspaces, XLA's autotuning scratch at compile time and the allocator's slack. Override with
-# reserve_bytes. NOTE: 512 MiB was the first default; scripts/measure_memory.py on an H200 (2026-11-26, JAX's
-# pool capped at a 24 GB card's budget) saw a gpt2 bf16 plan fail while XLA autotuned the lm-head product at the
-# planned decode batch, and 0.63 GiB of device memory outside JAX's pool for gpt2-xl. 1 GiB is the next guess,
-# not yet a fit: see docs/benchmarks.md, "Plan vs measured memory".
+# Runtime reserve: device memory a process needs beyond parameters, KV pool and step workspace. Calibrated with
+# scripts/measure_memory.py on an H200 (2026-11-27, JAX's preallocated pool capped at a 24 GB card's budget;
+# table in docs/benchmarks.md, "Plan vs measured memory"): 0.62-0.63 GiB lives outside JAX's pool in every row
+# (CUDA context, loaded kernels, cuBLAS handles), and peak_bytes_in_use exceeded parameters + pool + the workspace
+# below by up to 0.26 GiB more (gpt2-xl: XLA's autotuning scratch while compiling a step and buffers the formula
+# does not name). The measured rows need a reserve between 0.88 and 1.13 GiB for the planned peak to be at or above
+# the measured one and within 3 % of it; 1 GiB is in that window. Override with reserve_bytes.
 DEFAULT_RESERVE_BYTES = 2**30
 
-# Logits workspace of a step, in [sequences, vocab] float32 buffers: the lm-head product, the step's logits output
-# and the greedy/softmax pass over it. The sampler then sorts rows in blocks of SAMPLER_ROWS (jkv.sampling), with
-# about SAMPLER_COPIES [rows, vocab] float32-sized buffers live (scaled logits, order, sorted, probs, cumsum, mask).
-# Calibrated against compiled memory analyses on the GPU (docs/benchmarks.md, "Plan vs measured").
-LOGITS_COPIES = 3
+# Logits workspace of a step, in [sequences, vocab] float32 buffers: the lm-head product and the step's logits
+# output (the greedy/softmax pass fuses into them). The sampler then sorts rows in blocks of SAMPLER_ROWS
+# (jkv.sampling), with about SAMPLER_COPIES [rows, vocab] float32-sized buffers live (scaled logits, order,
+# sorted, probs, cumsum, mask). Calibrated on the same runs: at decode batches of 3,708 and 6,150 (gpt2) the
+# measured activation was 1.56 and 2.48 GiB; 3 logits copies planned 2.25 and 3.68 GiB, 2 copies plan 1.55 and
+# 2.53 GiB.
+LOGITS_COPIES = 2
 SAMPLER_ROWS = 32
 SAMPLER_COPIES = 12
 

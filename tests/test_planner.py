@@ -88,7 +88,7 @@ def test_budget_arithmetic_by_hand():
 
 def test_decode_workspace_by_hand():
     ws = step_workspace(PRESETS["gpt2"], "decode", 8, 8, 1024, dtype_bytes=2)
-    assert ws.logits == (3 * 8 + 8 * 12) * 50257 * 4  # LOGITS_COPIES x rows + one sampler block
+    assert ws.logits == (2 * 8 + 8 * 12) * 50257 * 4  # LOGITS_COPIES x rows + one sampler block
     assert ws.mlp == 2 * 8 * 3072 * 2
     assert ws.qkv == 8 * 2304 * 2
     naive = step_workspace(PRESETS["gpt2"], "prefill", 1024, 1, 1024, dtype_bytes=2, naive_attention=True)
