@@ -461,6 +461,20 @@ class BlockManager:
         seq.token_ids.extend(new)
         return copies
 
+    def set_last_token(self, seq_id: int, token_id: int) -> None:
+        """Replace the last token of a sequence whose K/V are not marked computed yet.
+
+        Async scheduling appends a slot for a token the device sampled before the host has read it (a
+        placeholder id); the value arrives after the slot was handed out. Only uncomputed tokens can change:
+        computed ones may already be hashed into the prefix cache.
+        """
+        seq = self._resident(seq_id, "set a token of")
+        if seq.num_computed >= len(seq.token_ids):
+            raise SequenceStateError(
+                f"cannot change the last token of sequence {seq_id}: it is already marked computed."
+            )
+        seq.token_ids[-1] = int(token_id)
+
     def mark_computed(self, seq_id: int, num_computed_tokens: int | None = None) -> None:
         """Record that K/V of the first `num_computed_tokens` tokens (default: all) are written to the cache.
 

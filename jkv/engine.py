@@ -5,6 +5,10 @@ copy-on-write), at most one decode step and one prefill step on the device (jkv.
 bookkeeping on the host: finished sequences give their blocks back, `n > 1` requests fork after their prompt,
 beam search picks its beams. The K/V pools are allocated once (sized by the planner unless `num_blocks` is given)
 and only ever updated in place.
+
+Async scheduling (the default) overlaps the host's work with the device's: a step is dispatched before the
+previous step's sampled tokens are read, and the reading and bookkeeping of those tokens run while the device
+computes. See `Engine` and docs/engine.md.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import numpy as np
 
 from jkv.block_manager import BlockManager
 from jkv.kv_cache import KVPools, allocate_pools, copy_blocks, gather_blocks, scatter_blocks
-from jkv.request import Request, RequestOutput, SampleOutput, Sequence, SeqStatus
+from jkv.request import UNKNOWN_TOKEN, Request, RequestOutput, SampleOutput, Sequence, SeqStatus
 from jkv.runner import StepRunner, bucket, build_inputs
 from jkv.sampling import SamplingParams, sample_tokens
 from jkv.scheduler import Scheduler, SchedulerOutput
@@ -73,6 +77,27 @@ def _mix_seed(seed: int, index: int) -> int:
     return (seed * 1_000_003 + index * 7919) & 0xFFFFFFFF
 
 
+@dataclass
+class _Part:
+    """The rows of one device call (decode or prefill) that sampled a token."""
+
+    seqs: list[Sequence]
+    idx: list[int]  # each row's place in the step's token buffer
+    logits: jax.Array | None  # [B, V] on the device, row = idx - offset (None: the host needs no logits)
+    offset: int
+    decode: bool
+
+
+@dataclass
+class _Flight:
+    """A dispatched step: its token buffer on the device and the rows that sampled into it."""
+
+    step: int
+    tokens: jax.Array  # int32 [token_slots]: decode rows at [0, B), prefill rows from token_slots / 2
+    parts: list[_Part]
+    sync: bool  # read back within the same step() (synchronous mode, beams, forks)
+
+
 class Engine:
     """A paged KV-cache engine over one model.
 
@@ -95,6 +120,27 @@ class Engine:
         compile_cache_dir: keep compiled steps in JAX's persistent compilation cache there (process-wide setting),
             so a restarted server does not pay again for every bucketed step shape (measured: ~30 s of compiles
             in a 256-request GPT-2 run on an H200).
+        async_scheduling: dispatch each step before reading the previous step's sampled tokens (below); False
+            reads every step's tokens before `step()` returns.
+
+    Async scheduling. The scheduler needs lengths, not token values: a sequence whose token the device
+    sampled but the host has not read gets its slot anyway (a placeholder id, `UNKNOWN_TOKEN`), and its decode
+    row reads the token from the previous step's on-device token buffer (`src_rows`). So `step()` n schedules
+    and dispatches step n, then reads step n-1's tokens (one device->host copy) and does their bookkeeping
+    (tokens, stop checks, freed blocks, outputs) while the device runs step n. Consequences:
+      - Outputs (and `stream()`) report a token one call later than the synchronous engine; the tokens, finish
+        reasons and counts are the same. One more `step()` call at the end reads the last step.
+      - A sequence stopped by a stop token at step n-1 was already scheduled into step n: that row's K/V write
+        goes to a slot of its own (now freed) blocks and its token is dropped. Stopping by max_tokens is known
+        in advance: such a sequence is never scheduled past its last token, and its blocks are freed as soon
+        as its last token is dispatched.
+      - A request preempted by recomputation while its token is in flight waits one round to be readmitted.
+    Steps that need sampled tokens or logits on the host before the next schedule are read back synchronously,
+    within the same `step()`: any step with a beam-search row, and a prefill that completes the prompt of an
+    `n > 1` request (its samples fork from the first token's logits). Prefill chunks that complete an ordinary
+    prompt, preemption by recomputation or swapping, prefix caching and sliding windows stay asynchronous.
+
+    `events`: set it to a list to log ("dispatch", step) and ("read", step) as steps are launched and read.
     """
 
     def __init__(
@@ -117,6 +163,7 @@ class Engine:
         tokenizer=None,
         record_history: bool = False,
         compile_cache_dir: str | None = None,
+        async_scheduling: bool = True,
     ) -> None:
         if compile_cache_dir is not None:
             jax.config.update("jax_compilation_cache_dir", str(compile_cache_dir))
@@ -154,7 +201,8 @@ class Engine:
             preemption_mode=preemption_mode,
         )  # fmt: skip
         self.runner = StepRunner(model.params, config, block_size=block_size, backend=attention,
-                                 sliding_window=sliding_window)  # fmt: skip
+                                 sliding_window=sliding_window,
+                                 token_slots=2 * bucket(max_num_seqs))  # fmt: skip
         self.host_pools: KVPools | None = None  # swap space in host memory, laid out like the pools
         if swap_blocks:
             self.host_pools = jax.tree.map(lambda a: np.zeros((swap_blocks, *a.shape[1:]), a.dtype), self.pools)
@@ -168,6 +216,10 @@ class Engine:
         self.history: list[dict] = []
         self._seq_ids = itertools.count(1)
         self.last_decode_rows = 0
+        self.async_scheduling = bool(async_scheduling)
+        self._tokens = self.runner.zero_tokens()  # the last dispatched step's token buffer (on the device)
+        self._flight: _Flight | None = None  # the dispatched step whose tokens are not read yet
+        self.events: list[tuple[str, int]] | None = None  # a list: ("dispatch" | "read", step) logged there
 
     # Set-up helpers ---------------------------------------------------------------------------------------
     def _planned_blocks(self, hbm, dtype_name, max_num_seqs, max_tokens) -> int:
@@ -250,27 +302,39 @@ class Engine:
     def abort(self, request_id: str) -> None:
         req = self.requests.get(str(request_id))
         if req is None:
-            raise ValueError(f"no request with id {request_id!r}.")
+            raise ValueError(f"no request with id {request_id!r}: pass an id that add_request returned.")
         if not req.finished:
             for s in req.seqs:
                 if s.status is not SeqStatus.FINISHED:
                     s.finish_reason = "aborted"
+                    s.inflight = None  # a token still in flight is dropped
             self.scheduler.remove(req)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work
+        return self.scheduler.has_work or self._flight is not None
 
     # The step ---------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one scheduling round and model step; returns the requests that produced tokens or finished."""
+        """Run one scheduling round and model step; returns the requests that produced tokens or finished.
+
+        With async scheduling, the tokens a step samples are read (and reported) during the next call, after
+        that call has dispatched its own step; see the class docstring.
+        """
         sched = self.scheduler.schedule()
         self._run_ops(sched)
         touched: dict[str, Request] = {r.request_id: r for r in sched.preempted}  # requests to report, by id
         self.last_decode_rows = len(sched.decode)
-        if sched.decode:
-            self._run_decode(sched.decode, touched)
-        if sched.prefill:
-            self._run_prefill(sched.prefill, touched)
+        prev, self._flight = self._flight, None
+        flight = self._dispatch(sched)
+        if prev is not None:
+            self._land(prev, touched)
+        if flight is not None:
+            self._settle(flight)
+            if flight.sync:
+                self._land(flight, touched)
+            else:
+                self._flight = flight
+                self._release_at_length(flight)
         for req in self.scheduler.rejected:  # requests the scheduler found can never be admitted
             touched[req.request_id] = req
         self.scheduler.rejected = []
@@ -292,9 +356,9 @@ class Engine:
                 for h_arr, d_arr in zip(jax.tree.leaves(self.host_pools), jax.tree.leaves(data)):
                     h_arr[host] = d_arr
             elif kind == "swap_in":
-                host = list(arg.keys())
+                host = np.asarray(list(arg.keys()))
                 dev = list(arg.values())
-                contents = jax.tree.map(lambda a: jnp.asarray(a[host]), self.host_pools)
+                contents = jax.tree.map(lambda a, idx=host: jnp.asarray(a[idx]), self.host_pools)
                 self.pools = scatter_blocks(self.pools, jnp.asarray(dev, jnp.int32), contents)
             else:  # pragma: no cover - internal
                 raise AssertionError(kind)
@@ -307,44 +371,104 @@ class Engine:
     def _greedy(self, seqs) -> bool:
         return all(s.request.sampling.greedy for s in seqs)
 
-    def _run_decode(self, seqs: list[Sequence], touched: dict[str, Request]) -> None:
-        bs = self.block_size
-        b = min(bucket(len(seqs)), self.scheduler.max_num_seqs)  # the planner sized the workspace for this cap
-        table = partial(self.manager.block_table, copy=False)  # read only, before anything changes the tables
-        rows = [([s.tokens[-1]], len(s.tokens) - 1, table(s.seq_id), *self._sampling_row(s)) for s in seqs]
-        width = bucket(-(-max(r[1] + 1 for r in rows) // bs))
-        x = build_inputs(rows, block_size=bs, chunk=1, width=width, batch=b)
-        tokens, logits, self.pools = self.runner.run(self.pools, x, decode=True, greedy=self._greedy(seqs))
-        tokens = np.asarray(tokens).tolist()
-        for s in seqs:
-            s.num_computed = len(s.tokens)
-            self.manager.mark_computed(s.seq_id)
-        self._after_sampling(seqs, tokens, logits, range(len(seqs)), touched)
+    @staticmethod
+    def _needs_host(s: Sequence) -> bool:
+        """Whether s's sampled token must be handled on the host before the next schedule: beam search picks
+        beams from the logits, and an `n > 1` request forks its samples from the first token's logits."""
+        req = s.request
+        return req.beam or (req.sampling.n > 1 and len(req.seqs) == 1 and len(s.tokens) == s.num_prompt)
 
-    def _run_prefill(self, chunks: list[tuple[Sequence, int, int]], touched: dict[str, Request]) -> None:
-        bs = self.block_size
-        b = min(bucket(len(chunks)), self.scheduler.max_num_seqs)
-        chunk = bucket(max(n for _, _, n in chunks), MIN_CHUNK)
-        width = bucket(max(-(-(start + n) // bs) for _, start, n in chunks))
-        rows = [(s.tokens[start : start + n], start, self.manager.block_table(s.seq_id)[:width], *self._sampling_row(s))
-                for s, start, n in chunks]  # fmt: skip
-        x = build_inputs(rows, block_size=bs, chunk=chunk, width=width, batch=b)
-        seqs = [s for s, _, _ in chunks]
-        tokens, logits, self.pools = self.runner.run(self.pools, x, decode=False, greedy=self._greedy(seqs))
-        done_rows, done = [], []
-        for r, (s, start, n) in enumerate(chunks):
-            s.num_computed = start + n
-            self.manager.mark_computed(s.seq_id, start + n)
-            if s.num_computed == len(s.tokens):
-                done_rows.append(r)
-                done.append(s)
-        if done:
-            self._after_sampling(done, np.asarray(tokens).tolist(), logits, done_rows, touched)
+    def _dispatch(self, sched: SchedulerOutput) -> _Flight | None:
+        """Launch the step's decode and prefill on the device, reading nothing back; the sampled rows."""
+        bs, buf, parts = self.block_size, self._tokens, []
+        sync = not self.async_scheduling
+        if sched.decode:
+            seqs = sched.decode
+            b = min(bucket(len(seqs)), self.scheduler.max_num_seqs)  # the planner sized the workspace for it
+            table = partial(self.manager.block_table, copy=False)  # read only, before the tables change
+            rows = [([s.tokens[-1]], len(s.tokens) - 1, table(s.seq_id), *self._sampling_row(s))
+                    for s in seqs]  # fmt: skip
+            # a token the device has not returned yet comes from the previous step's token buffer
+            src = [-1 if s.tokens[-1] != UNKNOWN_TOKEN else s.inflight for s in seqs]
+            width = bucket(-(-max(r[1] + 1 for r in rows) // bs))
+            x = build_inputs(rows, block_size=bs, chunk=1, width=width, batch=b, src_rows=src)
+            _, logits, self.pools, buf = self.runner.run_step(self.pools, x, buf, decode=True,
+                                                              greedy=self._greedy(seqs))  # fmt: skip
+            for s in seqs:
+                s.num_computed = len(s.tokens)  # the manager hears of it in _settle, once the token is known
+            parts.append(_Part(seqs, list(range(len(seqs))), logits, 0, decode=True))
+            sync = sync or any(s.request.beam for s in seqs)
+        if sched.prefill:
+            chunks = sched.prefill
+            b = min(bucket(len(chunks)), self.scheduler.max_num_seqs)
+            chunk = bucket(max(n for _, _, n in chunks), MIN_CHUNK)
+            width = bucket(max(-(-(start + n) // bs) for _, start, n in chunks))
+            rows = [(s.tokens[start : start + n], start, self.manager.block_table(s.seq_id)[:width],
+                     *self._sampling_row(s)) for s, start, n in chunks]  # fmt: skip
+            x = build_inputs(rows, block_size=bs, chunk=chunk, width=width, batch=b)
+            greedy = self._greedy(s for s, _, _ in chunks)
+            _, logits, self.pools, buf = self.runner.run_step(self.pools, x, buf, decode=False, greedy=greedy)
+            half = self.runner.token_slots // 2
+            done, idx = [], []
+            for r, (s, start, n) in enumerate(chunks):
+                s.num_computed = start + n
+                self.manager.mark_computed(s.seq_id, start + n)
+                if s.num_computed == len(s.tokens):  # the prompt is complete: this row sampled a token
+                    done.append(s)
+                    idx.append(half + r)
+            if done:
+                parts.append(_Part(done, idx, logits, half, decode=False))
+                sync = sync or any(self._needs_host(s) for s in done)
+        self._tokens = buf
+        if not parts:
+            return None
+        if self.events is not None:
+            self.events.append(("dispatch", self._step))
+        if not sync:
+            for part in parts:
+                part.logits = None  # the host needs none: keep no [B, V] array alive for a step longer
+            buf.copy_to_host_async()  # queued right behind this step, not behind the next one
+        return _Flight(self._step, buf, parts, sync)
+
+    def _settle(self, flight: _Flight) -> None:
+        """After the previous step landed: the flight's rows that still run await their token from it."""
+        for part in flight.parts:
+            for s, i in zip(part.seqs, part.idx):
+                if s.status is SeqStatus.FINISHED:  # stopped by the token the previous step sampled
+                    continue
+                if part.decode:  # its input token is known now (prefix-cache hashes need the value)
+                    self.manager.mark_computed(s.seq_id)
+                s.inflight = i
+
+    def _release_at_length(self, flight: _Flight) -> None:
+        """Sequences whose token in flight is their last (max_tokens) give their blocks back now, so the next
+        schedule sees the same free blocks as in synchronous mode; the token itself lands with the flight."""
+        for part in flight.parts:
+            for s, i in zip(part.seqs, part.idx):
+                if s.inflight == i and s.num_output + 1 >= s.request.sampling.max_tokens:
+                    self.scheduler.release_seq(s)
+                    req = s.request
+                    if all(q.status is SeqStatus.FINISHED for q in req.seqs):
+                        self.scheduler.remove(req)
+
+    def _land(self, flight: _Flight, touched: dict[str, Request]) -> None:
+        """Read a dispatched step's sampled tokens (one device->host copy) and do their bookkeeping."""
+        if self.events is not None:
+            self.events.append(("read", flight.step))
+        values = np.asarray(flight.tokens).tolist()
+        for part in flight.parts:
+            live = [(s, i) for s, i in zip(part.seqs, part.idx) if s.inflight == i]  # others: stopped, aborted
+            for s, _ in live:
+                s.inflight = None
+            if live:
+                seqs, rows = [s for s, _ in live], [i for _, i in live]
+                self._after_sampling(seqs, values, part.logits, rows, part.offset, touched)
 
     # After sampling: forks, beams, stops ------------------------------------------------------------------
     def _after_sampling(self, seqs: list[Sequence], tokens: list[int], logits: jax.Array, rows: Seq[int],
-                        touched: dict[str, Request]) -> None:  # fmt: skip
-        """seqs[i] got tokens[rows[i]] (logits row rows[i]); logits stay on the device unless a fork needs them.
+                        offset: int, touched: dict[str, Request]) -> None:  # fmt: skip
+        """seqs[i] got tokens[rows[i]] (logits row rows[i] - offset); logits stay on the device unless a fork
+        or beam search needs them.
 
         Adds the requests concerned to `touched`; finished requests leave the scheduler.
         """
@@ -354,11 +478,12 @@ class Engine:
             req = s.request
             touched[req.request_id] = req
             if req.beam:
-                beams.setdefault(req.request_id, []).append((s, r))
+                beams.setdefault(req.request_id, []).append((s, r - offset))
                 continue
-            s.pending = tokens[r]
-            if req.sampling.n > 1 and len(req.seqs) == 1 and len(s.tokens) == s.num_prompt:  # first token: fork
-                for q in [s, *self._fork_samples(s, logits[r])]:
+            fork = req.sampling.n > 1 and len(req.seqs) == 1 and len(s.tokens) == s.num_prompt  # first token
+            self._place(s, tokens[r])
+            if fork:
+                for q in [s, *self._fork_samples(s, logits[r - offset])]:
                     if self._check_stop(q):
                         ended.append(req)
             elif self._check_stop(s):
@@ -370,6 +495,16 @@ class Engine:
         for req in ended:
             if req.finished:
                 self.scheduler.remove(req)
+
+    def _place(self, s: Sequence, token: int) -> None:
+        """Put a sampled token where it belongs, by the sequence's state since the step was dispatched."""
+        if s.tokens[-1] == UNKNOWN_TOKEN:  # already scheduled into the next step: fill its slot in
+            s.tokens[-1] = token
+            self.manager.set_last_token(s.seq_id, token)
+        elif s.status is SeqStatus.RUNNING or s.status is SeqStatus.SWAPPED:
+            s.pending = token  # gets a slot at the next schedule
+        else:  # preempted by recomputation (its tokens become its prompt) or released at max_tokens
+            s.tokens.append(token)
 
     def _fork_samples(self, parent: Sequence, logits_row: jax.Array) -> list[Sequence]:
         req = parent.request
@@ -392,13 +527,18 @@ class Engine:
         return children
 
     def _check_stop(self, s: Sequence) -> bool:
-        """Count s's new (pending) token; finish s on a stop token or at max_tokens. Returns whether it finished."""
+        """Count s's newest token; finish s on a stop token or at max_tokens. Returns whether it finished."""
         sp = s.request.sampling
         self._tokens_generated += 1
-        stop = (not sp.ignore_eos) and s.pending in sp.stop_token_ids
+        token = s.pending if s.pending is not None else s.tokens[-1]
+        stop = (not sp.ignore_eos) and token in sp.stop_token_ids
+        if s.status is SeqStatus.FINISHED:  # released ahead of its last token (by length): only the reason
+            s.finish_reason = "stop" if stop else "length"
+            return True
         if stop or s.num_output >= sp.max_tokens:
-            s.tokens.append(s.pending)
-            s.pending = None
+            if s.pending is not None:
+                s.tokens.append(s.pending)
+                s.pending = None
             s.finish_reason = "stop" if stop else "length"
             self.scheduler.release_seq(s)
             return True

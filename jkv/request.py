@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 from jkv.sampling import SamplingParams
 
+UNKNOWN_TOKEN = -1  # async scheduling: a token slot whose token the device sampled but the host has not read
+
 
 class SeqStatus(enum.Enum):
     WAITING = "waiting"  # not admitted yet, or preempted by recomputation (blocks freed)
@@ -31,6 +33,7 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     num_computed: int = 0
     pending: int | None = None  # a sampled token not yet given a slot (appended at the next schedule)
+    inflight: int | None = None  # async: a sampled, unread token sits at this row of the last step's buffer
     cum_logprob: float = 0.0  # beam search score
     finish_reason: str | None = None
 
@@ -56,7 +59,7 @@ class Sequence:
 
     @property
     def prefilling(self) -> bool:
-        return self.pending is None and self.num_computed < len(self.tokens)
+        return self.pending is None and self.inflight is None and self.num_computed < len(self.tokens)
 
 
 @dataclass(eq=False)
@@ -81,7 +84,10 @@ class Request:
 
     @property
     def finished(self) -> bool:
-        return self.error is not None or (bool(self.seqs) and all(s.status is SeqStatus.FINISHED for s in self.seqs))
+        """No sequence runs or waits, and none has a token still to be read from the device."""
+        return self.error is not None or (
+            bool(self.seqs) and all(s.status is SeqStatus.FINISHED and s.inflight is None for s in self.seqs)
+        )
 
 
 @dataclass

@@ -9,6 +9,7 @@ pure-`jnp` reference). The pools are donated, so XLA writes them in place. Shape
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -47,6 +48,7 @@ class StepInputs:
     top_p: jax.Array  # [B] float32
     seeds: jax.Array  # [B] uint32
     counters: jax.Array  # [B] index of the token being sampled within its request
+    src_rows: jax.Array  # [B] decode: >= 0 takes the row's token from the previous step's token buffer there
 
 
 def resolve_backend(name: str, head_dim: int, block_size: int, kv_dtype: str | None = None) -> str:
@@ -85,7 +87,7 @@ def attention_backend(name: str):
 
 
 _INT_FIELDS = ("tokens", "positions", "slot_blocks", "slot_offsets", "block_tables", "context_lens", "query_lens",
-               "top_k", "seeds", "counters")  # fmt: skip
+               "top_k", "seeds", "counters", "src_rows")  # fmt: skip
 
 
 def pack(x: StepInputs) -> tuple[np.ndarray, np.ndarray]:
@@ -110,9 +112,17 @@ def unpack(ints: jax.Array, floats: jax.Array, b: int, c: int, m: int) -> StepIn
     return StepInputs(**out)
 
 
-def _step(params, pools: KVPools, ints, floats, *, shape, config, backend, decode, greedy, window):
+def _step(params, pools: KVPools, ints, floats, prev, *, shape, config, backend, decode, greedy, window):
+    """One model step. `prev` (int32 [S] or None) is the token buffer of the previous step: a decode row with
+    src_rows >= 0 reads its input token there instead of from `tokens`, so the host need not have seen it.
+    Returns the buffer with this step's sampled tokens written at [0, B) (decode) or [S/2, S/2 + B) (prefill).
+    """
     decode_fn, prefill_fn = attention_backend(backend)
     x = unpack(ints, floats, *shape)
+    tokens_in = x.tokens
+    if decode and prev is not None:
+        from_prev = prev[jnp.maximum(x.src_rows, 0)][:, None]  # [B, 1]
+        tokens_in = jnp.where(x.src_rows[:, None] >= 0, from_prev, x.tokens)
 
     def attend(layer, q, k, v, cache):
         b, c, hkv, d = k.shape
@@ -130,20 +140,53 @@ def _step(params, pools: KVPools, ints, floats, *, shape, config, backend, decod
         return out.astype(q.dtype), cache  # [B, C, H, D]
 
     last = jnp.maximum(x.query_lens - 1, 0)
-    logits, pools = forward(params, config, x.tokens, x.positions, pools, attend, logits_index=last)  # [B, V]
+    logits, pools = forward(params, config, tokens_in, x.positions, pools, attend, logits_index=last)  # [B,V]
     logits = logits.astype(jnp.float32)
     if greedy:
         tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     else:
         tokens = sample_tokens(logits, x.temperature, x.top_k, x.top_p, x.seeds, x.counters)
-    return tokens, logits, pools
+    if prev is None:
+        return tokens, logits, pools, None
+    offset = 0 if decode else prev.shape[0] // 2
+    return tokens, logits, pools, jax.lax.dynamic_update_slice(prev, tokens, (offset,))
+
+
+_JITTED: dict[tuple, object] = {}
+
+
+def _jitted_step(config: ModelConfig, backend: str, decode: bool, greedy: bool, shape: tuple[int, int, int],
+                 window: int | None):  # fmt: skip
+    """The jitted step for one static configuration, shared by every runner of the process.
+
+    Parameters, pools and inputs are arguments, so engines over the same model shape (a restarted engine, the
+    tests' many small engines) reuse the compiled executables; JAX still compiles once per argument shapes and
+    dtypes (a different kv_dtype or token buffer size is a different executable).
+    """
+    key = (config, backend, decode, greedy, shape, window)
+    if key not in _JITTED:
+        _JITTED[key] = jax.jit(
+            partial(_step, shape=shape, config=config, backend=backend, decode=decode, greedy=greedy,
+                    window=window),
+            donate_argnums=1,
+        )
+    return _JITTED[key]
 
 
 class StepRunner:
-    """Compiles and runs the model step for each (kind, bucket) shape; counts compilations."""
+    """Compiles and runs the model step for each (kind, bucket) shape; counts compilations.
+
+    token_slots > 0 threads an int32 token buffer of that size through the steps (`run_step`): decode rows
+    take up to token_slots / 2 rows at its front, prefill rows as many at its back. The engine's async
+    scheduling feeds a decode row the previous step's sampled token from it without a device->host read.
+    """
 
     def __init__(self, params, config: ModelConfig, *, block_size: int, backend: str = "auto",
-                 sliding_window: int | None = None):  # fmt: skip
+                 sliding_window: int | None = None, token_slots: int = 0):  # fmt: skip
+        if token_slots < 0 or token_slots % 2:
+            raise ValueError(f"token_slots={token_slots} must be an even number >= 0.")
+        self.token_slots = token_slots
+        self._zero_tokens = None
         self.params = params
         self.config = config
         self.block_size = block_size
@@ -163,11 +206,7 @@ class StepRunner:
     def _fn(self, decode: bool, greedy: bool, shape: tuple[int, int, int]):
         key = (decode, greedy, shape)
         if key not in self._fns:
-            self._fns[key] = jax.jit(
-                partial(_step, shape=shape, config=self.config, backend=self.backend, decode=decode, greedy=greedy,
-                        window=self.window),  # fmt: skip
-                donate_argnums=1,
-            )
+            self._fns[key] = _jitted_step(self.config, self.backend, decode, greedy, shape, self.window)
             self.compiled.add((self.backend, *key))
         return self._fns[key]
 
@@ -176,17 +215,35 @@ class StepRunner:
         b, c = inputs.tokens.shape
         return b, c, inputs.block_tables.shape[1]
 
+    def zero_tokens(self) -> jax.Array | None:
+        """A token buffer of zeros (None without one)."""
+        if self.token_slots and self._zero_tokens is None:
+            self._zero_tokens = jnp.zeros(self.token_slots, jnp.int32)
+        return self._zero_tokens
+
     def run(self, pools: KVPools, inputs: StepInputs, *, decode: bool, greedy: bool):
         """Run one step; returns (next tokens [B] int32, logits [B, V] float32, new pools), all on the device."""
+        return self.run_step(pools, inputs, self.zero_tokens(), decode=decode, greedy=greedy)[:3]
+
+    def run_step(self, pools: KVPools, inputs: StepInputs, prev_tokens: jax.Array | None, *, decode: bool,
+                 greedy: bool):  # fmt: skip
+        """Run one step, decode rows taking their token from `prev_tokens` where `inputs.src_rows` says so.
+
+        Returns (tokens [B], logits [B, V], new pools, new token buffer or None), all on the device; nothing
+        waits for the device.
+        """
+        assert (prev_tokens is None) == (self.token_slots == 0), "a token buffer exactly when token_slots > 0"
+        assert not self.token_slots or inputs.tokens.shape[0] <= self.token_slots // 2, "more rows than slots"
         self._use_pools(pools)
         ints, floats = pack(inputs)
-        return self._fn(decode, greedy, self._shape(inputs))(self.params, pools, ints, floats)
+        return self._fn(decode, greedy, self._shape(inputs))(self.params, pools, ints, floats, prev_tokens)
 
     def lower(self, pools: KVPools, inputs: StepInputs, *, decode: bool, greedy: bool = True):
         """The lowered step (for `.compile().memory_analysis()`)."""
         self._use_pools(pools)
         ints, floats = pack(inputs)
-        return self._fn(decode, greedy, self._shape(inputs)).lower(self.params, pools, ints, floats)
+        fn = self._fn(decode, greedy, self._shape(inputs))
+        return fn.lower(self.params, pools, ints, floats, self.zero_tokens())
 
 
 def build_inputs(
@@ -196,14 +253,18 @@ def build_inputs(
     chunk: int,
     width: int,
     batch: int,
+    src_rows: Sequence[int] | None = None,
 ) -> StepInputs:
     """Pack rows (new tokens, context_len, block table, temperature, top_k, top_p, seed, counter) into arrays.
 
     `chunk`, `width` and `batch` are the bucketed C, M and B; padding goes to the null block 0. Rows of one token
     each (decode) take a column-wise path: one NumPy conversion per field instead of several per row.
+    `src_rows` (decode): per row, the index in the previous step's token buffer holding the row's token, or -1
+    (default) for the row's own token.
     """
     n = len(rows)
     tables = np.zeros((batch, width), np.int32)
+    src = _column(src_rows if src_rows is not None else [], batch, np.int32, fill=-1)
     if chunk == 1 and all(len(r[0]) == 1 for r in rows):
         news, ctx_l, tabs, temp_l, k_l, p_l, seed_l, count_l = zip(*rows) if rows else ([],) * 8
         for r, tab in enumerate(tabs):
@@ -220,7 +281,7 @@ def build_inputs(
         seeds = (_column(seed_l, batch, np.int64) & 0xFFFFFFFF).astype(np.uint32)
         counters = _column(count_l, batch, np.int32)
         return StepInputs(tokens, positions, slot_blocks, slot_offsets, tables, ctx, qlen, temp, top_k, top_p, seeds,
-                          counters)  # fmt: skip
+                          counters, src)  # fmt: skip
     tokens = np.zeros((batch, chunk), np.int32)
     positions = np.zeros((batch, chunk), np.int32)
     slot_blocks = np.zeros((batch, chunk), np.int32)
@@ -244,7 +305,7 @@ def build_inputs(
         ctx[r], qlen[r] = context_len, n
         temp[r], top_k[r], top_p[r], seeds[r], counters[r] = t, k, p, seed & 0xFFFFFFFF, counter
     return StepInputs(tokens, positions, slot_blocks, slot_offsets, tables, ctx, qlen, temp, top_k, top_p, seeds,
-                      counters)  # fmt: skip
+                      counters, src)  # fmt: skip
 
 
 def _column(values, batch: int, dtype, fill=0) -> np.ndarray:

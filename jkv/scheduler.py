@@ -21,7 +21,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from jkv.block_manager import AllocStatus, BlockManager
-from jkv.request import Request, Sequence, SeqStatus
+from jkv.request import UNKNOWN_TOKEN, Request, Sequence, SeqStatus
 
 
 @dataclass
@@ -103,7 +103,8 @@ class Scheduler:
             self.swapped.append(request)
             self.num_preempt_swap += 1
             return
-        # Recompute: free the blocks; the sequence's tokens (with its pending one) become its new prompt.
+        # Recompute: free the blocks; the sequence's tokens (with its pending one) become its new prompt. A
+        # token still in flight (async scheduling) joins them when the engine reads it; the request waits.
         for s in live:
             self.manager.free(s.seq_id)
             if s.pending is not None:
@@ -126,7 +127,8 @@ class Scheduler:
         i = 0
         while i < len(self.running):
             req = self.running[i]
-            seqs = [s for s in req.seqs if s.status is SeqStatus.RUNNING and s.pending is not None]
+            seqs = [s for s in req.seqs if s.status is SeqStatus.RUNNING
+                    and (s.pending is not None or s.inflight is not None)]  # fmt: skip
             need = sum(m.num_blocks_to_append(s.seq_id, 1) for s in seqs)
             preempted_self = False
             while need > m.num_free_blocks:
@@ -138,10 +140,12 @@ class Scheduler:
             if preempted_self:
                 break
             for s in seqs:
-                cow = m.append_slots(s.seq_id, [s.pending])
+                # a token in flight gets its slot now and its value when the engine reads it
+                token = s.pending if s.pending is not None else UNKNOWN_TOKEN
+                cow = m.append_slots(s.seq_id, [token])
                 if cow:
                     out.ops.append(("cow", cow))
-                s.tokens.append(s.pending)
+                s.tokens.append(token)
                 s.pending = None
                 out.decode.append(s)
             done.append(req)
@@ -175,6 +179,8 @@ class Scheduler:
             seqs = [s for s in req.seqs if s.status is SeqStatus.WAITING]
             if self.num_running_seqs() + len(seqs) > self.max_num_seqs:
                 break
+            if any(s.inflight is not None for s in seqs):
+                break  # preempted this round with a token still in flight: its prompt is not complete yet
             if any(m.allocation_status(s.tokens) is not AllocStatus.OK for s in seqs):
                 needed = sum(-(-len(s.tokens) // m.block_size) for s in seqs)
                 if not self.running and not out.decode and needed > m.num_free_blocks:
