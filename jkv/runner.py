@@ -9,6 +9,7 @@ pure-`jnp` reference). The pools are donated, so XLA writes them in place. Shape
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -152,7 +153,8 @@ def _step(params, pools: KVPools, ints, floats, prev, *, shape, config, backend,
     return tokens, logits, pools, jax.lax.dynamic_update_slice(prev, tokens, (offset,))
 
 
-_JITTED: dict[tuple, object] = {}
+_JITTED: OrderedDict[tuple, object] = OrderedDict()  # least recently used first
+_JITTED_MAX = 128  # entries kept for reuse (each holds its executables); live runners keep their own anyway
 
 
 def _jitted_step(config: ModelConfig, backend: str, decode: bool, greedy: bool, shape: tuple[int, int, int],
@@ -161,10 +163,15 @@ def _jitted_step(config: ModelConfig, backend: str, decode: bool, greedy: bool, 
 
     Parameters, pools and inputs are arguments, so engines over the same model shape (a restarted engine, the
     tests' many small engines) reuse the compiled executables; JAX still compiles once per argument shapes and
-    dtypes (a different kv_dtype or token buffer size is a different executable).
+    dtypes (a different kv_dtype or token buffer size is a different executable). At most _JITTED_MAX are
+    kept for reuse, so a process that meets many model shapes does not hold every executable forever.
     """
     key = (config, backend, decode, greedy, shape, window)
-    if key not in _JITTED:
+    if key in _JITTED:
+        _JITTED.move_to_end(key)
+    else:
+        while len(_JITTED) >= _JITTED_MAX:
+            _JITTED.popitem(last=False)
         _JITTED[key] = jax.jit(
             partial(_step, shape=shape, config=config, backend=backend, decode=decode, greedy=greedy,
                     window=window),

@@ -9,7 +9,8 @@ Each round, in priority order (earlier arrival first):
 2. If nothing was preempted, swapped requests come back (`swap_in`) while blocks above the watermark allow.
 3. Prefill: running sequences part-way through a chunked prefill continue, then waiting requests are admitted
    (FCFS, while blocks above the watermark and the token budget last); a long prompt is split into chunks of at
-   most the step's prefill token budget, so prefill chunks run beside the decodes of the same step.
+   most the step's prefill token budget, so prefill chunks run beside the decodes of the same step. A request
+   counts its full width (n samples, beams) against max_num_seqs from admission on, though it forks later.
 
 The scheduler only talks to the `BlockManager`; the device copies it implies come back as an ordered op list
 (swap-outs, swap-ins, copy-on-writes) that the engine performs before the model step.
@@ -89,6 +90,18 @@ class Scheduler:
     def num_running_seqs(self) -> int:
         return sum(1 for r in self.running for s in r.seqs if s.status is SeqStatus.RUNNING)
 
+    @staticmethod
+    def _seats(request: Request) -> int:
+        """Decode rows a request takes once it runs: its live sequences, or n / beam_width before it forks."""
+        if len(request.seqs) == 1 and request.seqs[0].num_output == 0:
+            return max(request.sampling.n, request.sampling.beam_width)
+        return sum(1 for s in request.seqs if s.status is not SeqStatus.FINISHED)
+
+    def _seats_taken(self) -> int:
+        # NOTE: counting sequences alone let an n > 1 request admitted as one sequence fork past max_num_seqs
+        # (a decode batch wider than the bucket the planner sized); a request holds its future width.
+        return sum(self._seats(r) for r in self.running)
+
     # Preemption -------------------------------------------------------------------------------------------
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         live = [s for s in request.seqs if s.status is SeqStatus.RUNNING]
@@ -155,7 +168,7 @@ class Scheduler:
         if not out.preempted:
             for req in sorted(self.swapped, key=lambda r: r.arrival):
                 ids = [s.seq_id for s in req.seqs if s.status is SeqStatus.SWAPPED]
-                if self.num_running_seqs() + len(ids) > self.max_num_seqs or not m.can_swap_in(*ids):
+                if self._seats_taken() + self._seats(req) > self.max_num_seqs or not m.can_swap_in(*ids):
                     break
                 out.ops.append(("swap_in", m.swap_in(*ids)))
                 for s in req.seqs:
@@ -177,12 +190,15 @@ class Scheduler:
         while self.waiting and budget > 0 and not self.swapped:
             req = self.waiting[0]
             seqs = [s for s in req.seqs if s.status is SeqStatus.WAITING]
-            if self.num_running_seqs() + len(seqs) > self.max_num_seqs:
+            if self._seats_taken() + self._seats(req) > self.max_num_seqs:
                 break
             if any(s.inflight is not None for s in seqs):
                 break  # preempted this round with a token still in flight: its prompt is not complete yet
-            if any(m.allocation_status(s.tokens) is not AllocStatus.OK for s in seqs):
-                needed = sum(-(-len(s.tokens) // m.block_size) for s in seqs)
+            needed = sum(-(-len(s.tokens) // m.block_size) for s in seqs)
+            # NOTE: each sequence's check sees the whole free pool; the forks of a request preempted by
+            # recomputation are allocated together, so they must fit together (upper bound: no prefix hits).
+            group_short = len(seqs) > 1 and needed > m.num_free_blocks - m.watermark_blocks
+            if group_short or any(m.allocation_status(s.tokens) is not AllocStatus.OK for s in seqs):
                 if not self.running and not out.decode and needed > m.num_free_blocks:
                     # nothing running will free blocks: the request can never be admitted
                     req.error = (f"request {req.request_id} needs {needed} KV blocks but the pool has only "

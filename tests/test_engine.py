@@ -245,3 +245,27 @@ def test_compile_cache_dir_keeps_compiled_steps(model, tmp_path):
         assert cache.is_dir() and any(cache.iterdir())
     finally:
         jax.config.update("jax_compilation_cache_dir", None)
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_forks_fit_the_batch_and_come_back_together(model, async_scheduling):
+    # n = 3 requests are admitted as one sequence and fork after their first token: admission counts their 3
+    # seats, so a decode batch never exceeds max_num_seqs; preempted by recomputation, the 3 forks are
+    # readmitted together (both used to crash: a batch wider than its bucket, an allocation the pool lacked)
+    rng = np.random.default_rng(0)
+    reqs = [(rng.integers(0, 1000, int(rng.integers(5, 30))).tolist(),
+             jkv.SamplingParams(max_tokens=16, n=3 if i % 2 == 0 else 1, temperature=1.0, seed=i))
+            for i in range(6)]  # fmt: skip
+    eng = jkv.Engine(model, num_blocks=40, block_size=4, max_num_seqs=8, max_num_batched_tokens=64,
+                     async_scheduling=async_scheduling)  # fmt: skip
+    ids = [eng.add_request(p, sp) for p, sp in reqs]
+    final, widest = {}, 0
+    for out in eng.stream():
+        widest = max(widest, eng.last_decode_rows)
+        if out.finished:
+            final[out.request_id] = out
+    assert widest <= 8 and eng.stats().preemptions_recompute > 0 and eng.stats().blocks_used == 0
+    for rid, (p, sp) in zip(ids, reqs):  # seeded sampling: the same samples as each request alone
+        alone = jkv.generate(model, [p], sp, num_blocks=200, block_size=4, max_num_seqs=8)[0]
+        assert [s.token_ids for s in final[rid].samples] == [s.token_ids for s in alone.samples]
+        assert len(final[rid].samples) == sp.n and all(len(s.token_ids) == 16 for s in alone.samples)

@@ -49,7 +49,11 @@ def drive(model, plan, *, async_scheduling, abort_at=None, **opts):
     while len(ids) < len(plan) or eng.has_unfinished():
         for i, (at, prompt, sp) in enumerate(plan):
             if at == steps and i not in ids:
-                ids[i] = eng.add_request(prompt, sp, request_id=f"r{i}")
+                try:
+                    ids[i] = eng.add_request(prompt, sp, request_id=f"r{i}")
+                except ValueError as err:  # can never fit: the same in both modes
+                    ids[i] = f"r{i}"
+                    final[ids[i]] = jkv.RequestOutput(ids[i], prompt, [], [], None, True, "error", [], error=str(err))
                 streamed[ids[i]] = []
         outs = eng.step()
         eng.decode_rows_total += eng.last_decode_rows
@@ -73,7 +77,7 @@ def drive(model, plan, *, async_scheduling, abort_at=None, **opts):
         "tokens_generated": stats.tokens_generated,
     }
     for rid, out in final.items():
-        if not eng.requests[rid].beam:  # beam search streams nothing until it ends
+        if out.error is None and not eng.requests[rid].beam:  # beam search streams nothing until it ends
             assert streamed[rid] == out.token_ids, f"streamed tokens of {rid} differ from its final output"
     return result, eng, streamed
 
