@@ -194,6 +194,7 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--hf-requests", type=int, default=64, help="0 skips Hugging Face")
     ap.add_argument("--skip-static", action="store_true")
+    ap.add_argument("--skip-memory-matched", action="store_true", help="only the paged run at --batch")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--trace-dir", default="bench_generate_trace", help="where the idle-share trace goes (GPU)")
     args = ap.parse_args()
@@ -218,8 +219,9 @@ def main() -> None:
 
     # paged, batch cap = --batch (pool big enough that the cap binds)
     blocks = args.batch * math.ceil(cfg.n_positions / bs) + 1
-    for name, cap in ((f"jkv paged, batch {args.batch}", args.batch),
-                      (f"jkv paged, static's KV memory ({static_kv / 2**30:.2f} GiB)", 4 * args.batch)):  # fmt: skip
+    configs = [(f"jkv paged, batch {args.batch}", args.batch),
+               (f"jkv paged, static's KV memory ({static_kv / 2**30:.2f} GiB)", 4 * args.batch)]  # fmt: skip
+    for name, cap in configs[:1] if args.skip_memory_matched else configs:
         eng = run_paged(model, max_num_seqs=cap, num_blocks=blocks, block_size=bs, history=True)
         drive(eng, warm)
         eng.history.clear()
