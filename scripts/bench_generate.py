@@ -195,6 +195,8 @@ def main() -> None:
     ap.add_argument("--hf-requests", type=int, default=64, help="0 skips Hugging Face")
     ap.add_argument("--skip-static", action="store_true")
     ap.add_argument("--skip-memory-matched", action="store_true", help="only the paged run at --batch")
+    ap.add_argument("--fixed-lengths", default=None, metavar="PROMPT,OUTPUT",
+                    help="all requests this long instead of the log-normal mix (few compiled shapes: large models)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--trace-dir", default="bench_generate_trace", help="where the idle-share trace goes (GPU)")
     args = ap.parse_args()
@@ -206,7 +208,12 @@ def main() -> None:
     cfg = model.config
     check_correct(model, args.block_size)
     print(f"correctness: paged engine == dense reference (greedy, float32 copy) on {jax.devices()[0].device_kind}")
-    reqs = workload(args.requests, 0, cfg.n_positions, cfg.vocab_size)
+    if args.fixed_lengths:  # every request the same prompt and output length: few step shapes, one full batch
+        p_len, o_len = (int(x) for x in args.fixed_lengths.split(","))
+        rng = np.random.default_rng(0)
+        reqs = [(rng.integers(0, cfg.vocab_size, p_len).tolist(), o_len) for _ in range(args.requests)]
+    else:
+        reqs = workload(args.requests, 0, cfg.n_positions, cfg.vocab_size)
     # NOTE: the warm-up replays the timed workload itself (prefix caching is off, so nothing is reused): every
     # bucketed step shape the timed run meets is compiled beforehand. A shorter warm-up left ~30 s of compiles
     # inside the timing (H200, 2026-11-26: 1.2k tok/s measured, of which ~4 s were model steps).
