@@ -271,6 +271,9 @@ class Engine:
         per_seq = blocks_for_tokens(total, self.block_size, self.config.sliding_window)
         # forks share the prompt's blocks; each needs its own blocks for its output (+1 for a copied block)
         shared = len(ids) // self.block_size
+        window = self.config.sliding_window
+        if window is not None:  # shared prompt blocks behind the window are dropped: forks hold their own
+            shared = min(shared, max(0, len(ids) - max(0, total - window)) // self.block_size)
         need = per_seq + (width - 1) * (per_seq - shared + 1)
         usable = self.manager.num_blocks - 1 - self.manager.watermark_blocks
         if need > usable:

@@ -269,3 +269,14 @@ def test_forks_fit_the_batch_and_come_back_together(model, async_scheduling):
         alone = jkv.generate(model, [p], sp, num_blocks=200, block_size=4, max_num_seqs=8)[0]
         assert [s.token_ids for s in final[rid].samples] == [s.token_ids for s in alone.samples]
         assert len(final[rid].samples) == sp.n and all(len(s.token_ids) == 16 for s in alone.samples)
+
+
+def test_forks_under_a_sliding_window_are_sized_without_the_dropped_prompt(model):
+    # window 16, block 1: each fork ends up holding 17 blocks of its own (the shared prompt slid out of the
+    # window), 2 forks need 35 > 29 usable blocks; counting the 12 prompt blocks as shared admitted it, and
+    # swapping it in and out forever livelocked the engine
+    eng = jkv.Engine(model, num_blocks=30, block_size=1, sliding_window=16, max_num_seqs=4)
+    with pytest.raises(ValueError, match="never fit"):
+        eng.add_request(list(range(12)), jkv.SamplingParams(max_tokens=18, n=2))
+    eng.add_request(list(range(12)), jkv.SamplingParams(max_tokens=18))  # one sequence: 17 blocks fit
+    assert len(eng.run()) == 1

@@ -53,7 +53,8 @@ def drive(model, plan, *, async_scheduling, abort_at=None, **opts):
                     ids[i] = eng.add_request(prompt, sp, request_id=f"r{i}")
                 except ValueError as err:  # can never fit: the same in both modes
                     ids[i] = f"r{i}"
-                    final[ids[i]] = jkv.RequestOutput(ids[i], prompt, [], [], None, True, "error", [], error=str(err))
+                    final[ids[i]] = jkv.RequestOutput(ids[i], prompt, [], [], None, True, "error", [],
+                                                      error=str(err))  # fmt: skip
                 streamed[ids[i]] = []
         outs = eng.step()
         eng.decode_rows_total += eng.last_decode_rows
