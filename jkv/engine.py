@@ -113,7 +113,7 @@ class Engine:
         preemption_mode: 'recompute' or 'swap'; swap_blocks: host blocks for swapping.
         attention: 'auto' (Pallas on GPU, jnp reference elsewhere), 'pallas', 'reference' or 'interpret'.
         kv_dtype: storage of the pools: 'bfloat16' (default: the model's dtype), 'float16', 'float32', 'int8',
-            'float8_e4m3fn'.
+            'float8_e4m3fn', 'int4' (quantized on write, dequantized inside the attention kernels).
         sliding_window: attend to the last W tokens only; blocks out of the window are freed.
         tokenizer: for `.text` in outputs (default: GPT-2's when the vocab matches).
         record_history: keep a per-step stats record (memory timeline).

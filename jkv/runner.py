@@ -55,17 +55,24 @@ class StepInputs:
 def resolve_backend(name: str, head_dim: int, block_size: int, kv_dtype: str | None = None) -> str:
     """'auto' -> 'pallas' on a GPU when the kernels take this shape and page dtype, else the pure-jnp 'reference'.
 
-    int4 pages always resolve to 'reference' under 'auto' (the Pallas kernels do not take packed int4 yet; see
-    docs/kernels.md); an explicit 'pallas' or 'interpret' with int4 pages fails in the kernels' validate_inputs.
+    Every page dtype the engine stores (int4 included) is served by the kernels; float8_e4m3fn pages need sm89 or
+    newer, so on older GPUs 'auto' picks the reference for them (an explicit 'pallas' fails with a clear message).
     """
     if name not in ("auto", "pallas", "reference", "interpret"):
         raise ValueError(f"attention={name!r} is unknown: use 'auto', 'pallas', 'reference' or 'interpret'.")
     if name != "auto":
         return name
-    from pallas_kernels.common import HEAD_DIMS, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE
+    from pallas_kernels.common import HEAD_DIMS, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, check_backend_support
 
-    fits = head_dim in HEAD_DIMS and MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE and kv_dtype != "int4"
-    return "pallas" if jax.default_backend() == "gpu" and fits else "reference"
+    if jax.default_backend() != "gpu":
+        return "reference"
+    fits = head_dim in HEAD_DIMS and MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE
+    if fits and kv_dtype == "float8_e4m3fn":
+        try:
+            check_backend_support(jnp.dtype(jnp.float8_e4m3fn), interpret=False)
+        except ValueError:
+            fits = False
+    return "pallas" if fits else "reference"
 
 
 def attention_backend(name: str):

@@ -200,12 +200,15 @@ def test_prefill_kernel_matches_f32_attention_over_dequantized_pages(h, hkv, d, 
         assert np.all(np.asarray(got[b, ql:], np.float32) == 0)
 
 
-def test_auto_backend_picks_reference_for_int4(monkeypatch):
+def test_auto_backend_routes_int4_to_the_kernels(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert resolve_backend("auto", 64, 16) == "pallas"
     assert resolve_backend("auto", 64, 16, "int8") == "pallas"
+    assert resolve_backend("auto", 64, 16, "int4") == "pallas"
+    assert resolve_backend("auto", 96, 16, "int4") == "reference"  # a head_dim the kernels do not take
+    assert resolve_backend("auto", 64, 4, "int4") == "reference"  # a block size below the kernels' minimum
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     assert resolve_backend("auto", 64, 16, "int4") == "reference"
-    assert resolve_backend("pallas", 64, 16, "int4") == "pallas"  # explicit: the kernels serve int4 pages
 
 
 def test_pools_layout(model):
