@@ -375,11 +375,16 @@ class Engine:
         return all(s.request.sampling.greedy for s in seqs)
 
     @staticmethod
-    def _needs_host(s: Sequence) -> bool:
+    def _forks_now(s: Sequence) -> bool:
+        """Whether s's next sampled token is the first of an `n > 1` request (its samples fork from its logits)."""
+        req = s.request
+        return req.sampling.n > 1 and len(req.seqs) == 1 and len(s.tokens) == s.num_prompt
+
+    @classmethod
+    def _needs_host(cls, s: Sequence) -> bool:
         """Whether s's sampled token must be handled on the host before the next schedule: beam search picks
         beams from the logits, and an `n > 1` request forks its samples from the first token's logits."""
-        req = s.request
-        return req.beam or (req.sampling.n > 1 and len(req.seqs) == 1 and len(s.tokens) == s.num_prompt)
+        return s.request.beam or cls._forks_now(s)
 
     def _dispatch(self, sched: SchedulerOutput) -> _Flight | None:
         """Launch the step's decode and prefill on the device, reading nothing back; the sampled rows."""
@@ -483,7 +488,7 @@ class Engine:
             if req.beam:
                 beams.setdefault(req.request_id, []).append((s, r - offset))
                 continue
-            fork = req.sampling.n > 1 and len(req.seqs) == 1 and len(s.tokens) == s.num_prompt  # first token
+            fork = self._forks_now(s)
             self._place(s, tokens[r])
             if fork:
                 for q in [s, *self._fork_samples(s, logits[r - offset])]:

@@ -17,7 +17,7 @@ from planner.kv_layout import kv_heads_per_device
 F32 = 4
 
 # Runtime reserve: device memory a process needs beyond parameters, KV pool and step workspace. Calibrated with
-# scripts/measure_memory.py on an H200 (2026-11-27, JAX's preallocated pool capped at a 24 GB card's budget;
+# scripts/measure_memory.py on an H200 (2026-11-26, JAX's preallocated pool capped at a 24 GB card's budget;
 # table in docs/benchmarks.md, "Plan vs measured memory"): 0.62-0.63 GiB lives outside JAX's pool in every row
 # (CUDA context, loaded kernels, cuBLAS handles), and peak_bytes_in_use exceeded parameters + pool + the workspace
 # below by up to 0.26 GiB more (gpt2-xl: XLA's autotuning scratch while compiling a step and buffers the formula

@@ -83,6 +83,11 @@ def busy_ns(events: list[tuple[str, int, int]]) -> int:
     return total
 
 
+def span_ns(events: list[tuple[str, int, int]]) -> int:
+    """From the first event's start to the last one's end (0 without events)."""
+    return max(e for _, _, e in events) - min(s for _, s, _ in events) if events else 0
+
+
 def short(name: str) -> str:
     """Group names: drop numeric suffixes XLA adds to fusions and kernels (fusion.123 -> fusion)."""
     return re.sub(r"(_\d+|\.\d+)+$", "", name)
@@ -151,7 +156,7 @@ def main() -> None:
     busy = busy_ns(events) / args.steps / 1e3
     # The traced steps were dispatched back to back (no sync between them): if the host keeps ahead, the GPU
     # span per step approaches the busy time; the rest is the gaps between kernels on the device.
-    span = (max(e for _, _, e in events) - min(s for _, s, _ in events)) / args.steps / 1e3 if events else 0.0
+    span = span_ns(events) / args.steps / 1e3
     total = sum(v[0] for v in per_name.values()) / args.steps / 1e3
     rows = sorted(per_name.items(), key=lambda kv: -kv[1][0])
     result = {
