@@ -27,6 +27,10 @@ The attention contract (`AttentionFn`) is the seam the paged engine and the Pall
 
 `attend_no_cache` below is the full-recompute implementation (causal over the T tokens given, cache=None);
 `jkv.reference.dense_attend` is the contiguous-KV-cache one.
+
+An `attend` with the attribute `takes_qkv = True` is called instead as `attend(layer_index, qkv, None, None,
+cache)` with the projection's whole output viewed as qkv [B, T, H + 2 * Hkv, D] (query heads, then key heads,
+then value heads): a kernel that reads q, k and v out of it saves the copies a split makes.
 """
 
 from __future__ import annotations
@@ -135,11 +139,14 @@ class Attention(nn.Module):
         b, t, e = x.shape
         h, hkv, d = c.n_head, c.kv_heads, c.head_dim
         qkv = _dense(c.qkv_dim, self.dtype, "c_attn")(x)  # [B, T, E + 2 * Hkv * D]
-        q, k, v = jnp.split(qkv, [e, e + hkv * d], axis=-1)
-        q = q.reshape(b, t, h, d)  # [B, T, H, D]
-        k = k.reshape(b, t, hkv, d)  # [B, T, Hkv, D]
-        v = v.reshape(b, t, hkv, d)  # [B, T, Hkv, D]
-        out, cache = attend(self.layer_index, q, k, v, cache)
+        if getattr(attend, "takes_qkv", False):
+            out, cache = attend(self.layer_index, qkv.reshape(b, t, h + 2 * hkv, d), None, None, cache)
+        else:
+            q, k, v = jnp.split(qkv, [e, e + hkv * d], axis=-1)
+            q = q.reshape(b, t, h, d)  # [B, T, H, D]
+            k = k.reshape(b, t, hkv, d)  # [B, T, Hkv, D]
+            v = v.reshape(b, t, hkv, d)  # [B, T, Hkv, D]
+            out, cache = attend(self.layer_index, q, k, v, cache)
         out = out.reshape(b, t, e)  # [B, T, E]
         return _dense(e, self.dtype, "c_proj")(out), cache
 

@@ -2,7 +2,8 @@
 
 A step runs `B` rows of `C` query tokens each (decode: C == 1) through the model; every layer first scatters the
 rows' new K/V into the pools, then attends over the rows' block tables with the paged attention kernel (or its
-pure-`jnp` reference). The pools are donated, so XLA writes them in place. Shapes are bucketed to powers of two
+pure-`jnp` reference). A decode step over float pools with the Pallas kernels does both in one kernel per layer
+(`paged_decode_attention_write`), which also reads q, k and v out of the QKV projection's output. The pools are donated, so XLA writes them in place. Shapes are bucketed to powers of two
 (rows, chunk length, block-table width), which bounds the number of compilations: `StepRunner.compiled` counts them.
 """
 
@@ -76,22 +77,28 @@ def resolve_backend(name: str, head_dim: int, block_size: int, kv_dtype: str | N
 
 
 def attention_backend(name: str):
-    """(decode_fn, prefill_fn) for 'pallas', 'reference' or 'interpret' (Pallas kernels interpreted on CPU)."""
+    """(decode_fn, prefill_fn, decode_write_fn) for 'pallas', 'reference' or 'interpret' (Pallas kernels
+    interpreted on CPU). decode_write_fn writes the current token's K/V and attends in one call (float pools); None
+    for 'reference', whose decode step scatters first and then attends, as its prefill does."""
     if name == "pallas":
         from pallas_kernels.paged_decode import paged_decode_attention as decode
+        from pallas_kernels.paged_decode import paged_decode_attention_write as decode_write
         from pallas_kernels.paged_prefill import paged_prefill_attention as prefill
     elif name == "reference":
         from pallas_kernels.paged_decode import paged_decode_attention_reference as decode
         from pallas_kernels.paged_prefill import paged_prefill_attention_reference as prefill
+
+        decode_write = None
     elif name == "interpret":
-        from pallas_kernels.paged_decode import paged_decode_attention
+        from pallas_kernels.paged_decode import paged_decode_attention, paged_decode_attention_write
         from pallas_kernels.paged_prefill import paged_prefill_attention
 
         decode = partial(paged_decode_attention, interpret=True)
+        decode_write = partial(paged_decode_attention_write, interpret=True)
         prefill = partial(paged_prefill_attention, interpret=True)
     else:
         raise ValueError(f"attention={name!r} is unknown: use 'auto', 'pallas', 'reference' or 'interpret'.")
-    return decode, prefill
+    return decode, prefill, decode_write
 
 
 _INT_FIELDS = ("tokens", "positions", "slot_blocks", "slot_offsets", "block_tables", "context_lens", "query_lens",
@@ -120,12 +127,12 @@ def unpack(ints: jax.Array, floats: jax.Array, b: int, c: int, m: int) -> StepIn
     return StepInputs(**out)
 
 
-def _step(params, pools: KVPools, ints, floats, prev, *, shape, config, backend, decode, greedy, window):
+def _step(params, pools: KVPools, ints, floats, prev, *, shape, config, backend, decode, greedy, window, fuse_write):
     """One model step. `prev` (int32 [S] or None) is the token buffer of the previous step: a decode row with
     src_rows >= 0 reads its input token there instead of from `tokens`, so the host need not have seen it.
     Returns the buffer with this step's sampled tokens written at [0, B) (decode) or [S/2, S/2 + B) (prefill).
     """
-    decode_fn, prefill_fn = attention_backend(backend)
+    decode_fn, prefill_fn, decode_write_fn = attention_backend(backend)
     x = unpack(ints, floats, *shape)
     tokens_in = x.tokens
     if decode and prev is not None:
@@ -147,6 +154,17 @@ def _step(params, pools: KVPools, ints, floats, prev, *, shape, config, backend,
                              k_scales=ks, v_scales=vs, sliding_window=window)  # fmt: skip
         return out.astype(q.dtype), cache  # [B, C, H, D]
 
+    def attend_qkv(layer, qkv, k, v, cache):
+        # One kernel per layer writes the token's K/V and attends, reading q/k/v straight from the projection.
+        del k, v
+        kp, vp, _, _ = cache.layer(layer)
+        out, kp, vp = decode_write_fn(qkv[:, 0], kp, vp, x.block_tables, x.context_lens + x.query_lens,
+                                      num_heads=config.n_head, sliding_window=window)  # fmt: skip
+        return out[:, None].astype(qkv.dtype), cache.with_layer(layer, kp, vp)  # [B, 1, H, D]
+
+    attend_qkv.takes_qkv = True
+    if fuse_write and decode and decode_write_fn is not None and not pools.quantized:
+        attend = attend_qkv
     last = jnp.maximum(x.query_lens - 1, 0)
     logits, pools = forward(params, config, tokens_in, x.positions, pools, attend, logits_index=last)  # [B,V]
     logits = logits.astype(jnp.float32)
@@ -165,7 +183,7 @@ _JITTED_MAX = 128  # entries kept for reuse (each holds its executables); live r
 
 
 def _jitted_step(config: ModelConfig, backend: str, decode: bool, greedy: bool, shape: tuple[int, int, int],
-                 window: int | None):  # fmt: skip
+                 window: int | None, fuse_write: bool = True):  # fmt: skip
     """The jitted step for one static configuration, shared by every runner of the process.
 
     Parameters, pools and inputs are arguments, so engines over the same model shape (a restarted engine, the
@@ -173,7 +191,7 @@ def _jitted_step(config: ModelConfig, backend: str, decode: bool, greedy: bool, 
     dtypes (a different kv_dtype or token buffer size is a different executable). At most _JITTED_MAX are
     kept for reuse, so a process that meets many model shapes does not hold every executable forever.
     """
-    key = (config, backend, decode, greedy, shape, window)
+    key = (config, backend, decode, greedy, shape, window, fuse_write)
     if key in _JITTED:
         _JITTED.move_to_end(key)
     else:
@@ -181,7 +199,7 @@ def _jitted_step(config: ModelConfig, backend: str, decode: bool, greedy: bool, 
             _JITTED.popitem(last=False)
         _JITTED[key] = jax.jit(
             partial(_step, shape=shape, config=config, backend=backend, decode=decode, greedy=greedy,
-                    window=window),
+                    window=window, fuse_write=fuse_write),
             donate_argnums=1,
         )
     return _JITTED[key]
@@ -193,10 +211,11 @@ class StepRunner:
     token_slots > 0 threads an int32 token buffer of that size through the steps (`run_step`): decode rows
     take up to token_slots / 2 rows at its front, prefill rows as many at its back. The engine's async
     scheduling feeds a decode row the previous step's sampled token from it without a device->host read.
+    fuse_decode_write=False keeps the separate K/V scatter before the decode kernel (benchmarks compare the two).
     """
 
     def __init__(self, params, config: ModelConfig, *, block_size: int, backend: str = "auto",
-                 sliding_window: int | None = None, token_slots: int = 0):  # fmt: skip
+                 sliding_window: int | None = None, token_slots: int = 0, fuse_decode_write: bool = True):  # fmt: skip
         if token_slots < 0 or token_slots % 2:
             raise ValueError(f"token_slots={token_slots} must be an even number >= 0.")
         self.token_slots = token_slots
@@ -207,6 +226,7 @@ class StepRunner:
         self.requested_backend = backend
         self.backend = resolve_backend(backend, config.head_dim, block_size)  # refined by the pools' kind in run()
         self.window = sliding_window
+        self.fuse_decode_write = fuse_decode_write
         self._fns: dict = {}
         self.compiled: set[tuple] = set()
 
@@ -219,10 +239,12 @@ class StepRunner:
 
     def _fn(self, decode: bool, greedy: bool, shape: tuple[int, int, int]):
         key = (decode, greedy, shape)
-        if key not in self._fns:
-            self._fns[key] = _jitted_step(self.config, self.backend, decode, greedy, shape, self.window)
+        fn_key = (*key, self.fuse_decode_write)
+        if fn_key not in self._fns:
+            self._fns[fn_key] = _jitted_step(self.config, self.backend, decode, greedy, shape, self.window,
+                                             self.fuse_decode_write)
             self.compiled.add((self.backend, *key))
-        return self._fns[key]
+        return self._fns[fn_key]
 
     @staticmethod
     def _shape(inputs: StepInputs) -> tuple[int, int, int]:

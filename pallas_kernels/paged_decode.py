@@ -18,7 +18,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common import (
-    INT4_PAGE_DTYPE, LOG2E, check_backend_support, compute_dtype, default_sm_scale, dot_precision,
+    FLOAT_PAGE_DTYPES, INT4_PAGE_DTYPE, LOG2E, check_backend_support, compute_dtype, default_sm_scale, dot_precision,
     gather_pages_f32, int4_groups, load_int4_groups, silence_triton_deprecation, validate_inputs,
 )  # fmt: skip
 
@@ -112,11 +112,15 @@ def _decode_kernel(
     gp: int,
     q_scale: float,
     cdt: jnp.dtype,
+    num_heads: int,
+    write_new: bool,
 ):
     if quantized:
         ks_ref, vs_ref, bt_ref, len_ref, *out_refs = refs
     else:
         bt_ref, len_ref, *out_refs = refs
+    if write_new:  # the pools again, aliased to k_ref / v_ref: only the current token's row is stored
+        *out_refs, k_out_ref, v_out_ref = out_refs
     o_ref = out_refs[0]
     b, h, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     t_step = tokens_per_step
@@ -137,6 +141,20 @@ def _decode_kernel(
 
     length = len_ref[b]
     lo = 0 if sliding_window is None else jnp.maximum(length - sliding_window, 0)
+    if write_new:
+        # q_ref is the projection's whole output [B, H + 2 Hkv, D]: this KV head's new key and value are rows
+        # H + h and H + Hkv + h. They are stored into the current token's slot (position length - 1) by split 0
+        # only, and every split that covers that position takes them from registers instead of the pool, so no
+        # program reads a row another program writes.
+        cols = jnp.arange(d, dtype=jnp.int32)
+        k_new = plgpu.load(q_ref.at[(b, num_heads + h, cols)]).astype(k_out_ref.dtype)  # [D]
+        v_new = plgpu.load(q_ref.at[(b, num_heads + kv_heads + h, cols)]).astype(v_out_ref.dtype)  # [D]
+        cur = jnp.maximum(length - 1, 0)
+        cur_page = bt_ref[b, cur // block_size]
+        cur_row = (cur_page * kv_heads + h) * block_size + cur % block_size
+        store_ok = jnp.broadcast_to((s == 0) & (length > 0), (d,))
+        plgpu.store(k_out_ref.at[(cur_row, cols)], k_new, mask=store_ok)
+        plgpu.store(v_out_ref.at[(cur_row, cols)], v_new, mask=store_ok)
     start = jnp.maximum(lo, s * split_tokens)  # this program's token range [start, end)
     end = jnp.minimum(length, (s + 1) * split_tokens)
     first = start // t_step
@@ -162,6 +180,10 @@ def _decode_kernel(
         else:
             k = plgpu.load(k_ref.at[idx], mask=valid_2d, other=0)  # [T, D]
             v = plgpu.load(v_ref.at[idx], mask=valid_2d, other=0)  # [T, D]
+        if write_new:  # the current token from registers (its pool row may not be written yet)
+            is_new = (pos == length - 1)[:, None]  # [T, 1]
+            k = jnp.where(is_new, k_new[None, :], k)
+            v = jnp.where(is_new, v_new[None, :], v)
         if quantized:
             k_scale = plgpu.load(ks_ref.at[row], mask=valid, other=0).astype(jnp.float32)  # [T]
             v_scale = plgpu.load(vs_ref.at[row], mask=valid, other=0).astype(jnp.float32)  # [T]
@@ -248,9 +270,13 @@ def _decode_kernel(
 
 def _decode_pallas_call(
     q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales, *, scale, sliding_window, tokens_per_step,
-    num_splits, num_warps, num_stages, interpret, debug, use_dot=None,
+    num_splits, num_warps, num_stages, interpret, debug, use_dot=None, num_heads=None,
 ):  # fmt: skip
-    batch, num_heads, d = q.shape
+    # num_heads set: q is the projection's whole output [B, H + 2 Hkv, D] and the kernel also writes the current
+    # token's K/V into the pools, which it returns after the output (aliased: updated in place when donated).
+    write_new = num_heads is not None
+    batch, q_rows, d = q.shape
+    num_heads = q_rows if num_heads is None else num_heads
     num_blocks, kv_heads, block_size, dp = k_pages.shape  # dp: d, or d // 2 for packed int4
     max_blocks = block_tables.shape[1]
     group = num_heads // kv_heads
@@ -289,6 +315,11 @@ def _decode_pallas_call(
     else:
         out_shape = [jax.ShapeDtypeStruct((batch, kv_heads, gp, d), q.dtype)]
         out_specs = [pl.BlockSpec((None, None, gp, d), lambda b, h, s: (b, h, 0, 0))]
+    aliases = {}
+    if write_new:
+        aliases = {1: len(out_shape), 2: len(out_shape) + 1}
+        out_shape += [jax.ShapeDtypeStruct((rows, dp), k_pages.dtype), jax.ShapeDtypeStruct((rows, dp), v_pages.dtype)]
+        out_specs += [whole((rows, dp)), whole((rows, dp))]
 
     kernel = functools.partial(
         _decode_kernel,
@@ -306,6 +337,8 @@ def _decode_pallas_call(
         q_scale=scale * LOG2E,
         cdt=cdt,
         group=group,
+        num_heads=num_heads,
+        write_new=write_new,
     )
     outs = pl.pallas_call(
         kernel,
@@ -313,12 +346,22 @@ def _decode_pallas_call(
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
+        input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         debug=debug,
         name=f"jkv_paged_decode_T{tokens_per_step}_S{num_splits}",
     )(*inputs)
 
+    if write_new:
+        *outs, k_rows, v_rows = outs
+        pools = (k_rows.reshape(k_pages.shape), v_rows.reshape(v_pages.shape))
+        return _combine(outs, split, batch, num_heads, group, gp, d, q.dtype), *pools
+    return _combine(outs, split, batch, num_heads, group, gp, d, q.dtype)
+
+
+def _combine(outs, split, batch, num_heads, group, gp, d, dtype):
+    """[B, H, D] in `dtype` from the kernel's outputs: merges context splits, drops the padded query rows."""
     if split:  # combine the splits' partial softmaxes: weights 2^(lse_s - max lse)
         o, lse = outs  # [B, Hkv, S, Gp, D], [B, Hkv, S, Gp]
         top = jnp.max(lse, axis=2, keepdims=True)
@@ -326,7 +369,7 @@ def _decode_pallas_call(
         w = jnp.exp2(lse - top)  # [B, Hkv, S, Gp]; empty splits -> 0
         den = jnp.sum(w, axis=2)
         o = jnp.sum(w[..., None] * o, axis=2) / jnp.where(den > 0, den, 1.0)[..., None]  # [B, Hkv, Gp, D]
-        return o[:, :, :group, :].reshape(batch, num_heads, d).astype(q.dtype)
+        return o[:, :, :group, :].reshape(batch, num_heads, d).astype(dtype)
     (o,) = outs  # [B, Hkv, Gp, D]
     return (o[:, :, :group] if gp > group else o).reshape(batch, num_heads, d)
 
@@ -367,6 +410,15 @@ def paged_decode_attention(
         q, k_pages, v_pages, block_tables, lengths,
         k_scales=k_scales, v_scales=v_scales, sm_scale=sm_scale, sliding_window=sliding_window,
     )  # fmt: skip
+    return _decode_pallas_call(
+        q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales,
+        **_launch_config(s, sm_scale, sliding_window, tokens_per_step, num_splits, num_warps, num_stages, interpret),
+        debug=debug,
+    )  # fmt: skip
+
+
+def _launch_config(s, sm_scale, sliding_window, tokens_per_step, num_splits, num_warps, num_stages, interpret) -> dict:
+    """The kernel's static configuration: the TUNING row for these pages, unless the caller overrides it."""
     check_backend_support(s.page_dtype, interpret)
     t_def, w_def, st_def, dot_def = tuned_config(s.page_dtype, s.group, s.head_dim)
     if tokens_per_step is None:
@@ -377,11 +429,72 @@ def paged_decode_attention(
         num_splits = choose_splits(s.batch, s.kv_heads, s.max_tokens, tokens_per_step)
     if num_splits < 1:
         raise ValueError(f"{num_splits=} must be >= 1.")
+    return dict(
+        scale=default_sm_scale(s.head_dim, sm_scale), sliding_window=sliding_window, tokens_per_step=tokens_per_step,
+        num_splits=num_splits, num_warps=num_warps or w_def, num_stages=num_stages or st_def, interpret=interpret,
+        use_dot=dot_def or s.group > 1,
+    )  # fmt: skip
+
+
+def _split_qkv(qkv: jax.Array, num_heads: int, kv_heads: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """[B, H + 2 Hkv, D] -> q [B, H, D], k [B, Hkv, D], v [B, Hkv, D]."""
+    return qkv[:, :num_heads], qkv[:, num_heads : num_heads + kv_heads], qkv[:, num_heads + kv_heads :]
+
+
+def _check_write_inputs(qkv, k_pages, v_pages, block_tables, lengths, num_heads, sm_scale, sliding_window, kernel):
+    """Validate a write-and-attend call; returns its PagedShapes (the query view stands in for q)."""
+    if qkv.ndim != 3:
+        raise ValueError(f"{qkv.shape=} must be [batch, num_heads + 2 * kv_heads, head_dim].")
+    kv_heads = k_pages.shape[1] if k_pages.ndim == 4 else 0
+    if qkv.shape[1] != num_heads + 2 * kv_heads:
+        raise ValueError(f"{qkv.shape=} must hold {num_heads} query heads and {kv_heads} key and value heads each: "
+                         f"[batch, {num_heads + 2 * kv_heads}, head_dim].")  # fmt: skip
+    if jnp.dtype(k_pages.dtype) not in FLOAT_PAGE_DTYPES:
+        raise ValueError(f"paged_decode_attention_write takes float pages, not {k_pages.dtype}: quantized pages are "
+                         "written by jkv.kv_cache.write_tokens, then read by paged_decode_attention.")  # fmt: skip
+    q_view = jax.ShapeDtypeStruct((qkv.shape[0], num_heads, qkv.shape[2]), qkv.dtype)
+    return validate_inputs(q_view, k_pages, v_pages, block_tables, lengths, sm_scale=sm_scale,
+                           sliding_window=sliding_window, kernel=kernel)  # fmt: skip
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "num_heads", "sm_scale", "sliding_window", "tokens_per_step", "num_splits", "num_warps", "num_stages",
+        "interpret", "debug",
+    ),
+)  # fmt: skip
+def paged_decode_attention_write(
+    qkv: jax.Array,  # [B, H + 2 Hkv, D]: the current token's query, key and value heads, in that order
+    k_pages: jax.Array,  # [num_blocks, Hkv, bs, D] float pages
+    v_pages: jax.Array,  # [num_blocks, Hkv, bs, D]
+    block_tables: jax.Array,  # [B, M] int32
+    lengths: jax.Array,  # [B] int32, the current token included
+    *,
+    num_heads: int,
+    sm_scale: float | None = None,
+    sliding_window: int | None = None,
+    tokens_per_step: int | None = None,
+    num_splits: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    interpret: bool = False,
+    debug: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array]:  # out [B, H, D] in qkv's dtype, k_pages, v_pages
+    """Write the current token's K/V into its slot and attend, in one kernel: `paged_decode_attention` with the
+    engine's per-layer K/V scatter folded in.
+
+    Row b's new K/V go to position lengths[b] - 1 (block `block_tables[b, (lengths[b] - 1) // bs]`); rows with
+    length 0 write nothing and return zeros. The pools come back updated; inside a jit that donates them XLA
+    updates them in place (the kernel aliases them), so a decode step launches one kernel per layer for the write
+    and the attention, and reads q, k and v straight out of the QKV projection's output (no split copies).
+    Float pages only (bf16 / f16 / f32).
+    """
+    s = _check_write_inputs(qkv, k_pages, v_pages, block_tables, lengths, num_heads, sm_scale, sliding_window, True)
     return _decode_pallas_call(
-        q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales,
-        scale=default_sm_scale(s.head_dim, sm_scale), sliding_window=sliding_window,
-        tokens_per_step=tokens_per_step, num_splits=num_splits, num_warps=num_warps or w_def,
-        num_stages=num_stages or st_def, interpret=interpret, debug=debug, use_dot=dot_def or s.group > 1,
+        qkv, k_pages, v_pages, block_tables, lengths, None, None,
+        **_launch_config(s, sm_scale, sliding_window, tokens_per_step, num_splits, num_warps, num_stages, interpret),
+        debug=debug, num_heads=num_heads,
     )  # fmt: skip
 
 
@@ -440,3 +553,33 @@ def paged_decode_attention_reference(
     p = p / jnp.where(denom > 0, denom, 1.0)  # length 0 -> all-zero weights -> zero output
     out = jnp.einsum("bkgt,bktd->bkgd", p, v, precision="highest")  # [B, Hkv, G, D]
     return out.reshape(s.batch, s.num_heads, s.head_dim).astype(q.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("num_heads", "sm_scale", "sliding_window"))
+def paged_decode_attention_write_reference(
+    qkv: jax.Array,  # [B, H + 2 Hkv, D]
+    k_pages: jax.Array,  # [num_blocks, Hkv, bs, D]
+    v_pages: jax.Array,
+    block_tables: jax.Array,  # [B, M] int32
+    lengths: jax.Array,  # [B] int32, the current token included
+    *,
+    num_heads: int,
+    sm_scale: float | None = None,
+    sliding_window: int | None = None,
+    **unused,  # kernel tuning knobs: accepted and ignored
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`paged_decode_attention_write` as a scatter into the pools and then the decode reference.
+
+    Rows with length 0 write their K/V into the null block 0 (whose contents are garbage by design).
+    """
+    del unused
+    s = _check_write_inputs(qkv, k_pages, v_pages, block_tables, lengths, num_heads, sm_scale, sliding_window, False)
+    q, k, v = _split_qkv(qkv, num_heads, s.kv_heads)
+    cur = jnp.maximum(lengths - 1, 0)  # [B]
+    block = jnp.where(lengths > 0, block_tables[jnp.arange(s.batch), cur // s.block_size], 0)
+    offset = cur % s.block_size
+    k_pages = k_pages.at[block, :, offset].set(k.astype(k_pages.dtype))
+    v_pages = v_pages.at[block, :, offset].set(v.astype(v_pages.dtype))
+    out = paged_decode_attention_reference(q, k_pages, v_pages, block_tables, lengths, sm_scale=sm_scale,
+                                           sliding_window=sliding_window)  # fmt: skip
+    return out, k_pages, v_pages

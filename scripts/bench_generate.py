@@ -57,10 +57,11 @@ def peak_bytes() -> int:
     return int(stats.get("peak_bytes_in_use", 0))
 
 
-def run_paged(model, *, max_num_seqs, num_blocks, block_size, history=False):
+def run_paged(model, *, max_num_seqs, num_blocks, block_size, history=False, fused_write=True):
     eng = jkv.Engine(model, num_blocks=num_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
                      max_num_batched_tokens=2048, enable_prefix_caching=False,
                      record_history=history)  # fmt: skip
+    eng.runner.fuse_decode_write = fused_write  # False: the K/V scatter before the decode kernel (the old step)
     return eng
 
 
@@ -196,6 +197,8 @@ def main() -> None:
     ap.add_argument("--skip-memory-matched", action="store_true", help="only the paged run at --batch")
     ap.add_argument("--fixed-lengths", default=None, metavar="PROMPT,OUTPUT",
                     help="all requests this long instead of the log-normal mix (few compiled shapes: large models)")
+    ap.add_argument("--unfused-row", action="store_true",
+                    help="also time the paged engine at --batch with the K/V scatter outside the decode kernel")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--trace-dir", default="bench_generate_trace", help="where the idle-share trace goes (GPU)")
     args = ap.parse_args()
@@ -225,10 +228,13 @@ def main() -> None:
 
     # paged, batch cap = --batch (pool big enough that the cap binds)
     blocks = args.batch * math.ceil(cfg.n_positions / bs) + 1
-    configs = [(f"jkv paged, batch {args.batch}", args.batch),
-               (f"jkv paged, static's KV memory ({static_kv / 2**30:.2f} GiB)", 4 * args.batch)]  # fmt: skip
-    for name, cap in configs[:1] if args.skip_memory_matched else configs:
-        eng = run_paged(model, max_num_seqs=cap, num_blocks=blocks, block_size=bs, history=True)
+    configs = [(f"jkv paged, batch {args.batch}", args.batch, True)]
+    if args.unfused_row:
+        configs.append((f"jkv paged, batch {args.batch}, K/V scatter outside the kernel", args.batch, False))
+    if not args.skip_memory_matched:
+        configs.append((f"jkv paged, static's KV memory ({static_kv / 2**30:.2f} GiB)", 4 * args.batch, True))
+    for name, cap, fused in configs:
+        eng = run_paged(model, max_num_seqs=cap, num_blocks=blocks, block_size=bs, history=True, fused_write=fused)
         drive(eng, warm)
         eng.history.clear()
         wall, steps, drows = drive(eng, reqs)
@@ -242,7 +248,7 @@ def main() -> None:
             dev = time_decode_step(eng, cap, 512)
             row["decode_step_ms_wall"] = 1e3 * float(np.median(full))
             row["decode_step_ms_device_ctx512"] = 1e3 * dev
-            if jax.default_backend() == "gpu":
+            if jax.default_backend() == "gpu" and fused:
                 eng = None  # free its pools before the traced pass builds its own
                 row |= traced_idle_share(model, reqs, cap, blocks, bs, str(Path(args.trace_dir) / f"b{cap}"))
                 if "gpu_busy_ms_per_step" in row:  # the trace slows the loop: set busy against the untraced step

@@ -104,6 +104,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--out", default="profile_step_out")
+    ap.add_argument("--no-fused-write", action="store_true",
+                    help="scatter the K/V before the decode kernel instead of writing it inside the kernel")
+    ap.add_argument("--target-programs", type=int, default=None,
+                    help="override the decode kernel's context-split target (programs in flight)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -117,6 +121,11 @@ def main() -> None:
     eng = jkv.Engine(model, num_blocks=blocks, block_size=args.block_size, max_num_seqs=args.rows,
                      kv_dtype=args.kv_dtype, enable_prefix_caching=False)  # fmt: skip
     x = decode_inputs(eng, args.rows, args.context)
+    eng.runner.fuse_decode_write = not args.no_fused_write
+    if args.target_programs:
+        from pallas_kernels import paged_decode
+
+        paged_decode.TARGET_PROGRAMS = args.target_programs
 
     compiled = eng.runner.lower(eng.pools, x, decode=True).compile()
     hlo = compiled.as_text()
@@ -162,6 +171,7 @@ def main() -> None:
     result = {
         "device": jax.devices()[0].device_kind, "jax": jax.__version__, "model": cfg.name, "dtype": args.dtype,
         "kv_dtype": eng.kv_dtype, "rows": args.rows, "context": args.context, "backend": eng.runner.backend,
+        "fused_write": eng.runner.fuse_decode_write, "target_programs": args.target_programs,
         "wall_us": 1e6 * wall, "busy_us": busy, "span_us_async": span, "kernel_sum_us": total,
         "launches_per_step": len(events) / args.steps, "pool_copies_in_hlo": copies,
         "command_buffers_in_hlo": hlo.count("command_buffer"),
@@ -171,7 +181,8 @@ def main() -> None:
     }  # fmt: skip
     (out / "profile_step.json").write_text(json.dumps(result, indent=2))
     print(f"{result['device']}  {cfg.name} {args.dtype} weights, {eng.kv_dtype} KV, {args.rows} rows x {args.context} "
-          f"tokens, attention={eng.runner.backend}")  # fmt: skip
+          f"tokens, attention={eng.runner.backend}, fused K/V write {eng.runner.fuse_decode_write}, "
+          f"split target {args.target_programs or 'default'}")  # fmt: skip
     print(f"step wall {1e6 * wall:.0f} us (synchronous) | GPU span {span:.0f} us/step when dispatched back to back | "
           f"GPU busy {busy:.0f} us | kernel sum {total:.0f} us | "
           f"{len(events) / args.steps:.0f} launches/step | temp {result['temp_bytes']} B | "
