@@ -143,9 +143,9 @@ def _decode_kernel(
     lo = 0 if sliding_window is None else jnp.maximum(length - sliding_window, 0)
     if write_new:
         # q_ref is the projection's whole output [B, H + 2 Hkv, D]: this KV head's new key and value are rows
-        # H + h and H + Hkv + h. They are stored into the current token's slot (position length - 1) by split 0
-        # only, and every split that covers that position takes them from registers instead of the pool, so no
-        # program reads a row another program writes.
+        # H + h and H + Hkv + h. Split 0 stores them into the current token's slot (position length - 1); the
+        # token loop stops before that position, and the split that covers it folds the new key and value into
+        # its softmax from registers after the loop, so no program reads a row that a program writes.
         cols = jnp.arange(d, dtype=jnp.int32)
         k_new = plgpu.load(q_ref.at[(b, num_heads + h, cols)]).astype(k_out_ref.dtype)  # [D]
         v_new = plgpu.load(q_ref.at[(b, num_heads + kv_heads + h, cols)]).astype(v_out_ref.dtype)  # [D]
@@ -157,8 +157,13 @@ def _decode_kernel(
         plgpu.store(v_out_ref.at[(cur_row, cols)], v_new, mask=store_ok)
     start = jnp.maximum(lo, s * split_tokens)  # this program's token range [start, end)
     end = jnp.minimum(length, (s + 1) * split_tokens)
+    holds_new = False
+    if write_new:  # the loop covers [start, loop_end); the current token comes after it
+        holds_new = (length > 0) & (start <= cur) & (cur < end)
+        end = jnp.minimum(end, cur)
     first = start // t_step
-    n_steps = jnp.maximum(pl.cdiv(end, t_step) - first, 0)  # every step holds >= 1 token of [start, end)
+    # every step holds >= 1 token of [start, end); an empty range runs none (the online softmax needs a token)
+    n_steps = jnp.where(end > start, jnp.maximum(pl.cdiv(end, t_step) - first, 0), 0)
 
     def load_step(i):
         """Gather step i's K/V chunks [T, cw] (zeros outside [start, end)) and their dequantization scales [T]."""
@@ -180,10 +185,6 @@ def _decode_kernel(
         else:
             k = plgpu.load(k_ref.at[idx], mask=valid_2d, other=0)  # [T, D]
             v = plgpu.load(v_ref.at[idx], mask=valid_2d, other=0)  # [T, D]
-        if write_new:  # the current token from registers (its pool row may not be written yet)
-            is_new = (pos == length - 1)[:, None]  # [T, 1]
-            k = jnp.where(is_new, k_new[None, :], k)
-            v = jnp.where(is_new, v_new[None, :], v)
         if quantized:
             k_scale = plgpu.load(ks_ref.at[row], mask=valid, other=0).astype(jnp.float32)  # [T]
             v_scale = plgpu.load(vs_ref.at[row], mask=valid, other=0).astype(jnp.float32)  # [T]
@@ -194,6 +195,7 @@ def _decode_kernel(
     if use_dot:
         # All query heads of the KV head in one [Gp, D] tile: two tensor-core dots per step and chunk, online softmax
         # per row (logits in the log2 domain: q carries sm_scale * log2 e).
+        q32 = q
         q = [qc.astype(cdt) for qc in q]  # [Gp, cw] each
 
         def body(i, carry):
@@ -257,6 +259,15 @@ def _decode_kernel(
         l = jnp.sum(w * l_lane)[None]  # [1]
         m = jnp.full((1,), m_top, jnp.float32)
 
+    if write_new:  # fold the current token in: one more online-softmax update, from registers
+        q_new = q32 if use_dot else q  # [Gp, D] float32 (one chunk: float pages)
+        logit = jnp.sum(q_new[0] * k_new.astype(jnp.float32)[None, :], axis=1)  # [Gp]
+        m_upd = jnp.maximum(m, logit)
+        alpha = jnp.exp2(m - m_upd)
+        p = jnp.exp2(logit - m_upd)
+        o = [jnp.where(holds_new, alpha[:, None] * o[0] + p[:, None] * v_new.astype(jnp.float32)[None, :], o[0])]
+        l = jnp.where(holds_new, alpha * l + p, l)
+        m = jnp.where(holds_new, m_upd, m)
     has = l > 0
     den = jnp.where(has, l, 1.0)[:, None]  # empty range (length 0, or a split past the end): zeros
     if n_chunks == 1:

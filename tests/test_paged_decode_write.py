@@ -22,6 +22,8 @@ CASES = [
     ("float32", "float32", 8, 2, 128, 16, [40, 7, 0, 33], 24, None),  # GQA, sliding window
     ("float16", "float16", 4, 1, 64, 32, [100, 65], None, 2),  # MQA
     ("bfloat16", "float32", 4, 4, 64, 16, [23, 48], None, None),  # float32 model over a bf16 pool
+    ("bfloat16", "bfloat16", 4, 4, 64, 16, [1, 5, 40, 100], 1, None),  # window 1: the new token alone
+    ("float32", "float32", 4, 2, 64, 8, [129, 70, 200], 20, 2),  # window edge inside a tile, two splits
 ]
 
 
