@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""Plan vs measured GPU memory, term by term, one fresh process per row.
+"""Plan vs measured GPU memory, term by term, and the real maximum decode batch; a fresh process per measurement.
 
     python scripts/measure_memory.py [--models gpt2,gpt2-xl] [--kv-dtypes bfloat16,int8] [--budgets 24GB,full]
+        [--max-tries 24] [--parallel 1] [--out rows.json] [--logs DIR]
 
 For each (model, KV dtype, budget) a child process caps JAX's allocator at the plan's budget
 (XLA_PYTHON_CLIENT_MEM_FRACTION = hbm * utilization / card memory, preallocated as JAX does by default: one
@@ -9,14 +10,46 @@ region, so the allocator cannot fragment by growing; `full` = the whole card), b
 pools from the plan, and runs the largest steps the plan promises on the engine's own jitted step functions:
 a prefill of `prefill_chunk` tokens and decode steps at the planned maximum batch (at 128 tokens and at the
 maximum length), with the sampling path on (the sampler's sort is the widest workspace). It reads
-`memory_stats()` after each stage and the card's used memory (nvidia-smi) at the end, then searches upwards for
-the largest decode batch that still runs (the real maximum) under the same cap.
+`memory_stats()` after each stage and the card's used memory (nvidia-smi) at the end.
 
 Measured terms: parameters = bytes_in_use after loading; KV pool = growth when the pools are allocated;
 activation = peak_bytes_in_use - parameters - pool; outside JAX's pool = the process's device memory
 (nvidia-smi) - the allocator's pool (CUDA context, loaded kernels, cuBLAS/cuDNN handles). Measured peak =
 peak_bytes_in_use + outside-pool bytes: everything the process needs on the card. (With a preallocated pool,
 nvidia-smi alone always shows the cap, whatever the process really uses.)
+
+Real maximum batch. The plan's maximum batch (`plan.max_num_seqs`) is the largest decode batch B whose own step
+workspace still leaves room for a KV pool of B sequences at the shortest listed length (`per_short` blocks each,
+plus the null block). The search measures exactly that. A candidate B runs in a fresh process under the same cap:
+an engine of exactly B * per_short + 1 blocks and max_num_seqs=B, a decode step of B rows (exactly B, not bucketed:
+the engine pads to min(bucket(rows), max_num_seqs)) at the shortest length with sampling on, each row on its own
+blocks, then the plan's prefill chunk. B fits when both compile and run; any exception counts as not fitting and is
+recorded (type and first 200 characters; `oom` says whether it reads as running out of memory). Starting at the
+plan's B (which must fit), the next candidate is `first_step` (the plan's own arithmetic plus what its whole
+runtime reserve would buy), then B grows by 1.25x until a candidate fails, then bisects to the exact largest B
+that fits; if the plan's B does not fit (the plan over-promised), it bisects downward between 0 and the plan's B.
+A candidate far above the threshold is slow to fail (the allocator waits 10 s on every allocation it refuses, and
+XLA's autotuner tries dozens: gpt2-xl at 1.25x the plan took 185 s on an H200), hence the first step. At most
+--max-tries candidates; the bounds are reported if the cap comes first. --parallel N runs up to N candidates side
+by side per round (as many as the card holds at the budget; N=1, the default, is the rule above): the plan with
+the first step, then N growth steps, then N points splitting the gap. `formula` is the largest B the plan's own
+arithmetic allows (make_plan's solve can settle below it), so real - planned splits into the solve's share and
+the memory model's.
+
+Why a process per candidate: a step that runs out of memory mid-execution leaves its buffers allocated inside
+XLA (on an H200, bytes_in_use stayed a logits buffer higher after gc and jax.clear_caches), and XLA's autotuner
+keeps its results for the process, so a candidate after a failure, or one whose shapes were compiled earlier
+under more free memory, is not what a real engine meets at start-up. A fresh process compiles cold under exactly
+the candidate's pools, as an engine on the real card does (compile-time autotuning scratch included).
+
+Emulating a smaller card faithfully. On a real card of `hbm` bytes the process's whole footprint, JAX's pool plus
+the memory outside it (CUDA context, loaded kernels, library handles), must fit the plan's budget (hbm *
+utilization). Here JAX's pool alone is capped at the budget and the outside memory comes on top of it, so the pool
+would give a candidate `outside` bytes a real card would not. Each candidate's process therefore first allocates a
+"ballast" array inside JAX's pool of bytes_limit - (budget - outside) bytes (the outside-pool bytes, corrected by
+the cap's rounding) and keeps it alive, so the usable pool is what the real card leaves JAX. `outside` is the
+largest outside-pool footprint seen so far in the row: measured after the plan's steps, then by every candidate
+that ran alone on the card, after its steps (each candidate's own kernels load outside the pool).
 """
 
 from __future__ import annotations
@@ -27,11 +60,183 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+GROWTH = 1.25  # each try above the last fit while no candidate has failed yet
+MAX_TRIES = 24  # candidates per row: a fresh process each, 15-30 s on an H200 (gpt2 / gpt2-xl)
+BALLAST_CHUNK = 2**30  # bytes per ballast array (keeps each well inside int32 indexing)
+OOM_MARKERS = ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory", "OOM")
+
+
+class BatchSearch(NamedTuple):
+    """What the search found: `real_max` is exact (int) or, when the cap was hit first, the bounds (largest B that
+    fit, 0 if none; smallest B that failed, None if none did); `tries` is every (B, fitted, message) in order."""
+
+    real_max: int | tuple[int, int | None]
+    tries: list[tuple[int, bool, str]]
+    cap_hit: bool
+
+    @property
+    def bounds(self) -> tuple[int, int | None]:
+        """(largest B that fit, smallest B that failed); exact results give (real_max, real_max + 1)."""
+        return self.real_max if isinstance(self.real_max, tuple) else (self.real_max, self.real_max + 1)
+
+
+def search_max_batch(
+    fits: Callable[[int], tuple[bool, str]],
+    planned: int,
+    *,
+    first: int | None = None,
+    growth: float = GROWTH,
+    max_tries: int = MAX_TRIES,
+    width: int = 1,
+    fits_many: Callable[[list[int]], list[tuple[bool, str]]] | None = None,
+) -> BatchSearch:
+    """The largest decode batch B with fits(B) true, found from the plan's B with as few candidates as the rule allows.
+
+    If the planned B fits, the next candidate is `first` (when it is above the plan; else the growth step), then B
+    grows by `growth` (at least +1) until a candidate fails; then it bisects between the last fit and the first
+    failure down to a gap of 1. If the planned B fails, it bisects between 0 and it. Assumes fits is monotone
+    (fits for B means fits for every smaller B); never tries a B twice; stops after max_tries candidates.
+
+    width > 1 tries up to `width` candidates per round through fits_many (default: fits on each in turn): the plan
+    with `first`, then `width` growth steps, then `width` points splitting the gap evenly. width=1 is the rule above.
+    """
+    if planned < 1 or max_tries < 1 or width < 1:
+        raise ValueError(f"planned={planned}, max_tries={max_tries} and width={width} must be at least 1.")
+    fits_many = fits_many or (lambda bs: [fits(b) for b in bs])
+    tries: list[tuple[int, bool, str]] = []
+    lo, hi = 0, None
+
+    def round_of(bs: list[int]) -> None:
+        nonlocal lo, hi
+        bs = bs[: max_tries - len(tries)]
+        results = fits_many(bs)
+        tries.extend((b, bool(ok), msg) for b, (ok, msg) in zip(bs, results, strict=True))
+        failed = [b for b, (ok, _) in zip(bs, results, strict=True) if not ok]
+        hi = min([*failed, *([] if hi is None else [hi])], default=None)
+        lo = max([lo, *(b for b, (ok, _) in zip(bs, results, strict=True) if ok and (hi is None or b < hi))])
+
+    jump = first if first is not None and first > planned else None
+    round_of([planned] + ([jump] if jump and width > 1 else []))
+    if lo < planned:  # the plan over-promised: whatever else this round tried is above it too
+        lo, hi = 0, min(hi, planned)
+    while hi is None and len(tries) < max_tries:
+        steps, b = [], lo
+        for _ in range(width):
+            b = jump if jump and jump not in [t[0] for t in tries] and jump > b else max(b + 1, int(b * growth))
+            steps.append(b)
+        round_of(steps)
+    while hi is not None and hi - lo > 1 and len(tries) < max_tries:
+        round_of(sorted({lo + (hi - lo) * i // (width + 1) for i in range(1, width + 1)} - {lo}))
+    exact = hi is not None and hi - lo == 1
+    return BatchSearch(lo if exact else (lo, hi), tries, not exact)
+
+
+def ballast_bytes(bytes_limit: int, budget: int, outside: int) -> int:
+    """Bytes to hold in JAX's pool so that what is left of it is what a real card of `budget` bytes leaves JAX.
+
+    A real card gives JAX budget - outside (the CUDA context and kernels take the rest); here the pool holds
+    bytes_limit (the budget, up to the rounding of XLA_PYTHON_CLIENT_MEM_FRACTION) with `outside` on top.
+    """
+    return max(0, bytes_limit - (budget - outside))
+
+
+def ballast_chunks(nbytes: int, chunk: int = BALLAST_CHUNK) -> list[int]:
+    """Sizes of the uint8 arrays that hold `nbytes` of ballast, none above `chunk`."""
+    return [min(chunk, nbytes - at) for at in range(0, max(0, nbytes), chunk)]
+
+
+def is_oom(msg: str) -> bool:
+    """Whether a recorded failure reads as running out of device memory (anything else is a bug, not a limit)."""
+    return any(m in msg for m in OOM_MARKERS)
+
+
+def parallel_width(requested: int, budget: float, card: int, margin: int = 2 * 2**30) -> int:
+    """How many probes can run side by side: each holds its capped pool plus its memory outside it (`margin`)."""
+    return max(1, min(requested, int(card // (budget + margin))))
+
+
+def short_blocks(plan) -> tuple[int, int]:
+    """(shortest listed length, blocks one sequence of it holds): what the planner prices max_num_seqs at."""
+    from planner import blocks_for_tokens
+    from planner.plan import SEQ_LENS
+
+    shortest = min(SEQ_LENS[0], plan.max_seq_len)
+    return shortest, blocks_for_tokens(shortest, plan.layout.block_size, plan.config.sliding_window)
+
+
+def plan_activation(plan, batch: int) -> int:
+    """The plan's activation term at decode batch `batch`: max of its prefill and decode workspaces, as make_plan
+    sizes them (prefill: the chunk with up to `batch` sequences' logits; decode: `batch` rows)."""
+    from planner import step_workspace
+    from planner.kv_layout import weight_dtype_bytes
+
+    o, n = plan.options, plan.max_seq_len
+
+    def ws(name: str, tokens: int, sequences: int) -> int:
+        return step_workspace(plan.config, name, tokens, sequences, n, weight_dtype_bytes(o.dtype), o.tp,
+                              o.naive_attention).total  # fmt: skip
+
+    chunk = min(o.prefill_chunk, n)
+    return max(ws("prefill", chunk, min(batch, chunk)), ws("decode", batch, batch))
+
+
+def seq_cost(plan) -> dict:
+    """Bytes one more sequence costs the plan at its maximum batch: its KV blocks at the shortest length and the
+    growth of the activation term by one row (that row's activations and float32 logits copies)."""
+    _, per_short = short_blocks(plan)
+    kv = per_short * plan.layout.bytes_per_block
+    b = plan.max_num_seqs
+    workspace = plan_activation(plan, b + 1) - plan_activation(plan, b)
+    return {"kv": kv, "workspace": workspace, "total": kv + workspace}
+
+
+def formula_max_batch(plan) -> int:
+    """The largest B the plan's own arithmetic allows: B * per_short + 1 blocks, the activation term at B, the
+    parameters and the reserve within the budget. make_plan's solve can stop below it (it settles on the first B
+    from above whose workspace leaves room for B sequences), so the gap between the plan's and the real maximum
+    splits into the solve's (this - planned) and the memory model's (real - this)."""
+    _, per_short = short_blocks(plan)
+    fixed = plan.param_bytes + plan.reserve_bytes + plan.layout.bytes_per_block
+
+    def fits(b: int) -> tuple[bool, str]:
+        return fixed + b * per_short * plan.layout.bytes_per_block + plan_activation(plan, b) <= plan.budget_bytes, ""
+
+    found = search_max_batch(fits, plan.max_num_seqs, max_tries=256)
+    assert not found.cap_hit
+    return found.real_max
+
+
+def first_step(plan, formula: int) -> int:
+    """The first candidate above the plan: what the plan's own arithmetic allows (`formula`) plus what its whole
+    runtime reserve would buy in sequences, were none of it needed. The real maximum is rarely above it (the
+    reserve holds the memory outside JAX's pool and the compile-time scratch), so the first failure lands near the
+    threshold: a candidate far above it is slow to fail (the allocator waits 10 s on each allocation it refuses,
+    and XLA's autotuner tries dozens)."""
+    return formula + math.ceil(plan.reserve_bytes / seq_cost(plan)["total"])
+
+
+def batch_report(search: BatchSearch, planned: int, cost: dict) -> dict:
+    """Planned vs real maximum batch: the gap in sequences, %, and bytes (gap x one sequence's cost)."""
+    lo, hi = search.bounds
+    real = search.real_max if not search.cap_hit else None
+    gap = lo - planned if real is None else real - planned
+    return {
+        "planned": planned, "real": real, "bounds": [lo, hi], "cap_hit": search.cap_hit,
+        "diff_seqs": gap, "diff_pct": 100 * gap / planned, "diff_bytes": gap * cost["total"],
+        "seq_bytes": cost, "plan_fit": search.tries[0][1] if search.tries else None,
+        "tries": [{"batch": b, "ok": ok, "error": None if ok else msg, "oom": None if ok else is_oom(msg)}
+                  for b, ok, msg in search.tries],
+        "non_oom_failures": sum(1 for _, ok, msg in search.tries if not ok and not is_oom(msg)),
+    }  # fmt: skip
 
 
 def gpu_used_bytes() -> int:
@@ -46,14 +251,115 @@ def gpu_total_bytes() -> int:
     return int(out.split()[0]) * 2**20
 
 
+def log(msg: str) -> None:
+    """A progress line the parent echoes while the child runs (stdout, prefixed)."""
+    print(f"LOG [{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def run_step(eng, rows: int, ctx: int, chunk: int) -> None:
+    """One step of the engine's jitted function: `rows` rows of `chunk` new tokens ending at `ctx` tokens, sampling
+    on, exactly `rows` rows (no bucketing). Row r takes blocks r * per + i (mod the usable blocks): distinct blocks
+    per row whenever the pool has room for them all."""
+    import jax
+
+    from jkv.runner import bucket, build_inputs
+
+    bs, usable = eng.block_size, eng.pools.num_blocks - 1
+    per = math.ceil(ctx / bs)
+    rows_in = [([1] * chunk, ctx - chunk, [1 + (r * per + i) % usable for i in range(per)], 1.0, 0, 0.9, r, 0)
+               for r in range(rows)]  # fmt: skip
+    x = build_inputs(rows_in, block_size=bs, chunk=chunk, width=bucket(per), batch=rows)
+    toks, logits, eng.pools = eng.runner.run(eng.pools, x, decode=chunk == 1, greedy=False)
+    jax.block_until_ready((toks, logits))
+
+
+def compiled_temp(eng, rows: int, ctx: int, chunk: int) -> int:
+    """Bytes XLA's compiled step needs beyond its arguments (temp + outputs not aliased to the donated pools)."""
+    from jkv.runner import bucket, build_inputs
+
+    per = math.ceil(ctx / eng.block_size)
+    x = build_inputs([([1] * chunk, ctx - chunk, [1] * per, 1.0, 0, 0.9, r, 0) for r in range(rows)],
+                     block_size=eng.block_size, chunk=chunk, width=bucket(per), batch=rows)  # fmt: skip
+    ma = eng.runner.lower(eng.pools, x, decode=chunk == 1, greedy=False).compile().memory_analysis()
+    return int(ma.temp_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes)
+
+
+def prefill_step(plan) -> tuple[int, int, int]:
+    """(rows, context, chunk) of the plan's largest prefill: its chunk in rows of up to max_seq_len tokens."""
+    max_len, tokens = plan.max_seq_len, plan.workspaces[0].tokens
+    return max(1, tokens // max_len), max_len, min(max_len, tokens)
+
+
+def planned_stages(eng, plan, dev) -> tuple[dict, str | None]:
+    """Compiled sizes and measured peaks of the plan's largest steps on the plan's own pools; the first failure."""
+    shortest = min(128, plan.max_seq_len)
+    b_long = plan.max_batch(plan.max_seq_len)
+    stages = {
+        "compiled_prefill": compiled_temp(eng, *prefill_step(plan)),
+        "compiled_decode_max_batch": compiled_temp(eng, plan.max_num_seqs, shortest, 1),
+        "compiled_decode_256": compiled_temp(eng, 256, shortest, 1),
+    }
+    for name, args in (("prefill", prefill_step(plan)),
+                       ("decode_max_batch", (plan.max_num_seqs, shortest, 1)),
+                       ("decode_max_len", (b_long, plan.max_seq_len, 1))):  # fmt: skip
+        try:
+            run_step(eng, *args)
+        except Exception as err:  # noqa: BLE001 - an OOM here means the plan over-promised
+            return stages, f"{name}: {type(err).__name__}: {str(err)[:200]}"
+        stages[name] = dev.memory_stats()["peak_bytes_in_use"]
+    return stages, None
+
+
+def probe(model_name: str, kv: str, hbm: int, utilization: float, batch: int, outside: int, alone: bool) -> dict:
+    """One candidate of the real-max-batch search in a fresh process (module docstring): the ballast, an engine of
+    batch * per_short + 1 blocks and max_num_seqs=batch, a decode step of `batch` rows at the shortest length, then
+    the plan's prefill chunk. Any exception means the candidate does not fit. Its own outside-pool footprint is
+    measured only when it is `alone` on the card (nvidia-smi counts every process)."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import jax
+    import jax.numpy as jnp
+
+    import jkv
+    from planner import PlanOptions, load_config, make_plan
+
+    base = gpu_used_bytes()
+    dev = jax.devices()[0]
+    plan = make_plan(load_config(model_name), PlanOptions(hbm_bytes=hbm, kv_dtype=kv, utilization=utilization))
+    model = jkv.load_model(model_name, dtype="bfloat16")
+    jax.block_until_ready(model.params)
+    limit = dev.memory_stats()["bytes_limit"]
+    ballast = [jnp.zeros(n, jnp.uint8) for n in ballast_chunks(ballast_bytes(limit, plan.budget_bytes, outside))]
+    jax.block_until_ready(ballast)
+    in_use = dev.memory_stats()["bytes_in_use"]
+    shortest, per_short = short_blocks(plan)
+    t = time.time()
+    try:
+        eng = jkv.Engine(model, num_blocks=batch * per_short + 1, kv_dtype=kv, max_num_seqs=batch, attention="auto",
+                         max_num_batched_tokens=plan.workspaces[0].tokens)  # fmt: skip
+        run_step(eng, batch, shortest, 1)  # decode first: a candidate that does not fit costs one compilation
+        run_step(eng, *prefill_step(plan))
+        ok, msg = True, None
+    except Exception as err:  # noqa: BLE001 - RESOURCE_EXHAUSTED is the answer we are looking for
+        ok, msg = False, f"{type(err).__name__}: {str(err)[:200]}"
+    stats = dev.memory_stats()
+    return {
+        "batch": batch, "ok": ok, "error": msg, "seconds": round(time.time() - t, 1), "blocks": batch * per_short + 1,
+        "ballast": sum(a.nbytes for a in ballast), "outside_given": outside, "in_use_before": in_use,
+        "peak_in_use": stats["peak_bytes_in_use"], "bytes_limit": limit,
+        "outside": gpu_used_bytes() - base - stats.get("pool_bytes", stats["bytes_limit"]) if alone else None,
+    }  # fmt: skip
+
+
 def child(model_name: str, kv: str, hbm: int, utilization: float) -> dict:
+    """The plan's steps on the plan's own pools, term by term (module docstring)."""
     import warnings
 
     warnings.filterwarnings("ignore")
     import jax
 
     import jkv
-    from jkv.runner import bucket, build_inputs
     from planner import PlanOptions, load_config, make_plan
 
     base = gpu_used_bytes()
@@ -66,58 +372,11 @@ def child(model_name: str, kv: str, hbm: int, utilization: float) -> dict:
                      max_num_batched_tokens=plan.workspaces[0].tokens, attention="auto")  # fmt: skip
     jax.block_until_ready(eng.pools)
     pool = dev.memory_stats()["bytes_in_use"] - params
-    bs, max_len = plan.layout.block_size, plan.max_seq_len
-    usable = plan.layout.usable_blocks
-
-    def run_step(rows: int, ctx: int, chunk: int) -> None:
-        per = math.ceil(ctx / bs)
-        table = lambda r: [1 + (r * per + i) % usable for i in range(per)]  # noqa: E731 - any blocks will do
-        new = [1] * (chunk if chunk > 1 else 1)
-        start = ctx - len(new)
-        x = build_inputs([(new, start, table(r), 1.0, 0, 0.9, r, 0) for r in range(rows)], block_size=bs,
-                         chunk=chunk, width=bucket(per), batch=rows)  # fmt: skip
-        toks, logits, eng.pools = eng.runner.run(eng.pools, x, decode=chunk == 1, greedy=False)
-        jax.block_until_ready((toks, logits))
-
-    def compiled_temp(rows: int, ctx: int, chunk: int) -> int:
-        per = math.ceil(ctx / bs)
-        x = build_inputs([([1] * chunk, ctx - chunk, [1] * per, 1.0, 0, 0.9, r, 0) for r in range(rows)],
-                         block_size=bs, chunk=chunk, width=bucket(per), batch=rows)  # fmt: skip
-        ma = eng.runner.lower(eng.pools, x, decode=chunk == 1, greedy=False).compile().memory_analysis()
-        return int(ma.temp_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes)
-
-    prefill_rows = max(1, plan.workspaces[0].tokens // max_len)
-    prefill_chunk = min(max_len, plan.workspaces[0].tokens)
-    b_long = plan.max_batch(max_len)
-    stages = {
-        "compiled_prefill": compiled_temp(prefill_rows, max_len, prefill_chunk),
-        "compiled_decode_max_batch": compiled_temp(plan.max_num_seqs, min(128, max_len), 1),
-        "compiled_decode_256": compiled_temp(256, min(128, max_len), 1),
-    }
-    failed = None
-    for name, args in (("prefill", (prefill_rows, max_len, prefill_chunk)),
-                       ("decode_max_batch", (plan.max_num_seqs, min(128, max_len), 1)),
-                       ("decode_max_len", (b_long, max_len, 1))):  # fmt: skip
-        try:
-            run_step(*args)
-        except Exception as err:  # noqa: BLE001 - an OOM here means the plan over-promised
-            failed = f"{name}: {type(err).__name__}: {str(err)[:200]}"
-            break
-        stages[name] = dev.memory_stats()["peak_bytes_in_use"]
+    log(f"{model_name} {kv}: the plan's steps (max batch {plan.max_num_seqs}, {plan.layout.num_blocks} blocks)")
+    stages, failed = planned_stages(eng, plan, dev)
     stats = dev.memory_stats()
     peak = stats["peak_bytes_in_use"]
     outside = gpu_used_bytes() - base - stats.get("pool_bytes", stats["bytes_limit"])
-    # the real maximum decode batch under the same cap (activation-limited; K/V capacity is exact arithmetic)
-    largest, tried = (plan.max_num_seqs if failed is None else 0), []
-    for factor in (() if failed else (1.25, 1.5, 2.0)):
-        b = int(plan.max_num_seqs * factor)
-        try:
-            run_step(b, min(128, max_len), 1)
-            largest = b
-            tried.append((b, "ok"))
-        except Exception as err:  # noqa: BLE001 - RESOURCE_EXHAUSTED is the answer we are looking for
-            tried.append((b, type(err).__name__))
-            break
     return {
         "model": model_name, "kv_dtype": kv, "hbm": hbm, "bytes_limit": stats["bytes_limit"],
         "planned": {"params": plan.param_bytes, "kv_pool": plan.kv_pool_bytes, "activation": plan.activation_bytes,
@@ -125,9 +384,121 @@ def child(model_name: str, kv: str, hbm: int, utilization: float) -> dict:
         "measured": {"params": params, "kv_pool": pool, "activation": peak - params - pool,
                      "reserve": outside, "peak": peak + outside, "peak_in_use": peak},
         "largest_free_block": stats.get("largest_free_block_bytes"),
-        "stages": stages, "planned_max_batch": plan.max_num_seqs, "planned_batch_at_max_len": b_long,
-        "real_max_batch_lower_bound": largest, "search": tried, "failed": failed, "device": dev.device_kind, "jax": jax.__version__,
+        "stages": stages, "planned_max_batch": plan.max_num_seqs,
+        "planned_batch_at_max_len": plan.max_batch(plan.max_seq_len),
+        "failed": failed, "device": dev.device_kind, "jax": jax.__version__,
     }  # fmt: skip
+
+
+def start_child(args: list[str], env: dict):
+    """Start a child of this script (stdout piped, stderr to a temporary file)."""
+    err = tempfile.TemporaryFile("w+")  # noqa: SIM115 - finish_child closes it
+    proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+    return proc, err
+
+
+def finish_child(proc, err, log_file: Path | None = None) -> tuple[dict | None, str]:
+    """Wait for a child, echoing its LOG lines as they come; (its RESULT, the tail of its stderr). log_file keeps
+    all of its stderr (XLA's own messages: allocator dumps, autotuning failures)."""
+    result = None
+    for line in proc.stdout:
+        if line.startswith("RESULT "):
+            result = json.loads(line[7:])
+        elif line.startswith("LOG "):
+            print("  " + line[4:], end="", flush=True)
+    proc.wait()
+    err.seek(0)
+    text = err.read()
+    err.close()
+    if log_file is not None:
+        log_file.write_text(text)
+    return result, text[-3000:]
+
+
+def run_child(args: list[str], env: dict, log_file: Path | None = None) -> tuple[dict | None, str]:
+    return finish_child(*start_child(args, env), log_file)
+
+
+def run_probes(arg_lists: list[list[str]], env: dict, log_files: list[Path | None]) -> list[tuple[dict | None, str]]:
+    """Run children side by side (each preallocates its own capped pool) and wait for all of them."""
+    started = [start_child(args, env) for args in arg_lists]
+    return [finish_child(proc, err, log) for (proc, err), log in zip(started, log_files, strict=True)]
+
+
+def search_row(model: str, kv: str, hbm: int, utilization: float, outside: int, max_tries: int, env: dict,
+               logs: Path | None, width: int = 1) -> dict:  # fmt: skip
+    """The real maximum batch of one row: search_max_batch over probes, each a fresh process under the same cap,
+    `width` of them side by side per round. Each is given the largest outside-pool footprint seen so far (the
+    plan's steps', then that of every probe that ran alone on the card)."""
+    from planner import PlanOptions, load_config, make_plan
+
+    plan = make_plan(load_config(model), PlanOptions(hbm_bytes=hbm, kv_dtype=kv, utilization=utilization))
+    shortest, per_short = short_blocks(plan)
+    seen, probes, t0 = {"outside": outside}, [], time.time()
+
+    def fits_many(bs: list[int]) -> list[tuple[bool, str]]:
+        t, alone = time.time(), str(int(len(bs) == 1))
+        args = [["--probe", model, kv, str(hbm), str(utilization), str(b), str(seen["outside"]), alone] for b in bs]
+        runs = run_probes(args, env, [logs / f"{model}_{kv}_{hbm}_B{b}.log" if logs else None for b in bs])
+        out = []
+        for b, (res, err) in zip(bs, runs, strict=True):
+            if res is None:  # the process died (a crash inside a library reads here as its last lines)
+                res = {"batch": b, "ok": False,
+                       "error": "probe died: " + " | ".join(err.strip().splitlines()[-3:])[:200]}  # fmt: skip
+            res["wall_seconds"] = round(time.time() - t, 1)
+            probes.append(res)
+            seen["outside"] = max(seen["outside"], res.get("outside") or 0)
+            print(f"  [{time.strftime('%H:%M:%S')}] B={b} ({b * per_short + 1} blocks): "
+                  f"{'fits' if res['ok'] else res['error'][:120]}  [{res['wall_seconds']:.0f}s, "
+                  f"+{time.time() - t0:.0f}s]", flush=True)  # fmt: skip
+            out.append((res["ok"], res["error"] or "ok"))
+        return out
+
+    formula = formula_max_batch(plan)
+    step = first_step(plan, formula)
+    search = search_max_batch(lambda b: fits_many([b])[0], plan.max_num_seqs, first=step, max_tries=max_tries,
+                              width=width, fits_many=fits_many)  # fmt: skip
+    report = batch_report(search, plan.max_num_seqs, seq_cost(plan))
+    for row, res in zip(report["tries"], probes, strict=True):
+        row.update({k: v for k, v in res.items() if k not in row})
+    report.update(formula=formula, first_step=step, width=width, shortest=shortest, blocks_per_seq=per_short,
+                  budget=plan.budget_bytes, outside_start=outside, outside_max=seen["outside"],
+                  seconds=round(time.time() - t0, 1))  # fmt: skip
+    return report
+
+
+def batch_cell(mb: dict) -> str:
+    """The real maximum batch, or its bounds when the search stopped at its cap."""
+    if mb["real"] is not None:
+        return f"{mb['real']:,}"
+    lo, hi = mb["bounds"]
+    return f"[{lo:,}, {'?' if hi is None else f'{hi:,}'})"
+
+
+def print_summary(rows: list[dict]) -> None:
+    print("\nterm          model        kv        budget   planned GiB  measured GiB   error")
+    for row in rows:
+        for term in ("params", "kv_pool", "activation", "reserve", "peak"):  # reserve measured = outside JAX's pool
+            p, q = row["planned"][term], row["measured"][term]
+            err = f"{100 * (p / q - 1):+.1f}%" if q else "n/a"
+            print(f"{term:13s} {row['model']:12s} {row['kv_dtype']:9s} {row['budget']:6s} {p / 2**30:11.3f} "
+                  f"{q / 2**30:13.3f} {err:>8s}")  # fmt: skip
+    print("\nmax batch     model        kv        budget  planned  formula            real  diff seqs   diff %  "
+          "diff GiB  MiB/seq (kv+ws)  tries  search s")  # fmt: skip
+    for row in rows:
+        if "max_batch" not in row:
+            continue
+        mb = row["max_batch"]
+        cost = mb["seq_bytes"]
+        note = (" CAP HIT" if mb["cap_hit"] else "") + ("" if mb["plan_fit"] else " PLAN DID NOT FIT")
+        note += f" {mb['non_oom_failures']} NON-OOM FAILURES" if mb["non_oom_failures"] else ""
+        print(f"{'':13s} {row['model']:12s} {row['kv_dtype']:9s} {row['budget']:6s} {mb['planned']:8,d} "
+              f"{mb['formula']:8,d} {batch_cell(mb):>15s} {mb['diff_seqs']:+10,d} {mb['diff_pct']:+8.2f} "
+              f"{mb['diff_bytes'] / 2**30:+9.3f}  {cost['total'] / 2**20:6.3f} ({cost['kv'] / 2**20:.2f}+"
+              f"{cost['workspace'] / 2**20:.2f}) {len(mb['tries']):6d} {mb['seconds']:9.0f}{note}")  # fmt: skip
+    print("(planned: plan.max_num_seqs; formula: the largest B the plan's own arithmetic allows; real: measured, "
+          "or [fit, failed) bounds; diff = real - planned; MiB/seq: KV blocks at the shortest length + one "
+          "activation row)")  # fmt: skip
 
 
 def main() -> None:
@@ -136,33 +507,46 @@ def main() -> None:
     ap.add_argument("--kv-dtypes", default="bfloat16,int8")
     ap.add_argument("--budgets", default="24GB,full")
     ap.add_argument("--utilization", type=float, default=0.9)
+    ap.add_argument("--max-tries", type=int, default=MAX_TRIES,
+                    help="candidates of the real-max-batch search per row, one process each (0: no search)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--logs", default=None, help="a folder for every child's stderr (XLA's own messages)")
     ap.add_argument("--child", nargs=4, metavar=("MODEL", "KV", "HBM", "UTIL"), help=argparse.SUPPRESS)
+    ap.add_argument("--parallel", type=int, default=1,
+                    help="search candidates run side by side per round, as many as the card holds at the budget")
+    ap.add_argument("--probe", nargs=7, metavar=("MODEL", "KV", "HBM", "UTIL", "B", "OUTSIDE", "ALONE"),
+                    help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         m, kv, hbm, util = args.child
         print("RESULT " + json.dumps(child(m, kv, int(hbm), float(util))), flush=True)
         return
+    if args.probe:
+        m, kv, hbm, util, b, outside, alone = args.probe
+        result = probe(m, kv, int(hbm), float(util), int(b), int(outside), alone == "1")
+        print("RESULT " + json.dumps(result), flush=True)
+        return
 
     from planner import parse_size
 
     total = gpu_total_bytes()
+    logs = Path(args.logs) if args.logs else None
+    if logs:
+        logs.mkdir(parents=True, exist_ok=True)
     rows = []
     for budget in args.budgets.split(","):
         hbm = total if budget == "full" else parse_size(budget)
         for model in args.models.split(","):
             for kv in args.kv_dtypes.split(","):
-                env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION=f"{hbm * args.utilization / total:.4f}")
+                env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION=f"{hbm * args.utilization / total:.6f}")
                 t0 = time.time()
                 if args.out and rows:  # after every row, so a run cut short keeps what it measured
                     Path(args.out).write_text(json.dumps(rows, indent=2))
-                r = subprocess.run([sys.executable, __file__, "--child", model, kv, str(hbm), str(args.utilization)],
-                                   capture_output=True, text=True, env=env)  # fmt: skip
-                line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
-                if not line:
-                    print(f"{model} {kv} {budget}: child failed\n{r.stderr[-3000:]}", flush=True)
+                row, stderr = run_child(["--child", model, kv, str(hbm), str(args.utilization)], env,
+                                        logs / f"{model}_{kv}_{hbm}_plan.log" if logs else None)  # fmt: skip
+                if row is None:
+                    print(f"{model} {kv} {budget}: child failed\n{stderr}", flush=True)
                     continue
-                row = json.loads(line[0][7:])
                 row["budget"] = budget
                 rows.append(row)
                 p, q = row["planned"], row["measured"]
@@ -172,17 +556,19 @@ def main() -> None:
                 print(f"{model:12s} {kv:9s} {budget:5s} peak plan {p['peak'] / 2**30:6.2f} GiB meas "
                       f"{q['peak'] / 2**30:6.2f} GiB ({100 * (p['peak'] / q['peak'] - 1):+.1f}%)  "
                       f"[{time.time() - t0:.0f}s]", flush=True)  # fmt: skip
+                if args.max_tries < 1:
+                    continue
+                width = parallel_width(args.parallel, hbm * args.utilization, total)
+                print(f"  real max batch search (outside JAX's pool {q['reserve'] / 2**30:.3f} GiB, {width} "
+                      "side by side)", flush=True)  # fmt: skip
+                mb = search_row(model, kv, hbm, args.utilization, q["reserve"], args.max_tries, env, logs, width)
+                row["max_batch"] = mb
+                print(f"{model:12s} {kv:9s} {budget:5s} max batch plan {mb['planned']:,} real {batch_cell(mb)} "
+                      f"({mb['diff_pct']:+.2f}%, formula {mb['formula']:,})  search {mb['seconds']:.0f}s  "
+                      f"[{time.time() - t0:.0f}s]", flush=True)  # fmt: skip
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2))
-    print("\nterm          model        kv        budget   planned GiB  measured GiB   error")
-    for row in rows:
-        for term in ("params", "kv_pool", "activation", "reserve", "peak"):  # reserve measured = outside JAX's pool
-            p, q = row["planned"][term], row["measured"][term]
-            err = f"{100 * (p / q - 1):+.1f}%" if q else "n/a"
-            print(f"{term:13s} {row['model']:12s} {row['kv_dtype']:9s} {row['budget']:6s} {p / 2**30:11.3f} "
-                  f"{q / 2**30:13.3f} {err:>8s}")  # fmt: skip
-        print(f"{'max batch':13s} {row['model']:12s} {row['kv_dtype']:9s} {row['budget']:6s} "
-              f"{row['planned_max_batch']:11d} {row['real_max_batch_lower_bound']:13d}  search {row['search']}")  # fmt: skip
+    print_summary(rows)
 
 
 if __name__ == "__main__":
