@@ -167,12 +167,18 @@ def make_plan(config: ModelConfig, options: PlanOptions) -> Plan:
     if o.max_num_seqs is not None:
         batch = o.max_num_seqs
     else:
-        batch = max(1, usable_blocks(1) // per_short)
-        for _ in range(64):  # the workspace shrinks with the batch, so this settles in a few rounds
-            fits = usable_blocks(batch) // per_short
-            if fits >= batch:
-                break
-            batch = max(1, fits)
+        # The largest B with usable_blocks(B) // per_short >= B. The left side only shrinks as B grows (a bigger
+        # decode workspace), the right side grows, so the condition holds up to the answer and fails after it:
+        # bisect. (Iterating B <- usable_blocks(B) // per_short from above stops at the first fixed point below
+        # the largest one: 3,891 instead of 3,924 for gpt2 at 24 GB, measured against the real maximum.)
+        lo, hi = 1, max(1, usable_blocks(1) // per_short)  # B = 1 is the floor; no B above hi can fit
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if usable_blocks(mid) // per_short >= mid:
+                lo = mid
+            else:
+                hi = mid - 1
+        batch = lo
     ws = workspaces(batch)
     kv_budget = budget - fixed - max(w.total for w in ws)
     num_blocks = kv_budget // layout_1.bytes_per_block if kv_budget > 0 else 0
