@@ -405,7 +405,7 @@ def test_search_row_runs_one_probe_process_per_candidate(monkeypatch, capsys):
     assert mb["formula"] == mm.formula_max_batch(p) and mb["blocks_per_seq"] == 8 and mb["outside_start"] == 650
     assert mb["outside_max"] == 700 + len(calls) and mb["width"] == 1
     assert all("wall_seconds" in row for row in mb["tries"])
-    assert "B=3891 (31129 blocks): fits" in capsys.readouterr().out
+    assert f"B={p.max_num_seqs} ({p.max_num_seqs * 8 + 1} blocks): fits" in capsys.readouterr().out
 
 
 def test_search_row_side_by_side(monkeypatch):
