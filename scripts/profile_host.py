@@ -1,0 +1,89 @@
+#!/usr/bin/env python
+"""Where the engine's host time goes: a cProfile of the engine loop on a model whose device work is tiny.
+
+    python scripts/profile_host.py [--layers 12] [--rows 32] [--requests 96] [--top 20]
+
+The model has GPT-2's structure and argument count (12 layers: 148 parameter arrays, 24 pool arrays) but a width
+of 64 and a 512-token vocabulary, so the device side of a step is small and the host side (scheduling, block
+bookkeeping, building inputs, dispatching the jitted step, reading tokens, building outputs) dominates. Runs the
+same seeded mixed workload three times: a warm-up (compiles every step shape), a timed pass, and a pass under
+cProfile, whose table (sorted by own time, jkv functions and the dispatch/read calls) says which host work to cut.
+
+Useful on any machine, GPU or not; on a CPU the "device" shares the host's cores, so `numpy.asarray` (waiting for
+a step's tokens) includes the model's compute, and the jitted call's dispatch includes XLA CPU work done on the
+calling thread. cProfile's per-call overhead inflates small functions; compare runs of this script only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+import jkv  # noqa: E402
+from jkv.model import Model  # noqa: E402
+from jkv.weights import random_params  # noqa: E402
+from planner.config import ModelConfig  # noqa: E402
+
+
+def drive(eng: jkv.Engine, reqs: list[tuple[list[int], int]]) -> int:
+    """Run the workload to the end; returns the number of engine steps."""
+    for prompt, out_len in reqs:
+        eng.add_request(prompt, jkv.SamplingParams(max_tokens=out_len, ignore_eos=True))
+    steps = 0
+    while eng.has_unfinished():
+        eng.step()
+        steps += 1
+    return steps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--rows", type=int, default=32, help="max_num_seqs")
+    ap.add_argument("--requests", type=int, default=96)
+    ap.add_argument("--top", type=int, default=20)
+    ap.add_argument("--async-scheduling", choices=("on", "off"), default="on")
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore", message=".*random.*")
+
+    cfg = ModelConfig("host-proxy", vocab_size=512, n_positions=1024, n_embd=64, n_layer=args.layers, n_head=1)
+    model = Model(cfg, random_params(cfg, "bfloat16"), "bfloat16", "host-proxy")
+    rng = np.random.default_rng(0)
+    reqs = [(rng.integers(0, cfg.vocab_size, int(rng.integers(8, 200))).tolist(), int(rng.integers(8, 300)))
+            for _ in range(args.requests)]  # fmt: skip
+    eng = jkv.Engine(model, num_blocks=args.rows * 64 + 1, block_size=16, max_num_seqs=args.rows,
+                     max_num_batched_tokens=2048, enable_prefix_caching=False,
+                     async_scheduling=args.async_scheduling == "on")  # fmt: skip
+    drive(eng, reqs)  # compiles every step shape
+    t0 = time.perf_counter()
+    steps = drive(eng, reqs)
+    per_step = (time.perf_counter() - t0) / steps
+    prof = cProfile.Profile()
+    prof.enable()
+    drive(eng, reqs)
+    prof.disable()
+
+    print(f"{jax.devices()[0].device_kind}: {args.layers} layers, <= {args.rows} rows, {args.requests} requests, "
+          f"async {args.async_scheduling}: {steps} steps, {1e3 * per_step:.3f} ms per step (untraced)")  # fmt: skip
+    stats = pstats.Stats(prof)
+    rows = []
+    for (file, line, fn), (_, ncalls, tottime, cumtime, _) in stats.stats.items():
+        rows.append((tottime, cumtime, ncalls, f"{Path(file).name}:{line}({fn})"))
+    rows.sort(reverse=True)
+    print(f"{'function':58s} {'own ms/step':>11s} {'cum ms/step':>11s} {'calls/step':>10s}")
+    for tottime, cumtime, ncalls, name in rows[: args.top]:
+        print(f"{name[:58]:58s} {1e3 * tottime / steps:11.3f} {1e3 * cumtime / steps:11.3f} {ncalls / steps:10.1f}")
+
+
+if __name__ == "__main__":
+    main()
