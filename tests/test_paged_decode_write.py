@@ -80,17 +80,21 @@ def test_write_and_attend(impl, page_dtype, qkv_dtype, h, hkv, d, bs, lengths, w
 
 
 def test_write_in_place_when_donated():
-    """Inside a jit that donates the pools, the kernel's aliasing leaves no copy of a pool in the program."""
-    case = make_case(3, batch=2, num_heads=4, kv_heads=4, head_dim=64, block_size=16, lengths=[5, 20])
+    """Inside a jit that donates the pools, the returned pools are the donated buffers (aliased, not new ones).
+
+    (Interpret mode still copies blocks into temporaries; on an H200 the engine's compiled decode step held no
+    copy of a pool: `scripts/profile_step.py` counts them in the optimized HLO.)
+    """
+    case = make_case(3, batch=2, num_heads=4, kv_heads=4, head_dim=64, block_size=16, lengths=[5, 20],
+                     extra_blocks=40)  # fmt: skip
     qkv = jnp.ones((2, 12, 64), jnp.bfloat16)
 
     def step(k, v, qkv, bt, ln):
         return paged_decode_attention_write(qkv, k, v, bt, ln, num_heads=4, interpret=INTERPRET)
 
     fn = jax.jit(step, donate_argnums=(0, 1))
-    lowered = fn.lower(case.k_pages, case.v_pages, qkv, case.block_tables, case.lengths)
-    text = lowered.as_text()
-    assert "tf.aliasing_output" in text or "jax.buffer_donor" in text  # the pools are donated to the outputs
+    compiled = fn.lower(case.k_pages, case.v_pages, qkv, case.block_tables, case.lengths).compile()
+    assert compiled.memory_analysis().alias_size_in_bytes >= case.k_pages.nbytes + case.v_pages.nbytes
     out, k, v = fn(case.k_pages, case.v_pages, qkv, case.block_tables, case.lengths)
     assert np.isfinite(np.asarray(out, np.float32)).all()
 
