@@ -3,8 +3,9 @@
 A step runs `B` rows of `C` query tokens each (decode: C == 1) through the model; every layer first scatters the
 rows' new K/V into the pools, then attends over the rows' block tables with the paged attention kernel (or its
 pure-`jnp` reference). A decode step over float pools with the Pallas kernels does both in one kernel per layer
-(`paged_decode_attention_write`), which also reads q, k and v out of the QKV projection's output. The pools are donated, so XLA writes them in place. Shapes are bucketed to powers of two
-(rows, chunk length, block-table width), which bounds the number of compilations: `StepRunner.compiled` counts them.
+(`paged_decode_attention_write`), which also reads q, k and v out of the QKV projection's output. The pools are
+donated, so XLA writes them in place. Shapes are bucketed to powers of two (rows, chunk length, block-table
+width), which bounds the number of compilations: `StepRunner.compiled` counts them.
 """
 
 from __future__ import annotations

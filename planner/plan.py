@@ -149,21 +149,13 @@ def make_plan(config: ModelConfig, options: PlanOptions) -> Plan:
             "use a larger --hbm, a higher --tp or a smaller --dtype."
         )
 
-    prefill_tokens = min(o.prefill_chunk, max_seq_len)
-    shortest = min(SEQ_LENS[0], max_seq_len)
-
-    def workspaces(batch: int) -> tuple[StepWorkspace, ...]:
-        ws = lambda *a: step_workspace(config, *a, dtype_bytes, o.tp, o.naive_attention)  # noqa: E731
-        return (
-            ws("prefill", prefill_tokens, min(batch, prefill_tokens), max_seq_len),
-            ws("decode", batch, batch, max_seq_len),
-        )
+    workspaces = lambda batch: step_workspaces(config, o, batch, max_seq_len)  # noqa: E731
 
     def usable_blocks(batch: int) -> int:
         left = budget - fixed - max(w.total for w in workspaces(batch))
         return max(0, left // layout_1.bytes_per_block - 1)
 
-    per_short = blocks_for_tokens(shortest, o.block_size, config.sliding_window)
+    _, per_short = short_sequence(config, o, max_seq_len)
     if o.max_num_seqs is not None:
         batch = o.max_num_seqs
     else:
@@ -207,6 +199,25 @@ def make_plan(config: ModelConfig, options: PlanOptions) -> Plan:
         ContextLimit(b, _longest_context(plan, b), max_seq_len if b <= static_batch else 0) for b in BATCH_SIZES
     )
     return Plan(config, o, layout, budget, params, ws, o.reserve_bytes, batch, max_seq_len, by_seq_len, by_batch)
+
+
+def step_workspaces(
+    config: ModelConfig, o: PlanOptions, batch: int, max_seq_len: int
+) -> tuple[StepWorkspace, ...]:
+    """The workspaces of the largest steps at decode batch `batch`: the prefill chunk (with up to `batch`
+    sequences' logits) and a decode step of `batch` rows; the activation term is the larger."""
+    prefill_tokens = min(o.prefill_chunk, max_seq_len)
+    ws = lambda *a: step_workspace(config, *a, weight_dtype_bytes(o.dtype), o.tp, o.naive_attention)  # noqa: E731
+    return (
+        ws("prefill", prefill_tokens, min(batch, prefill_tokens), max_seq_len),
+        ws("decode", batch, batch, max_seq_len),
+    )
+
+
+def short_sequence(config: ModelConfig, o: PlanOptions, max_seq_len: int) -> tuple[int, int]:
+    """(shortest listed length, blocks one sequence of it holds): the length max_num_seqs is priced at."""
+    shortest = min(SEQ_LENS[0], max_seq_len)
+    return shortest, blocks_for_tokens(shortest, o.block_size, config.sliding_window)
 
 
 def _longest_context(plan: Plan, batch: int) -> int:

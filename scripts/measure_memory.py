@@ -167,27 +167,16 @@ def parallel_width(requested: int, budget: float, card: int, margin: int = 2 * 2
 
 def short_blocks(plan) -> tuple[int, int]:
     """(shortest listed length, blocks one sequence of it holds): what the planner prices max_num_seqs at."""
-    from planner import blocks_for_tokens
-    from planner.plan import SEQ_LENS
+    from planner.plan import short_sequence
 
-    shortest = min(SEQ_LENS[0], plan.max_seq_len)
-    return shortest, blocks_for_tokens(shortest, plan.layout.block_size, plan.config.sliding_window)
+    return short_sequence(plan.config, plan.options, plan.max_seq_len)
 
 
 def plan_activation(plan, batch: int) -> int:
-    """The plan's activation term at decode batch `batch`: max of its prefill and decode workspaces, as make_plan
-    sizes them (prefill: the chunk with up to `batch` sequences' logits; decode: `batch` rows)."""
-    from planner import step_workspace
-    from planner.kv_layout import weight_dtype_bytes
+    """The plan's activation term at decode batch `batch`, as make_plan sizes it (`step_workspaces`)."""
+    from planner.plan import step_workspaces
 
-    o, n = plan.options, plan.max_seq_len
-
-    def ws(name: str, tokens: int, sequences: int) -> int:
-        return step_workspace(plan.config, name, tokens, sequences, n, weight_dtype_bytes(o.dtype), o.tp,
-                              o.naive_attention).total  # fmt: skip
-
-    chunk = min(o.prefill_chunk, n)
-    return max(ws("prefill", chunk, min(batch, chunk)), ws("decode", batch, batch))
+    return max(w.total for w in step_workspaces(plan.config, plan.options, batch, plan.max_seq_len))
 
 
 def seq_cost(plan) -> dict:
@@ -202,9 +191,9 @@ def seq_cost(plan) -> dict:
 
 def formula_max_batch(plan) -> int:
     """The largest B the plan's own arithmetic allows: B * per_short + 1 blocks, the activation term at B, the
-    parameters and the reserve within the budget. make_plan's solve can stop below it (it settles on the first B
-    from above whose workspace leaves room for B sequences), so the gap between the plan's and the real maximum
-    splits into the solve's (this - planned) and the memory model's (real - this)."""
+    parameters and the reserve within the budget. An independent check of make_plan's solve (equal since the solve
+    bisects; before, it settled below this: 3,891 vs 3,924 for gpt2 at 24 GB), so real - planned is the memory
+    model's margin and not the solve's."""
     _, per_short = short_blocks(plan)
     fixed = plan.param_bytes + plan.reserve_bytes + plan.layout.bytes_per_block
 
@@ -311,16 +300,12 @@ def planned_stages(eng, plan, dev) -> tuple[dict, str | None]:
     return stages, None
 
 
-def probe(model_name: str, kv: str, hbm: int, utilization: float, batch: int, outside: int, alone: bool) -> dict:
-    """One candidate of the real-max-batch search in a fresh process (module docstring): the ballast, an engine of
-    batch * per_short + 1 blocks and max_num_seqs=batch, a decode step of `batch` rows at the shortest length, then
-    the plan's prefill chunk. Any exception means the candidate does not fit. Its own outside-pool footprint is
-    measured only when it is `alone` on the card (nvidia-smi counts every process)."""
+def load_row(model_name: str, kv: str, hbm: int, utilization: float):
+    """A child's start: (the card's used bytes before JAX, the device, the plan, the loaded bf16 model)."""
     import warnings
 
     warnings.filterwarnings("ignore")
     import jax
-    import jax.numpy as jnp
 
     import jkv
     from planner import PlanOptions, load_config, make_plan
@@ -330,6 +315,25 @@ def probe(model_name: str, kv: str, hbm: int, utilization: float, batch: int, ou
     plan = make_plan(load_config(model_name), PlanOptions(hbm_bytes=hbm, kv_dtype=kv, utilization=utilization))
     model = jkv.load_model(model_name, dtype="bfloat16")
     jax.block_until_ready(model.params)
+    return base, dev, plan, model
+
+
+def outside_pool_bytes(base: int, stats: dict) -> int:
+    """The process's device memory outside JAX's pool: nvidia-smi's growth since `base` minus the pool."""
+    return gpu_used_bytes() - base - stats.get("pool_bytes", stats["bytes_limit"])
+
+
+def probe(model_name: str, kv: str, hbm: int, utilization: float, batch: int, outside: int, alone: bool) -> dict:
+    """One candidate of the real-max-batch search in a fresh process (module docstring): the ballast, an engine of
+    batch * per_short + 1 blocks and max_num_seqs=batch, a decode step of `batch` rows at the shortest length, then
+    the plan's prefill chunk. Any exception means the candidate does not fit. Its own outside-pool footprint is
+    measured only when it is `alone` on the card (nvidia-smi counts every process)."""
+    base, dev, plan, model = load_row(model_name, kv, hbm, utilization)  # first: it silences warnings
+    import jax
+    import jax.numpy as jnp
+
+    import jkv
+
     limit = dev.memory_stats()["bytes_limit"]
     ballast = [jnp.zeros(n, jnp.uint8) for n in ballast_chunks(ballast_bytes(limit, plan.budget_bytes, outside))]
     jax.block_until_ready(ballast)
@@ -349,25 +353,17 @@ def probe(model_name: str, kv: str, hbm: int, utilization: float, batch: int, ou
         "batch": batch, "ok": ok, "error": msg, "seconds": round(time.time() - t, 1), "blocks": batch * per_short + 1,
         "ballast": sum(a.nbytes for a in ballast), "outside_given": outside, "in_use_before": in_use,
         "peak_in_use": stats["peak_bytes_in_use"], "bytes_limit": limit,
-        "outside": gpu_used_bytes() - base - stats.get("pool_bytes", stats["bytes_limit"]) if alone else None,
+        "outside": outside_pool_bytes(base, stats) if alone else None,
     }  # fmt: skip
 
 
 def child(model_name: str, kv: str, hbm: int, utilization: float) -> dict:
     """The plan's steps on the plan's own pools, term by term (module docstring)."""
-    import warnings
-
-    warnings.filterwarnings("ignore")
+    base, dev, plan, model = load_row(model_name, kv, hbm, utilization)  # first: it silences warnings
     import jax
 
     import jkv
-    from planner import PlanOptions, load_config, make_plan
 
-    base = gpu_used_bytes()
-    dev = jax.devices()[0]
-    plan = make_plan(load_config(model_name), PlanOptions(hbm_bytes=hbm, kv_dtype=kv, utilization=utilization))
-    model = jkv.load_model(model_name, dtype="bfloat16")
-    jax.block_until_ready(model.params)
     params = dev.memory_stats()["bytes_in_use"]
     eng = jkv.Engine(model, num_blocks=plan.layout.num_blocks, kv_dtype=kv, max_num_seqs=plan.max_num_seqs,
                      max_num_batched_tokens=plan.workspaces[0].tokens, attention="auto")  # fmt: skip
@@ -377,7 +373,7 @@ def child(model_name: str, kv: str, hbm: int, utilization: float) -> dict:
     stages, failed = planned_stages(eng, plan, dev)
     stats = dev.memory_stats()
     peak = stats["peak_bytes_in_use"]
-    outside = gpu_used_bytes() - base - stats.get("pool_bytes", stats["bytes_limit"])
+    outside = outside_pool_bytes(base, stats)
     return {
         "model": model_name, "kv_dtype": kv, "hbm": hbm, "bytes_limit": stats["bytes_limit"],
         "planned": {"params": plan.param_bytes, "kv_pool": plan.kv_pool_bytes, "activation": plan.activation_bytes,
