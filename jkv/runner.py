@@ -10,6 +10,7 @@ width), which bounds the number of compilations: `StepRunner.compiled` counts th
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -128,17 +129,12 @@ def unpack(ints: jax.Array, floats: jax.Array, b: int, c: int, m: int) -> StepIn
     return StepInputs(**out)
 
 
-def _step(params, pools: KVPools, ints, floats, prev, *, shape, config, backend, decode, greedy, window, fuse_write):
-    """One model step. `prev` (int32 [S] or None) is the token buffer of the previous step: a decode row with
-    src_rows >= 0 reads its input token there instead of from `tokens`, so the host need not have seen it.
-    Returns the buffer with this step's sampled tokens written at [0, B) (decode) or [S/2, S/2 + B) (prefill).
-    """
+def _forward_sample(params, pools: KVPools, x: StepInputs, tokens_in, *, config, backend, decode, greedy, window,
+                    fuse_write):  # fmt: skip
+    """The model over `x` with input tokens `tokens_in` [B, C], then one sampled token per row.
+
+    Returns (tokens [B] int32, logits [B, V] float32, pools)."""
     decode_fn, prefill_fn, decode_write_fn = attention_backend(backend)
-    x = unpack(ints, floats, *shape)
-    tokens_in = x.tokens
-    if decode and prev is not None:
-        from_prev = prev[jnp.maximum(x.src_rows, 0)][:, None]  # [B, 1]
-        tokens_in = jnp.where(x.src_rows[:, None] >= 0, from_prev, x.tokens)
 
     def attend(layer, q, k, v, cache):
         b, c, hkv, d = k.shape
@@ -173,10 +169,66 @@ def _step(params, pools: KVPools, ints, floats, prev, *, shape, config, backend,
         tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     else:
         tokens = sample_tokens(logits, x.temperature, x.top_k, x.top_p, x.seeds, x.counters)
+    return tokens, logits, pools
+
+
+def _decode_tokens_in(x: StepInputs, prev):
+    """A decode step's input tokens [B, 1]: a row with src_rows >= 0 reads its token from `prev` there."""
+    if prev is None:
+        return x.tokens
+    from_prev = prev[jnp.maximum(x.src_rows, 0)][:, None]  # [B, 1]
+    return jnp.where(x.src_rows[:, None] >= 0, from_prev, x.tokens)
+
+
+def _step(params, pools: KVPools, ints, floats, prev, *, shape, config, backend, decode, greedy, window, fuse_write):
+    """One model step. `prev` (int32 [S] or None) is the token buffer of the previous step: a decode row with
+    src_rows >= 0 reads its input token there instead of from `tokens`, so the host need not have seen it.
+    Returns the buffer with this step's sampled tokens written at [0, B) (decode) or [S/2, S/2 + B) (prefill).
+    """
+    x = unpack(ints, floats, *shape)
+    tokens_in = _decode_tokens_in(x, prev) if decode else x.tokens
+    tokens, logits, pools = _forward_sample(params, pools, x, tokens_in, config=config, backend=backend,
+                                            decode=decode, greedy=greedy, window=window, fuse_write=fuse_write)  # fmt: skip
     if prev is None:
         return tokens, logits, pools, None
     offset = 0 if decode else prev.shape[0] // 2
     return tokens, logits, pools, jax.lax.dynamic_update_slice(prev, tokens, (offset,))
+
+
+def _decode_steps(params, pools: KVPools, ints, floats, prev, *, shape, num_steps, block_size, config, backend, greedy,
+                  window, fuse_write):  # fmt: skip
+    """`num_steps` decode steps in one call, each step's sampled tokens feeding the next (multi-step decode).
+
+    `x` describes the first step as for `_step`, except that `query_lens[b]` is the number of steps row b runs
+    (0 .. num_steps): step j of row b is at position `positions[b] + j`, its K/V slot comes from its block table
+    (which must already hold the blocks for all its steps), and its sampling counter is `counters[b] + j`.
+    Rows past their last step become padding (length 0: they write and sample nothing that is kept).
+    Returns (tokens [num_steps, B] int32, pools, token buffer with each row's last sampled token at row b).
+    """
+    x = unpack(ints, floats, *shape)
+    b, bs = shape[0], block_size
+    steps = x.query_lens
+    rows = jnp.arange(b)
+
+    def one(j, carry):
+        pools, tokens_in, out = carry
+        active = j < steps  # [B]
+        pos = x.positions[:, 0] + j
+        block = x.block_tables[rows, jnp.minimum(pos // bs, x.block_tables.shape[1] - 1)]
+        xj = dataclasses.replace(
+            x, positions=pos[:, None], slot_blocks=jnp.where(active, block, 0)[:, None],
+            slot_offsets=(pos % bs)[:, None], context_lens=jnp.where(active, x.context_lens + j, 0),
+            query_lens=active.astype(jnp.int32), counters=x.counters + j,
+        )  # fmt: skip
+        tokens, _, pools = _forward_sample(params, pools, xj, tokens_in, config=config, backend=backend,
+                                           decode=True, greedy=greedy, window=window, fuse_write=fuse_write)  # fmt: skip
+        tokens = jnp.where(active, tokens, tokens_in[:, 0])  # a finished row keeps its last token
+        return pools, tokens[:, None], out.at[j].set(tokens)
+
+    out = jnp.zeros((num_steps, b), jnp.int32)
+    pools, last, out = jax.lax.fori_loop(0, num_steps, one, (pools, _decode_tokens_in(x, prev), out))
+    buf = None if prev is None else jax.lax.dynamic_update_slice(prev, last[:, 0], (0,))
+    return out, pools, buf
 
 
 _JITTED: OrderedDict[tuple, object] = OrderedDict()  # least recently used first
@@ -203,6 +255,23 @@ def _jitted_step(config: ModelConfig, backend: str, decode: bool, greedy: bool, 
                     window=window, fuse_write=fuse_write),
             donate_argnums=1,
         )
+    return _JITTED[key]
+
+
+def _jitted_decode_steps(config: ModelConfig, backend: str, greedy: bool, shape: tuple[int, int, int],
+                         window: int | None, fuse_write: bool, num_steps: int, block_size: int):  # fmt: skip
+    """The jitted multi-step decode (`_decode_steps`) for one static configuration, cached like `_jitted_step`."""
+    key = ("steps", config, backend, greedy, shape, window, fuse_write, num_steps, block_size)
+    if key in _JITTED:
+        _JITTED.move_to_end(key)
+    else:
+        while len(_JITTED) >= _JITTED_MAX:
+            _JITTED.popitem(last=False)
+        _JITTED[key] = jax.jit(
+            partial(_decode_steps, shape=shape, num_steps=num_steps, block_size=block_size, config=config,
+                    backend=backend, greedy=greedy, window=window, fuse_write=fuse_write),
+            donate_argnums=1,
+        )  # fmt: skip
     return _JITTED[key]
 
 
@@ -275,11 +344,34 @@ class StepRunner:
         ints, floats = pack(inputs)
         return self._fn(decode, greedy, self._shape(inputs))(self.params, pools, ints, floats, prev_tokens)
 
-    def lower(self, pools: KVPools, inputs: StepInputs, *, decode: bool, greedy: bool = True):
-        """The lowered step (for `.compile().memory_analysis()`)."""
+    def _steps_fn(self, greedy: bool, shape: tuple[int, int, int], num_steps: int):
+        key = ("steps", greedy, shape, num_steps, self.fuse_decode_write)
+        if key not in self._fns:
+            self._fns[key] = _jitted_decode_steps(self.config, self.backend, greedy, shape, self.window,
+                                                  self.fuse_decode_write, num_steps, self.block_size)  # fmt: skip
+            self.compiled.add((self.backend, "steps", greedy, shape, num_steps))
+        return self._fns[key]
+
+    def run_decode_steps(self, pools: KVPools, inputs: StepInputs, prev_tokens: jax.Array | None, *,
+                         num_steps: int, greedy: bool):  # fmt: skip
+        """Run `num_steps` decode steps in one device call (see `_decode_steps`: `inputs.query_lens[b]` is the
+        number of steps row b runs). Returns (tokens [num_steps, B], new pools, new token buffer or None), all on
+        the device; nothing waits for the device."""
+        assert (prev_tokens is None) == (self.token_slots == 0), "a token buffer exactly when token_slots > 0"
         self._use_pools(pools)
         ints, floats = pack(inputs)
-        fn = self._fn(decode, greedy, self._shape(inputs))
+        fn = self._steps_fn(greedy, self._shape(inputs), num_steps)
+        return fn(self.params, pools, ints, floats, prev_tokens)
+
+    def lower(self, pools: KVPools, inputs: StepInputs, *, decode: bool, greedy: bool = True,
+              num_steps: int | None = None):  # fmt: skip
+        """The lowered step (for `.compile().memory_analysis()`); num_steps: the multi-step decode instead."""
+        self._use_pools(pools)
+        ints, floats = pack(inputs)
+        if num_steps is not None:
+            fn = self._steps_fn(greedy, self._shape(inputs), num_steps)
+        else:
+            fn = self._fn(decode, greedy, self._shape(inputs))
         return fn.lower(self.params, pools, ints, floats, self.zero_tokens())
 
 

@@ -39,15 +39,19 @@ import jkv  # noqa: E402
 from jkv.runner import bucket, build_inputs  # noqa: E402
 
 
-def decode_inputs(eng, rows: int, context: int):
-    """A decode step of `rows` sequences, each `context` tokens long, over disjoint blocks of the pool."""
+def decode_inputs(eng, rows: int, context: int, steps: int = 1):
+    """A decode step of `rows` sequences, each `context` tokens long, over disjoint blocks of the pool (with room
+    for `steps` tokens each: a multi-step call's query_lens says `steps`)."""
     bs = eng.block_size
-    per = math.ceil(context / bs)
+    per = math.ceil((context + steps - 1) / bs)
     if rows * per + 1 > eng.manager.num_blocks:
         raise SystemExit(f"the pool has {eng.manager.num_blocks} blocks; {rows} x {context} tokens need {rows * per + 1}.")
     table = lambda r: list(range(1 + r * per, 1 + (r + 1) * per))  # noqa: E731
-    return build_inputs([([1], context - 1, table(r), 0.0, 0, 1.0, 0, 0) for r in range(rows)], block_size=bs,
-                        chunk=1, width=bucket(per), batch=bucket(rows))  # fmt: skip
+    x = build_inputs([([1], context - 1, table(r), 0.0, 0, 1.0, 0, 0) for r in range(rows)], block_size=bs,
+                     chunk=1, width=bucket(per), batch=bucket(rows))  # fmt: skip
+    if steps > 1:
+        x = type(x)(**{**x.__dict__, "query_lens": np.where(np.arange(x.tokens.shape[0]) < rows, steps, 0)})
+    return x
 
 
 def kernel_events(trace_dir: Path) -> list[tuple[str, int, int]]:
@@ -88,6 +92,12 @@ def span_ns(events: list[tuple[str, int, int]]) -> int:
     return max(e for _, _, e in events) - min(s for _, s, _ in events) if events else 0
 
 
+def pool_copies(hlo: str, pool_shape) -> list[str]:
+    """HLO lines that copy a pool-sized buffer (there should be none: the pools are updated in place)."""
+    dims = ",".join(str(d) for d in pool_shape)
+    return [ln.strip()[:160] for ln in hlo.splitlines() if re.search(r"= \S+\[" + dims + r"\]\S* copy\(", ln)]
+
+
 def short(name: str) -> str:
     """Group names: drop numeric suffixes XLA adds to fusions and kernels (fusion.123 -> fusion)."""
     return re.sub(r"(_\d+|\.\d+)+$", "", name)
@@ -106,6 +116,8 @@ def main() -> None:
     ap.add_argument("--out", default="profile_step_out")
     ap.add_argument("--no-fused-write", action="store_true",
                     help="scatter the K/V before the decode kernel instead of writing it inside the kernel")
+    ap.add_argument("--decode-steps", type=int, default=0,
+                    help="also time K decode steps per device call (multi-step decode) against single steps")
     ap.add_argument("--target-programs", type=int, default=None,
                     help="override the decode kernel's context-split target (programs in flight)")
     args = ap.parse_args()
@@ -130,9 +142,7 @@ def main() -> None:
     compiled = eng.runner.lower(eng.pools, x, decode=True).compile()
     hlo = compiled.as_text()
     (out / "decode_step.hlo.txt").write_text(hlo)
-    layer_pool = eng.pools.k[0]
-    pool_shape = ",".join(str(d) for d in layer_pool.shape)
-    copies = [ln.strip()[:160] for ln in hlo.splitlines() if re.search(r"= \S+\[" + pool_shape + r"\]\S* copy\(", ln)]
+    copies = pool_copies(hlo, eng.pools.k[0].shape)
     mem = compiled.memory_analysis()
 
     for _ in range(5):
@@ -145,6 +155,16 @@ def main() -> None:
         toks.block_until_ready()
         walls.append(time.perf_counter() - t0)
     wall = float(np.median(walls))
+    # How long the calling thread is held by a dispatch (the call returning, not the device finishing): if XLA
+    # launches the step's kernels on the calling thread, this is most of the step, and host work cannot overlap.
+    calls = []
+    for _ in range(30):
+        toks.block_until_ready()
+        t0 = time.perf_counter()
+        toks, _, eng.pools = eng.runner.run(eng.pools, x, decode=True, greedy=True)
+        calls.append(time.perf_counter() - t0)
+    toks.block_until_ready()
+    dispatch = float(np.median(calls))
 
     trace_dir = out / "trace"
     with jax.profiler.trace(str(trace_dir)):
@@ -179,6 +199,9 @@ def main() -> None:
         "kernels": [{"name": n, "us_per_step": v[0] / args.steps / 1e3, "count_per_step": v[1] / args.steps}
                     for n, v in rows],
     }  # fmt: skip
+    result["dispatch_us"] = 1e6 * dispatch
+    if args.decode_steps > 1:
+        result["multi_step"] = time_multi_step(eng, args, out)
     (out / "profile_step.json").write_text(json.dumps(result, indent=2))
     print(f"{result['device']}  {cfg.name} {args.dtype} weights, {eng.kv_dtype} KV, {args.rows} rows x {args.context} "
           f"tokens, attention={eng.runner.backend}, fused K/V write {eng.runner.fuse_decode_write}, "
@@ -186,11 +209,48 @@ def main() -> None:
     print(f"step wall {1e6 * wall:.0f} us (synchronous) | GPU span {span:.0f} us/step when dispatched back to back | "
           f"GPU busy {busy:.0f} us | kernel sum {total:.0f} us | "
           f"{len(events) / args.steps:.0f} launches/step | temp {result['temp_bytes']} B | "
-          f"pool copies in HLO: {len(copies)} | command_buffer mentions: {result['command_buffers_in_hlo']}")  # fmt: skip
+          f"pool copies in HLO: {len(copies)} | command_buffer mentions: {result['command_buffers_in_hlo']} | "
+          f"dispatch returns after {1e6 * dispatch:.0f} us")  # fmt: skip
+    if "multi_step" in result:
+        m = result["multi_step"]
+        print(f"multi-step: {m['steps']} decode steps per call: wall {m['wall_us_per_step']:.0f} us/step "
+              f"(synchronous call / steps) | GPU span {m['span_us_per_step']:.0f} us/step | busy "
+              f"{m['busy_us_per_step']:.0f} us/step | dispatch returns after {m['dispatch_us']:.0f} us")  # fmt: skip
     print(f"{'kernel':60s} {'us/step':>9s} {'n/step':>7s} {'share':>6s}")
     for n, v in rows[: args.top]:
         us = v[0] / args.steps / 1e3
         print(f"{n[:60]:60s} {us:9.1f} {v[1] / args.steps:7.1f} {100 * us / max(total, 1e-9):5.1f}%")
+
+
+def time_multi_step(eng, args, out: Path) -> dict:
+    """Time `args.decode_steps` decode steps per device call (StepRunner.run_decode_steps) on the same rows."""
+    k = args.decode_steps
+    x = decode_inputs(eng, args.rows, args.context - k + 1, steps=k)  # the steps end at `context` tokens
+    hlo = eng.runner.lower(eng.pools, x, decode=True, num_steps=k).compile().as_text()
+    (out / f"decode_steps{k}.hlo.txt").write_text(hlo)
+    buf = eng.runner.zero_tokens()
+    for _ in range(3):
+        toks, eng.pools, buf = eng.runner.run_decode_steps(eng.pools, x, buf, num_steps=k, greedy=True)
+    toks.block_until_ready()
+    walls, calls = [], []
+    for _ in range(15):
+        t0 = time.perf_counter()
+        toks, eng.pools, buf = eng.runner.run_decode_steps(eng.pools, x, buf, num_steps=k, greedy=True)
+        calls.append(time.perf_counter() - t0)
+        toks.block_until_ready()
+        walls.append(time.perf_counter() - t0)
+    trace_dir = out / f"trace_steps{k}"
+    calls_traced = max(2, 20 // k)
+    with jax.profiler.trace(str(trace_dir)):
+        for _ in range(calls_traced):
+            toks, eng.pools, buf = eng.runner.run_decode_steps(eng.pools, x, buf, num_steps=k, greedy=True)
+        toks.block_until_ready()
+    events = kernel_events(trace_dir)
+    n = calls_traced * k
+    return {"steps": k, "wall_us_per_step": 1e6 * float(np.median(walls)) / k,
+            "dispatch_us": 1e6 * float(np.median(calls)), "busy_us_per_step": busy_ns(events) / n / 1e3,
+            "span_us_per_step": span_ns(events) / n / 1e3, "launches_per_step": len(events) / n,
+            "pool_copies_in_hlo": len(pool_copies(hlo, eng.pools.k[0].shape))}  # fmt: skip
 
 
 if __name__ == "__main__":
