@@ -414,10 +414,13 @@ class BlockManager:
     def can_append_slots(self, seq_id: int, num_new_tokens: int = 1) -> bool:
         return self.num_blocks_to_append(seq_id, num_new_tokens) <= self._pool.num_free_blocks
 
-    def append_slots(self, seq_id: int, new_token_ids: Sequence[int]) -> list[tuple[int, int]]:
+    def append_slots(self, seq_id: int, new_token_ids: Sequence[int], *, advance: bool = True
+                     ) -> list[tuple[int, int]]:  # fmt: skip
         """Append tokens (normally one sampled token) and give them slots; returns copy-on-write pairs.
 
-        First declares every token already in the sequence computed (see the module docstring). If the last
+        First declares every token already in the sequence computed (see the module docstring); `advance=False`
+        leaves the computed count alone, for a caller that marks it itself because earlier tokens may still be
+        placeholders (multi-step decode: the slots of tokens the device has not sampled yet). If the last
         block is partly filled and shared with another sequence (after `fork`), this sequence gets a private
         copy: the result holds that one `(src_block, dst_block)` pair, and the shared block itself is left
         untouched. Raises `NoFreeBlocksError` when the pool is short (tokens not appended; check
@@ -425,7 +428,8 @@ class BlockManager:
         """
         seq = self._resident(seq_id, "append to")
         new = [int(t) for t in new_token_ids]
-        self._advance(seq, len(seq.token_ids))
+        if advance:
+            self._advance(seq, len(seq.token_ids))
         if not new:
             return []
         bs, pool, table = self.block_size, self._pool, seq.block_table
@@ -462,18 +466,26 @@ class BlockManager:
         return copies
 
     def set_last_token(self, seq_id: int, token_id: int) -> None:
-        """Replace the last token of a sequence whose K/V are not marked computed yet.
+        """Replace the last token of a sequence whose K/V are not marked computed yet (see `set_tokens`)."""
+        self.set_tokens(seq_id, self.num_tokens(seq_id) - 1, [token_id])
+
+    def set_tokens(self, seq_id: int, start: int, token_ids: Sequence[int]) -> None:
+        """Replace tokens `start, start + 1, ...` of a sequence (resident or swapped out) that are not marked
+        computed yet.
 
         Async scheduling appends a slot for a token the device sampled before the host has read it (a
-        placeholder id); the value arrives after the slot was handed out. Only uncomputed tokens can change:
-        computed ones may already be hashed into the prefix cache.
+        placeholder id), and multi-step decode appends slots for the tokens its later steps will sample; the
+        values arrive after the slots were handed out. Only uncomputed tokens can change: computed ones may
+        already be hashed into the prefix cache.
         """
-        seq = self._resident(seq_id, "set a token of")
-        if seq.num_computed >= len(seq.token_ids):
+        seq = self._get(seq_id)
+        new = [int(t) for t in token_ids]
+        if start < seq.num_computed or start + len(new) > len(seq.token_ids):
             raise SequenceStateError(
-                f"cannot change the last token of sequence {seq_id}: it is already marked computed."
+                f"cannot set tokens {start}..{start + len(new) - 1} of sequence {seq_id}: only its uncomputed "
+                f"tokens {seq.num_computed}..{len(seq.token_ids) - 1} can change."
             )
-        seq.token_ids[-1] = int(token_id)
+        seq.token_ids[start : start + len(new)] = new
 
     def mark_computed(self, seq_id: int, num_computed_tokens: int | None = None) -> None:
         """Record that K/V of the first `num_computed_tokens` tokens (default: all) are written to the cache.

@@ -13,6 +13,7 @@ computes. See `Engine` and docs/engine.md.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Iterator, Sequence as Seq
 from dataclasses import dataclass, field
@@ -79,13 +80,16 @@ def _mix_seed(seed: int, index: int) -> int:
 
 @dataclass
 class _Part:
-    """The rows of one device call (decode or prefill) that sampled a token."""
+    """The rows of one device call (decode or prefill) that sampled tokens."""
 
     seqs: list[Sequence]
     idx: list[int]  # each row's place in the step's token buffer
     logits: jax.Array | None  # [B, V] on the device, row = idx - offset (None: the host needs no logits)
     offset: int
     decode: bool
+    starts: list[int]  # per row: the index in seq.tokens its (first) sampled token belongs at
+    steps: jax.Array | None = None  # multi-step decode: the sampled tokens [K, B]; row b's first counts[b]
+    counts: list[int] | None = None  # multi-step decode: tokens each row samples
 
 
 @dataclass
@@ -122,6 +126,14 @@ class Engine:
             in a 256-request GPT-2 run on an H200).
         async_scheduling: dispatch each step before reading the previous step's sampled tokens (below); False
             reads every step's tokens before `step()` returns.
+        decode_steps: multi-step decode. A round with decode rows only (no prefill chunk, no beam search) runs
+            up to this many decode steps in one device call, each step's sampled tokens feeding the next on the
+            device; the host schedules, reads back and does the bookkeeping once per round. 1 (the default)
+            runs one decode step per `step()`. The tokens are the same either way (every token's sampling key
+            is its request's seed and its index); what changes is that a `step()` may report several tokens
+            per request, a request that finishes mid-round leaves its row idle until the round ends, and
+            waiting requests are admitted at round boundaries only. Rounds that would need more free blocks
+            than the pool has run a single step instead.
 
     Async scheduling. The scheduler needs lengths, not token values: a sequence whose token the device
     sampled but the host has not read gets its slot anyway (a placeholder id, `UNKNOWN_TOKEN`), and its decode
@@ -164,6 +176,7 @@ class Engine:
         record_history: bool = False,
         compile_cache_dir: str | None = None,
         async_scheduling: bool = True,
+        decode_steps: int = 1,
     ) -> None:
         if compile_cache_dir is not None:
             jax.config.update("jax_compilation_cache_dir", str(compile_cache_dir))
@@ -180,6 +193,9 @@ class Engine:
             raise ValueError(f"block_size={block_size} must be a power of two.")
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive.")
+        if not isinstance(decode_steps, int) or decode_steps < 1:
+            raise ValueError(f"decode_steps={decode_steps!r} must be a positive integer (1: one decode step per call).")
+        self.decode_steps = decode_steps
         self.max_seq_len = max_seq_len or config.n_positions
         if not 1 <= self.max_seq_len <= config.n_positions:
             raise ValueError(f"max_seq_len={self.max_seq_len} must be between 1 and {config.n_positions}.")
@@ -311,6 +327,7 @@ class Engine:
                 if s.status is not SeqStatus.FINISHED:
                     s.finish_reason = "aborted"
                     s.inflight = None  # a token still in flight is dropped
+                    s.drop_placeholders()  # and so are the slots of a multi-step round in flight
             self.scheduler.remove(req)
 
     def has_unfinished(self) -> bool:
@@ -366,10 +383,32 @@ class Engine:
             else:  # pragma: no cover - internal
                 raise AssertionError(kind)
 
-    def _sampling_row(self, s: Sequence):
+    def _sampling_row(self, s: Sequence, at: int | None = None):
+        """Sampling parameters of s's next sampled token, which goes to index `at` of s.tokens (default: the end)."""
         sp = s.request.sampling
         seed = _mix_seed(s.request.seed, s.sample_index)
-        return float(sp.temperature), int(sp.top_k), float(sp.top_p), seed, len(s.tokens) - s.num_prompt
+        at = len(s.tokens) if at is None else at
+        return float(sp.temperature), int(sp.top_k), float(sp.top_p), seed, at - s.num_prompt
+
+    def _multi_step_counts(self, seqs: list[Sequence]) -> list[int] | None:
+        """Multi-step decode: how many tokens each decode row samples this round, after giving every row the
+        slots of its extra steps (placeholders); None for a single step (decode_steps 1, beam search, or too
+        few free blocks for the extra slots)."""
+        k = self.decode_steps
+        if k == 1 or any(s.request.beam for s in seqs):
+            return None
+        m = self.manager
+        # the row's input token is already in s.tokens; it may sample up to max_tokens
+        counts = [min(k, s.request.sampling.max_tokens - s.num_output) for s in seqs]
+        if max(counts) == 1 or sum(m.num_blocks_to_append(s.seq_id, n - 1) for s, n in zip(seqs, counts)) > m.num_free_blocks:
+            return None
+        for s, n in zip(seqs, counts):
+            if n > 1:
+                extra = [UNKNOWN_TOKEN] * (n - 1)
+                cow = m.append_slots(s.seq_id, extra, advance=False)
+                assert not cow, "the round's first slot already made the last block private"
+                s.tokens.extend(extra)
+        return counts
 
     def _greedy(self, seqs) -> bool:
         return all(s.request.sampling.greedy for s in seqs)
@@ -392,19 +431,28 @@ class Engine:
         sync = not self.async_scheduling
         if sched.decode:
             seqs = sched.decode
+            counts = self._multi_step_counts(seqs) if not sched.prefill else None
             b = min(bucket(len(seqs)), self.scheduler.max_num_seqs)  # the planner sized the workspace for it
             table = partial(self.manager.block_table, copy=False)  # read only, before the tables change
-            rows = [([s.tokens[-1]], len(s.tokens) - 1, table(s.seq_id), *self._sampling_row(s))
-                    for s in seqs]  # fmt: skip
+            starts = [len(s.tokens) - (counts[k] if counts else 1) + 1 for k, s in enumerate(seqs)]
+            rows = [([s.tokens[p - 1]], p - 1, table(s.seq_id), *self._sampling_row(s, p))
+                    for s, p in zip(seqs, starts)]  # fmt: skip
             # a token the device has not returned yet comes from the previous step's token buffer
-            src = [-1 if s.tokens[-1] != UNKNOWN_TOKEN else s.inflight for s in seqs]
-            width = bucket(-(-max(r[1] + 1 for r in rows) // bs))
+            src = [-1 if s.tokens[p - 1] != UNKNOWN_TOKEN else s.inflight for s, p in zip(seqs, starts)]
+            width = bucket(-(-max(len(s.tokens) for s in seqs) // bs))
             x = build_inputs(rows, block_size=bs, chunk=1, width=width, batch=b, src_rows=src)
-            _, logits, self.pools, buf = self.runner.run_step(self.pools, x, buf, decode=True,
-                                                              greedy=self._greedy(seqs))  # fmt: skip
+            greedy = self._greedy(seqs)
+            if counts:
+                x = dataclasses.replace(x, query_lens=np.asarray(counts + [0] * (b - len(seqs)), np.int32))
+                steps, self.pools, buf = self.runner.run_decode_steps(self.pools, x, buf, num_steps=self.decode_steps,
+                                                                      greedy=greedy)  # fmt: skip
+                part = _Part(seqs, list(range(len(seqs))), None, 0, True, starts, steps, counts)
+            else:
+                _, logits, self.pools, buf = self.runner.run_step(self.pools, x, buf, decode=True, greedy=greedy)
+                part = _Part(seqs, list(range(len(seqs))), logits, 0, True, starts)
             for s in seqs:
                 s.num_computed = len(s.tokens)  # the manager hears of it in _settle, once the token is known
-            parts.append(_Part(seqs, list(range(len(seqs))), logits, 0, decode=True))
+            parts.append(part)
             sync = sync or any(s.request.beam for s in seqs)
         if sched.prefill:
             chunks = sched.prefill
@@ -425,7 +473,7 @@ class Engine:
                     done.append(s)
                     idx.append(half + r)
             if done:
-                parts.append(_Part(done, idx, logits, half, decode=False))
+                parts.append(_Part(done, idx, logits, half, False, [len(s.tokens) for s in done]))
                 sync = sync or any(self._needs_host(s) for s in done)
         self._tokens = buf
         if not parts:
@@ -435,17 +483,19 @@ class Engine:
         if not sync:
             for part in parts:
                 part.logits = None  # the host needs none: keep no [B, V] array alive for a step longer
+                if part.steps is not None:
+                    part.steps.copy_to_host_async()
             buf.copy_to_host_async()  # queued right behind this step, not behind the next one
         return _Flight(self._step, buf, parts, sync)
 
     def _settle(self, flight: _Flight) -> None:
         """After the previous step landed: the flight's rows that still run await their token from it."""
         for part in flight.parts:
-            for s, i in zip(part.seqs, part.idx):
+            for s, i, start in zip(part.seqs, part.idx, part.starts):
                 if s.status is SeqStatus.FINISHED:  # stopped by the token the previous step sampled
                     continue
-                if part.decode:  # its input token is known now (prefix-cache hashes need the value)
-                    self.manager.mark_computed(s.seq_id)
+                if part.decode:  # its input token is known now (prefix-cache hashes need the value); a
+                    self.manager.mark_computed(s.seq_id, start)  # multi-step round's placeholders are not
                 s.inflight = i
 
     def _release_at_length(self, flight: _Flight) -> None:
@@ -463,38 +513,48 @@ class Engine:
         """Read a dispatched step's sampled tokens (one device->host copy) and do their bookkeeping."""
         if self.events is not None:
             self.events.append(("read", flight.step))
-        values = np.asarray(flight.tokens).tolist()
+        # one device->host copy: the token buffer, or a multi-step round's tokens (its only part)
+        values = np.asarray(flight.tokens).tolist() if any(p.steps is None for p in flight.parts) else None
         for part in flight.parts:
-            live = [(s, i) for s, i in zip(part.seqs, part.idx) if s.inflight == i]  # others: stopped, aborted
-            for s, _ in live:
-                s.inflight = None
-            if live:
-                seqs, rows = [s for s, _ in live], [i for _, i in live]
-                self._after_sampling(seqs, values, part.logits, rows, part.offset, touched)
+            # rows still waiting for this flight's tokens (the others stopped or were aborted meanwhile)
+            live = [k for k, (s, i) in enumerate(zip(part.seqs, part.idx)) if s.inflight == i]
+            for k in live:
+                part.seqs[k].inflight = None
+            if not live:
+                continue
+            seqs, starts = [part.seqs[k] for k in live], [part.starts[k] for k in live]
+            if part.steps is not None:  # multi-step decode: row b's tokens are steps[:counts[b], b]
+                steps = np.asarray(part.steps).T.tolist()
+                tokens = [steps[part.idx[k]][: part.counts[k]] for k in live]
+                self._after_sampling(seqs, starts, tokens, None, [], 0, touched)
+            else:
+                rows = [part.idx[k] for k in live]
+                self._after_sampling(seqs, starts, [[values[r]] for r in rows], part.logits, rows, part.offset,
+                                     touched)  # fmt: skip
 
     # After sampling: forks, beams, stops ------------------------------------------------------------------
-    def _after_sampling(self, seqs: list[Sequence], tokens: list[int], logits: jax.Array, rows: Seq[int],
-                        offset: int, touched: dict[str, Request]) -> None:  # fmt: skip
-        """seqs[i] got tokens[rows[i]] (logits row rows[i] - offset); logits stay on the device unless a fork
-        or beam search needs them.
+    def _after_sampling(self, seqs: list[Sequence], starts: list[int], tokens: list[list[int]], logits: jax.Array,
+                        rows: Seq[int], offset: int, touched: dict[str, Request]) -> None:  # fmt: skip
+        """seqs[i] sampled tokens[i] (one token, or a multi-step round's tokens), which belong at index starts[i]
+        on of its token list; its logits row is rows[i] - offset (one-token rows). Logits stay on the device
+        unless a fork or beam search needs them.
 
         Adds the requests concerned to `touched`; finished requests leave the scheduler.
         """
         beams: dict[str, list[tuple[Sequence, int]]] = {}
         ended: list[Request] = []
-        for s, r in zip(seqs, rows):
+        for i, (s, start, toks) in enumerate(zip(seqs, starts, tokens)):
             req = s.request
             touched[req.request_id] = req
             if req.beam:
-                beams.setdefault(req.request_id, []).append((s, r - offset))
+                beams.setdefault(req.request_id, []).append((s, rows[i] - offset))
                 continue
-            fork = self._forks_now(s)
-            self._place(s, tokens[r])
-            if fork:
-                for q in [s, *self._fork_samples(s, logits[r - offset])]:
+            if self._forks_now(s):
+                self._place(s, start, toks[0])
+                for q in [s, *self._fork_samples(s, logits[rows[i] - offset])]:
                     if self._check_stop(q):
                         ended.append(req)
-            elif self._check_stop(s):
+            elif self._take(s, start, toks):
                 ended.append(req)
         for pairs in beams.values():
             req = pairs[0][0].request
@@ -504,15 +564,45 @@ class Engine:
             if req.finished:
                 self.scheduler.remove(req)
 
-    def _place(self, s: Sequence, token: int) -> None:
-        """Put a sampled token where it belongs, by the sequence's state since the step was dispatched."""
-        if s.tokens[-1] == UNKNOWN_TOKEN:  # already scheduled into the next step: fill its slot in
-            s.tokens[-1] = token
-            self.manager.set_last_token(s.seq_id, token)
+    def _place(self, s: Sequence, index: int, token: int) -> None:
+        """Put a sampled token where it belongs, by the sequence's state since the step was dispatched: into
+        its slot at `index` when it has one (the next step or a multi-step round already gave it one), else as
+        the pending token of a live sequence, else at the end (preempted by recomputation: its tokens become
+        its prompt; or released at max_tokens)."""
+        if index < len(s.tokens):
+            s.tokens[index] = token
+            if s.status is SeqStatus.RUNNING or s.status is SeqStatus.SWAPPED:
+                self.manager.set_tokens(s.seq_id, index, [token])
         elif s.status is SeqStatus.RUNNING or s.status is SeqStatus.SWAPPED:
             s.pending = token  # gets a slot at the next schedule
-        else:  # preempted by recomputation (its tokens become its prompt) or released at max_tokens
+        else:
             s.tokens.append(token)
+
+    def _take(self, s: Sequence, start: int, tokens: list[int]) -> bool:
+        """Place s's sampled tokens (index start on) one by one, counting each and stopping at a stop token or
+        max_tokens; the slots after a stop token are dropped. Returns whether s finished."""
+        sp = s.request.sampling
+        for j, token in enumerate(tokens):
+            index = start + j
+            self._place(s, index, token)
+            self._tokens_generated += 1
+            stop = (not sp.ignore_eos) and token in sp.stop_token_ids
+            last = j == len(tokens) - 1
+            if s.status is SeqStatus.FINISHED:  # released ahead of its last token (by length)
+                if stop or last:
+                    del s.tokens[index + 1 :]
+                    s.finish_reason = "stop" if stop else "length"
+                    return True
+                continue
+            if stop or index + 1 - s.num_prompt >= sp.max_tokens:
+                if s.pending is not None:
+                    s.tokens.append(s.pending)
+                    s.pending = None
+                del s.tokens[index + 1 :]  # placeholders of steps past the stop (multi-step, async)
+                s.finish_reason = "stop" if stop else "length"
+                self.scheduler.release_seq(s)
+                return True
+        return False
 
     def _fork_samples(self, parent: Sequence, logits_row: jax.Array) -> list[Sequence]:
         req = parent.request

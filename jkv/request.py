@@ -51,11 +51,19 @@ class Sequence:
         return len(self.tokens) + (self.pending is not None) - self.num_prompt
 
     def output_ids(self) -> list[int]:
-        """Generated tokens, a sampled one without a slot included (a fresh list, no copy of the prompt)."""
+        """Generated tokens, a sampled one without a slot included (a fresh list, no copy of the prompt); the
+        slots of a multi-step round still on the device (trailing placeholders) are left out."""
         out = self.tokens[self.num_prompt :]
+        while out and out[-1] == UNKNOWN_TOKEN:
+            out.pop()
         if self.pending is not None:
             out.append(self.pending)
         return out
+
+    def drop_placeholders(self) -> None:
+        """Forget the trailing slots of tokens still on the device (an aborted sequence keeps what it has)."""
+        while len(self.tokens) > self.num_prompt and self.tokens[-1] == UNKNOWN_TOKEN:
+            self.tokens.pop()
 
     @property
     def prefilling(self) -> bool:

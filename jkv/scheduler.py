@@ -155,7 +155,9 @@ class Scheduler:
             for s in seqs:
                 # a token in flight gets its slot now and its value when the engine reads it
                 token = s.pending if s.pending is not None else UNKNOWN_TOKEN
-                cow = m.append_slots(s.seq_id, [token])
+                # advance=False: the engine marks tokens computed once their values are known (a multi-step
+                # decode round still in flight leaves placeholders that must not enter the prefix cache)
+                cow = m.append_slots(s.seq_id, [token], advance=False)
                 if cow:
                     out.ops.append(("cow", cow))
                 s.tokens.append(token)

@@ -1,0 +1,186 @@
+"""Multi-step decode in the engine (`Engine(decode_steps=K)`): K decode steps per device call give exactly the
+tokens, finish reasons and counts of one step per call, under every engine feature, in async and sync mode.
+
+The scenarios are test_engine_async's; `drive` runs one through an engine and returns what a user sees (it also
+checks that every block comes back, that no placeholder token is ever reported and that the streamed tokens add
+up to the final output).
+"""
+
+import numpy as np
+import pytest
+
+import jkv
+from test_engine_async import FIXTURE, SP, drive
+
+from jkv.reference import reference_generate
+
+
+@pytest.fixture(scope="module")
+def model():
+    return jkv.load_model(FIXTURE, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def prompts(model):
+    rng = np.random.default_rng(11)
+    lengths = [1, 3, 7, 8, 9, 15, 16, 17, 30, 45]
+    return [rng.integers(0, model.config.vocab_size, n).tolist() for n in lengths]
+
+
+@pytest.fixture(scope="module")
+def greedy10(model, prompts):
+    return reference_generate(model, prompts, max_tokens=10)
+
+
+def multi_vs_single(model, plan, steps=(4,), **opts):
+    """The plan through decode_steps=1 (sync) and decode_steps=K (async and sync): the same results."""
+    want, single, _ = drive(model, plan, async_scheduling=False, **opts)
+    engines = []
+    for k in steps:
+        for mode in (True, False):
+            got, eng, _ = drive(model, plan, async_scheduling=mode, decode_steps=k, **opts)
+            assert got == want, f"decode_steps={k}, async_scheduling={mode}"
+            assert eng.stats().step <= single.stats().step + 1  # never more rounds (+1: async reads the last)
+            engines.append(eng)
+    return want, engines
+
+
+def multi_calls(eng) -> int:
+    return sum(1 for key in eng.runner.compiled if key[1] == "steps")
+
+
+def test_greedy_matches_reference_and_uses_fewer_calls(model, prompts, greedy10):
+    plan = [(0, p, SP(max_tokens=10)) for p in prompts]
+    res, engines = multi_vs_single(model, plan, steps=(3, 8))
+    assert [res["samples"][f"r{i}"][0][0] for i in range(len(prompts))] == greedy10
+    _, single, _ = drive(model, plan, async_scheduling=True)
+    for eng in engines:
+        assert multi_calls(eng) > 0  # the multi-step program ran
+        assert eng.stats().step <= single.stats().step - 4  # fewer step() calls for the same tokens
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.8, 0, 0.9), (1.3, 20, 1.0)])
+def test_seeded_sampling(model, prompts, temperature, top_k, top_p):
+    plan = [(0, p, SP(max_tokens=9, temperature=temperature, top_k=top_k, top_p=top_p, seed=100 + i))
+            for i, p in enumerate(prompts)]  # fmt: skip
+    multi_vs_single(model, plan)
+
+
+def test_stop_tokens_inside_a_round(model, prompts, greedy10):
+    stops = (greedy10[2][4], greedy10[5][1], greedy10[8][6])
+    plan = [(0, p, SP(max_tokens=10, stop_token_ids=stops)) for p in prompts]
+    plan += [(0, p, SP(max_tokens=10, stop_token_ids=stops, temperature=0.9, seed=i)) for i, p in enumerate(prompts)]
+    res, _ = multi_vs_single(model, plan, steps=(4, 8))
+    assert list(res["finish"].values()).count("stop") >= 4
+
+
+def test_stop_token_that_is_also_the_last_token(model, prompts, greedy10):
+    stop = greedy10[3][4]
+    k = greedy10[3].index(stop) + 1
+    res, _ = multi_vs_single(model, [(0, prompts[3], SP(max_tokens=k, stop_token_ids=[stop]))], steps=(2, 8))
+    assert res["samples"]["r0"] == [(greedy10[3][:k], "stop")]
+
+
+def test_max_tokens_and_late_arrivals(model, prompts):
+    plan = [(i % 4 * 3, p, SP(max_tokens=1 + (i * 3) % 11)) for i, p in enumerate(prompts)]
+    plan += [(5, prompts[9], SP(max_tokens=1)), (6, prompts[0], SP(max_tokens=2, temperature=1.0, seed=3))]
+    res, _ = multi_vs_single(model, plan, steps=(3, 8), max_num_seqs=4)
+    assert res["tokens_generated"] == sum(sp.max_tokens for _, _, sp in plan)
+
+
+def test_prefix_caching_sees_real_tokens_only(model):
+    rng = np.random.default_rng(5)
+    shared = rng.integers(0, 1000, 20).tolist()
+    ps = [shared + rng.integers(0, 1000, n).tolist() for n in (1, 4, 9, 13)]
+    plan = [(0, ps[0], SP(max_tokens=12))] + [(3 * i, p, SP(max_tokens=8)) for i, p in enumerate(ps[1:], 1)]
+    res, _ = multi_vs_single(model, plan, block_size=4)
+    # a later prompt = an earlier prompt + its output: it hits blocks filled by multi-step rounds, whose tokens
+    # were placeholders when their slots were handed out (hashing a placeholder would miss, or worse, hit wrong)
+    first = res["samples"]["r0"][0][0]
+    plan2 = plan + [(12, ps[0] + first[:9], SP(max_tokens=4))]
+    res2, engines = multi_vs_single(model, plan2, steps=(4,), block_size=4)
+    assert res2["samples"]["r4"][0][0] == reference_generate(model, [ps[0] + first[:9]], max_tokens=4)[0]
+    for eng in engines:
+        assert eng.manager.stats.prefix_hit_tokens >= 20 + 28
+
+
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_preemption(model, prompts, greedy10, mode):
+    stops = (greedy10[2][4], greedy10[8][6])
+    plan = [(0, p, SP(max_tokens=10, stop_token_ids=stops if i % 2 else ())) for i, p in enumerate(prompts)]
+    plan += [(2, prompts[4], SP(max_tokens=10, temperature=0.7, seed=9))]
+    _, engines = multi_vs_single(model, plan, num_blocks=24, max_num_seqs=16, preemption_mode=mode,
+                                 swap_blocks=64 if mode == "swap" else 0)  # fmt: skip
+    for eng in engines:
+        st = eng.stats()
+        assert (st.preemptions_swap if mode == "swap" else st.preemptions_recompute) > 0
+
+
+def test_parallel_samples_and_beams(model, prompts, greedy10):
+    plan = [(0, p, SP(max_tokens=8)) for p in prompts[:6]]
+    plan += [
+        (1, prompts[6], SP(max_tokens=7, n=3, temperature=1.0, seed=4)),
+        (2, prompts[7], SP(max_tokens=6, beam_width=3)),  # rounds with a beam row run one step
+        (4, prompts[8], SP(max_tokens=6, n=2)),
+        (5, prompts[9], SP(max_tokens=5, beam_width=2, n=2, stop_token_ids=[greedy10[9][2]])),
+    ]
+    res, _ = multi_vs_single(model, plan, num_blocks=200, max_num_seqs=12)
+    assert res["samples"]["r8"] == [(greedy10[8][:6], "length")] * 2
+
+
+def test_sliding_window(model, prompts):
+    multi_vs_single(model, [(0, p, SP(max_tokens=20)) for p in prompts], steps=(4, 8), sliding_window=8,
+                    num_blocks=80)  # fmt: skip
+
+
+def test_random_workloads(model):
+    rng = np.random.default_rng(8)
+    for _ in range(3):
+        plan = []
+        for i in range(14):
+            kind = rng.integers(0, 8)
+            prompt = rng.integers(0, 1000, int(rng.integers(1, 40))).tolist()
+            sp = {"max_tokens": int(rng.integers(1, 20)), "stop_token_ids": tuple(int(t) for t in rng.integers(0, 1000, 30))}
+            if kind == 1:
+                sp |= {"temperature": float(rng.uniform(0.5, 1.5)), "top_k": int(rng.integers(0, 50)), "seed": i}
+            elif kind == 2:
+                sp |= {"n": int(rng.integers(2, 4)), "temperature": 1.0, "seed": i}
+            elif kind == 3:
+                sp |= {"beam_width": 2}
+            plan.append((int(rng.integers(0, 12)), prompt, SP(**sp)))
+        multi_vs_single(model, plan, steps=(int(rng.integers(2, 9)),), num_blocks=int(rng.choice([60, 200])),
+                        max_num_seqs=10, block_size=int(rng.choice([4, 8])),
+                        max_num_batched_tokens=int(rng.choice([16, 64])))  # fmt: skip
+
+
+def test_abort_during_a_round(model, prompts, greedy10):
+    plan = [(0, p, SP(max_tokens=10)) for p in prompts[:6]]
+    for mode in (True, False):
+        res, eng, streamed = drive(model, plan, async_scheduling=mode, decode_steps=4, abort_at={1: 2, 4: 1})
+        for i in (1, 4):  # aborted with a round in flight: what it reports is a prefix of the full output
+            assert f"r{i}" not in res["samples"] and eng.requests[f"r{i}"].seqs[0].finish_reason == "aborted"
+            assert streamed[f"r{i}"] == greedy10[i][: len(streamed[f"r{i}"])]
+            assert jkv.request.UNKNOWN_TOKEN not in eng.requests[f"r{i}"].seqs[0].tokens
+        for i in (0, 2, 3, 5):
+            assert res["samples"][f"r{i}"] == [(greedy10[i], "length")]
+
+
+def test_round_reads_back_once_and_falls_back_when_blocks_are_short(model, prompts):
+    eng = jkv.Engine(model, num_blocks=200, block_size=4, max_num_seqs=8, decode_steps=5)
+    for p in prompts[:8]:
+        eng.add_request(p, SP(max_tokens=12, ignore_eos=True))
+    eng.step()  # prefill
+    eng.step()  # first multi-step round
+    assert eng._flight is not None and eng._flight.parts[0].steps is not None
+    assert all(s.tokens[-4:] == [jkv.request.UNKNOWN_TOKEN] * 4 for r in eng.requests.values() for s in r.seqs)
+    # too few free blocks for the extra slots: the round runs one step
+    tight = jkv.Engine(model, num_blocks=15, block_size=4, max_num_seqs=8, decode_steps=8, watermark=0.0)
+    for p in (prompts[2], prompts[3]):
+        tight.add_request(p, SP(max_tokens=30, ignore_eos=True))
+    out = tight.run()
+    assert all(len(o.token_ids) == 30 for o in out.values())
+
+
+def test_decode_steps_must_be_positive(model):
+    with pytest.raises(ValueError, match="decode_steps"):
+        jkv.Engine(model, num_blocks=16, block_size=4, decode_steps=0)
