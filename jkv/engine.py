@@ -32,6 +32,7 @@ from jkv.scheduler import Scheduler, SchedulerOutput
 from planner.kv_layout import blocks_for_tokens, kv_dtype as planner_kv_dtype, kv_bytes_per_token
 
 MIN_CHUNK = 16  # smallest prefill chunk bucket
+GENERATE_DECODE_STEPS = 8  # `generate()`'s default multi-step decode (H200, gpt2 batch 32: ~2x per decode step)
 
 
 @dataclass
@@ -126,14 +127,14 @@ class Engine:
             in a 256-request GPT-2 run on an H200).
         async_scheduling: dispatch each step before reading the previous step's sampled tokens (below); False
             reads every step's tokens before `step()` returns.
-        decode_steps: multi-step decode. A round with decode rows only (no prefill chunk, no beam search) runs
-            up to this many decode steps in one device call, each step's sampled tokens feeding the next on the
-            device; the host schedules, reads back and does the bookkeeping once per round. 1 (the default)
-            runs one decode step per `step()`. The tokens are the same either way (every token's sampling key
-            is its request's seed and its index); what changes is that a `step()` may report several tokens
-            per request, a request that finishes mid-round leaves its row idle until the round ends, and
-            waiting requests are admitted at round boundaries only. Rounds that would need more free blocks
-            than the pool has run a single step instead.
+        decode_steps: multi-step decode. The decode rows of a round without beam search run up to this many
+            decode steps in one device call, each step's sampled tokens feeding the next on the device (a
+            prefill chunk of the same round runs in a call of its own); the host schedules, reads back and does
+            the bookkeeping once per round. 1 (the default) runs one decode step per `step()`. The tokens are
+            the same either way (every token's sampling key is its request's seed and its index); what changes
+            is that a `step()` may report several tokens per request, a request that finishes mid-round leaves
+            its row idle until the round ends, and waiting requests are admitted at round boundaries only.
+            Rounds that would need more free blocks than the pool has run a single step instead.
 
     Async scheduling. The scheduler needs lengths, not token values: a sequence whose token the device
     sampled but the host has not read gets its slot anyway (a placeholder id, `UNKNOWN_TOKEN`), and its decode
@@ -232,6 +233,7 @@ class Engine:
         self.history: list[dict] = []
         self._seq_ids = itertools.count(1)
         self.last_decode_rows = 0
+        self.last_decode_steps = 0  # decode steps the last step() ran on the device (K in a multi-step round)
         self.async_scheduling = bool(async_scheduling)
         self._tokens = self.runner.zero_tokens()  # the last dispatched step's token buffer (on the device)
         self._flight: _Flight | None = None  # the dispatched step whose tokens are not read yet
@@ -344,6 +346,7 @@ class Engine:
         self._run_ops(sched)
         touched: dict[str, Request] = {r.request_id: r for r in sched.preempted}  # requests to report, by id
         self.last_decode_rows = len(sched.decode)
+        self.last_decode_steps = 1 if sched.decode else 0
         prev, self._flight = self._flight, None
         flight = self._dispatch(sched)
         if prev is not None:
@@ -431,7 +434,7 @@ class Engine:
         sync = not self.async_scheduling
         if sched.decode:
             seqs = sched.decode
-            counts = self._multi_step_counts(seqs) if not sched.prefill else None
+            counts = self._multi_step_counts(seqs)  # a prefill chunk, if any, runs in a call of its own
             b = min(bucket(len(seqs)), self.scheduler.max_num_seqs)  # the planner sized the workspace for it
             table = partial(self.manager.block_table, copy=False)  # read only, before the tables change
             starts = [len(s.tokens) - (counts[k] if counts else 1) + 1 for k, s in enumerate(seqs)]
@@ -447,6 +450,7 @@ class Engine:
                 steps, self.pools, buf = self.runner.run_decode_steps(self.pools, x, buf, num_steps=self.decode_steps,
                                                                       greedy=greedy)  # fmt: skip
                 part = _Part(seqs, list(range(len(seqs))), None, 0, True, starts, steps, counts)
+                self.last_decode_steps = max(counts)
             else:
                 _, logits, self.pools, buf = self.runner.run_step(self.pools, x, buf, decode=True, greedy=greedy)
                 part = _Part(seqs, list(range(len(seqs))), logits, 0, True, starts)
@@ -760,10 +764,11 @@ def generate(model, prompts: Seq[str | Seq[int]], sampling: SamplingParams | Non
     """Generate for every prompt with a fresh paged engine; one `RequestOutput` per prompt, in order.
 
     A prompt that is bad input (empty, too long, can never fit) gets an output with `.error` set and no tokens;
-    the other prompts are served normally.
+    the other prompts are served normally. Offline generation wants throughput, not per-token latency, so the
+    engine runs multi-step decode (`decode_steps=8`) unless `engine_options` say otherwise.
     """
     sampling = sampling or SamplingParams()
-    engine = Engine(model, **engine_options)
+    engine = Engine(model, **({"decode_steps": GENERATE_DECODE_STEPS} | engine_options))
     ids: list[str | RequestOutput] = []
     for i, p in enumerate(prompts):
         try:

@@ -6,7 +6,8 @@
 Workload: a seeded synthetic set of requests with log-normal prompt and output lengths (prompt + output <= the
 context), EOS ignored, random weights of the named GPT-2 size in bfloat16. In one run:
 
-- jkv paged, continuous batching, at most --batch sequences at once;
+- jkv paged, continuous batching, at most --batch sequences at once, --decode-steps decode steps per device
+  call when a round has no prefill (multi-step decode; `--single-step-row` adds the same run at 1 step per call);
 - jkv paged with the KV memory a static batch of --batch full-length sequences would reserve (more sequences
   fit, since real ones are shorter);
 - jkv static padded batching: requests in arrival order in batches of --batch, each batch padded to its longest
@@ -57,9 +58,9 @@ def peak_bytes() -> int:
     return int(stats.get("peak_bytes_in_use", 0))
 
 
-def run_paged(model, *, max_num_seqs, num_blocks, block_size, history=False, fused_write=True):
+def run_paged(model, *, max_num_seqs, num_blocks, block_size, decode_steps, history=False, fused_write=True):
     eng = jkv.Engine(model, num_blocks=num_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
-                     max_num_batched_tokens=2048, enable_prefix_caching=False,
+                     max_num_batched_tokens=2048, enable_prefix_caching=False, decode_steps=decode_steps,
                      record_history=history)  # fmt: skip
     eng.runner.fuse_decode_write = fused_write  # False: the K/V scatter before the decode kernel (the old step)
     return eng
@@ -69,7 +70,7 @@ def drive(eng, reqs, trace: tuple[str, int, int] | None = None):
     """Run the workload to the end; `trace=(dir, first, last)` records a jax.profiler trace of steps first..last."""
     for prompt, out_len in reqs:
         eng.add_request(prompt, jkv.SamplingParams(max_tokens=out_len, ignore_eos=True))
-    step_times, decode_rows = [], []
+    step_times, decode_rows, decode_steps = [], [], []
     t0 = time.perf_counter()
     i = 0
     while eng.has_unfinished():
@@ -79,27 +80,31 @@ def drive(eng, reqs, trace: tuple[str, int, int] | None = None):
         eng.step()
         step_times.append(time.perf_counter() - s0)
         decode_rows.append(eng.last_decode_rows)
+        decode_steps.append(eng.last_decode_steps)
         i += 1
         if trace and i == trace[2]:
             jax.effects_barrier()
             jax.profiler.stop_trace()
     wall = time.perf_counter() - t0
-    return wall, step_times, decode_rows
+    return wall, step_times, decode_rows, decode_steps
 
 
-def traced_idle_share(model, reqs, cap, blocks, bs, trace_dir: str) -> dict:
-    """GPU idle share of the engine's real loop: a third, untimed pass traced over 40 steady-state steps at the
-    full batch; idle = 1 - (union of kernel intervals) / (first kernel start .. last kernel end)."""
+def traced_idle_share(model, reqs, cap, blocks, bs, decode_steps, trace_dir: str) -> dict:
+    """GPU idle share of the engine's real loop: a third, untimed pass traced over 40 steady-state engine steps
+    (rounds) at the full batch; idle = 1 - (union of kernel intervals) / (first kernel start .. last kernel end).
+    Per-step figures are per decode step (a multi-step round counts its K steps)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from profile_step import busy_ns, kernel_events, span_ns
 
-    eng = run_paged(model, max_num_seqs=cap, num_blocks=blocks, block_size=bs)
-    drive(eng, reqs[: 4 * cap], trace=(trace_dir, 2 * cap, 2 * cap + 40))  # past the first prefills
+    eng = run_paged(model, max_num_seqs=cap, num_blocks=blocks, block_size=bs, decode_steps=decode_steps)
+    first = 2 * cap if decode_steps == 1 else cap // 2  # past the first prefills
+    _, _, _, steps = drive(eng, reqs[: 4 * cap], trace=(trace_dir, first, first + 40))
     events = kernel_events(Path(trace_dir))
     if not events:
         return {}
+    n = max(1, sum(steps[first : first + 40]))
     span, busy = span_ns(events), busy_ns(events)
-    return {"traced_steps": 40, "gpu_busy_ms_per_step": busy / 40 / 1e6, "gpu_span_ms_per_step": span / 40 / 1e6,
+    return {"traced_steps": n, "gpu_busy_ms_per_step": busy / n / 1e6, "gpu_span_ms_per_step": span / n / 1e6,
             "gpu_idle_share_traced": 1 - busy / span}  # fmt: skip
 
 
@@ -197,6 +202,10 @@ def main() -> None:
     ap.add_argument("--skip-memory-matched", action="store_true", help="only the paged run at --batch")
     ap.add_argument("--fixed-lengths", default=None, metavar="PROMPT,OUTPUT",
                     help="all requests this long instead of the log-normal mix (few compiled shapes: large models)")
+    ap.add_argument("--decode-steps", type=int, default=8,
+                    help="decode steps per device call in rounds without prefill (Engine(decode_steps=...))")
+    ap.add_argument("--single-step-row", action="store_true",
+                    help="also time the paged engine at --batch with one decode step per device call")
     ap.add_argument("--unfused-row", action="store_true",
                     help="also time the paged engine at --batch with the K/V scatter outside the decode kernel")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
@@ -228,29 +237,36 @@ def main() -> None:
 
     # paged, batch cap = --batch (pool big enough that the cap binds)
     blocks = args.batch * math.ceil(cfg.n_positions / bs) + 1
-    configs = [(f"jkv paged, batch {args.batch}", args.batch, True)]
+    k = args.decode_steps
+    configs = [(f"jkv paged, batch {args.batch}, {k} decode steps/call", args.batch, True, k)]
+    if args.single_step_row and k != 1:
+        configs.append((f"jkv paged, batch {args.batch}, 1 decode step/call", args.batch, True, 1))
     if args.unfused_row:
-        configs.append((f"jkv paged, batch {args.batch}, K/V scatter outside the kernel", args.batch, False))
+        configs.append((f"jkv paged, batch {args.batch}, K/V scatter outside the kernel", args.batch, False, k))
     if not args.skip_memory_matched:
-        configs.append((f"jkv paged, static's KV memory ({static_kv / 2**30:.2f} GiB)", 4 * args.batch, True))
-    for name, cap, fused in configs:
-        eng = run_paged(model, max_num_seqs=cap, num_blocks=blocks, block_size=bs, history=True, fused_write=fused)
+        configs.append((f"jkv paged, static's KV memory ({static_kv / 2**30:.2f} GiB)", 4 * args.batch, True, k))
+    for name, cap, fused, ksteps in configs:
+        eng = run_paged(model, max_num_seqs=cap, num_blocks=blocks, block_size=bs, decode_steps=ksteps, history=True,
+                        fused_write=fused)  # fmt: skip
         drive(eng, warm)
         eng.history.clear()
-        wall, steps, drows = drive(eng, reqs)
+        wall, steps, drows, dsteps = drive(eng, reqs)
         hist = eng.history
         frag = float(np.mean([h["internal_fragmentation"] for h in hist if h["blocks_used"]]))
-        full = [t for t, r in zip(steps, drows) if r == cap]
+        # engine steps (rounds) at the full batch: their time per decode step (a multi-step round's time / its
+        # steps; a mean, since rounds of K steps and rounds of one step mix)
+        full = [(t, n) for t, r, n in zip(steps, drows, dsteps) if r == cap and n]
         row = {"name": name, "wall_s": wall, "tokens": out_tokens, "tok_s": out_tokens / wall,
                "ms_per_token": 1e3 * wall / out_tokens, "kv_bytes": eng.pools.nbytes, "kv_waste": frag,
-               "peak_bytes": peak_bytes(), "preemptions": eng.stats().preemptions_recompute}  # fmt: skip
+               "peak_bytes": peak_bytes(), "preemptions": eng.stats().preemptions_recompute, "decode_steps": ksteps}  # fmt: skip
         if cap == args.batch and full:
             dev = time_decode_step(eng, cap, 512)
-            row["decode_step_ms_wall"] = 1e3 * float(np.median(full))
+            row["decode_step_ms_wall"] = 1e3 * sum(t for t, _ in full) / sum(n for _, n in full)
             row["decode_step_ms_device_ctx512"] = 1e3 * dev
             if jax.default_backend() == "gpu" and fused:
                 eng = None  # free its pools before the traced pass builds its own
-                row |= traced_idle_share(model, reqs, cap, blocks, bs, str(Path(args.trace_dir) / f"b{cap}"))
+                row |= traced_idle_share(model, reqs, cap, blocks, bs, ksteps,
+                                         str(Path(args.trace_dir) / f"b{cap}_k{ksteps}"))  # fmt: skip
                 if "gpu_busy_ms_per_step" in row:  # the trace slows the loop: set busy against the untraced step
                     row["gpu_idle_share_est"] = max(0.0, 1 - row["gpu_busy_ms_per_step"] / row["decode_step_ms_wall"])
         rows.append(row)
@@ -286,7 +302,7 @@ def main() -> None:
         print(f"{r['name']:58s} {r['tok_s']:9.0f} {r['ms_per_token']:7.3f} {kv:>7s} {waste:>8s} "
               f"{r['peak_bytes'] / 2**30:8.2f}")  # fmt: skip
         if "decode_step_ms_wall" in r:
-            print(f"    decode step at the full batch: {r['decode_step_ms_wall']:.3f} ms per engine step (median); "
+            print(f"    decode step at the full batch: {r['decode_step_ms_wall']:.3f} ms per decode step (mean over full-batch rounds); "
                   f"{r['decode_step_ms_device_ctx512']:.3f} ms for one synchronous step at ctx 512")  # fmt: skip
         if "gpu_idle_share_traced" in r:
             print(f"    traced engine loop: GPU busy {r['gpu_busy_ms_per_step']:.3f} ms of {r['gpu_span_ms_per_step']:.3f} "
