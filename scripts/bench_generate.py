@@ -75,6 +75,7 @@ def drive(eng, reqs, trace: tuple[str, int, int] | None = None):
     i = 0
     while eng.has_unfinished():
         if trace and i == trace[1]:
+            jax.block_until_ready(eng.pools)  # start and stop on an idle device: the window holds whole steps
             jax.profiler.start_trace(trace[0])
         s0 = time.perf_counter()
         eng.step()
@@ -83,21 +84,27 @@ def drive(eng, reqs, trace: tuple[str, int, int] | None = None):
         decode_steps.append(eng.last_decode_steps)
         i += 1
         if trace and i == trace[2]:
-            jax.effects_barrier()
+            jax.block_until_ready(eng.pools)
             jax.profiler.stop_trace()
     wall = time.perf_counter() - t0
     return wall, step_times, decode_rows, decode_steps
 
 
-def traced_idle_share(model, reqs, cap, blocks, bs, decode_steps, trace_dir: str) -> dict:
-    """GPU idle share of the engine's real loop: a third, untimed pass traced over 40 steady-state engine steps
-    (rounds) at the full batch; idle = 1 - (union of kernel intervals) / (first kernel start .. last kernel end).
-    Per-step figures are per decode step (a multi-step round counts its K steps)."""
+def traced_idle_share(model, reqs, cap, blocks, bs, trace_dir: str) -> dict:
+    """GPU busy time per decode step of the engine's real loop: an untimed single-step pass (decode_steps=1)
+    traced over 40 steady-state steps at the full batch; idle while traced = 1 - (union of kernel intervals) /
+    (first kernel start .. last kernel end).
+
+    NOTE: single-step only. Tracing multi-step rounds crashed the process on an H200 in 2 of 3 tries
+    (CUDA_ERROR_LAUNCH_FAILED, 2026-11-27; the same workloads run clean untraced), so a multi-step row's idle
+    share is estimated from this busy time against its own untraced time per decode step. The multi-step
+    program's kernels take ~4 % longer than the single step's (profile_step.py), so that estimate errs towards
+    more idle."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from profile_step import busy_ns, kernel_events, span_ns
 
-    eng = run_paged(model, max_num_seqs=cap, num_blocks=blocks, block_size=bs, decode_steps=decode_steps)
-    first = 2 * cap if decode_steps == 1 else cap // 2  # past the first prefills
+    eng = run_paged(model, max_num_seqs=cap, num_blocks=blocks, block_size=bs, decode_steps=1)
+    first = 2 * cap  # past the first prefills
     _, _, _, steps = drive(eng, reqs[: 4 * cap], trace=(trace_dir, first, first + 40))
     events = kernel_events(Path(trace_dir))
     if not events:
@@ -265,8 +272,7 @@ def main() -> None:
             row["decode_step_ms_device_ctx512"] = 1e3 * dev
             if jax.default_backend() == "gpu" and fused:
                 eng = None  # free its pools before the traced pass builds its own
-                row |= traced_idle_share(model, reqs, cap, blocks, bs, ksteps,
-                                         str(Path(args.trace_dir) / f"b{cap}_k{ksteps}"))  # fmt: skip
+                row |= traced_idle_share(model, reqs, cap, blocks, bs, str(Path(args.trace_dir) / f"b{cap}_k{ksteps}"))
                 if "gpu_busy_ms_per_step" in row:  # the trace slows the loop: set busy against the untraced step
                     row["gpu_idle_share_est"] = max(0.0, 1 - row["gpu_busy_ms_per_step"] / row["decode_step_ms_wall"])
         rows.append(row)
@@ -305,9 +311,9 @@ def main() -> None:
             print(f"    decode step at the full batch: {r['decode_step_ms_wall']:.3f} ms per decode step (mean over full-batch rounds); "
                   f"{r['decode_step_ms_device_ctx512']:.3f} ms for one synchronous step at ctx 512")  # fmt: skip
         if "gpu_idle_share_traced" in r:
-            print(f"    traced engine loop: GPU busy {r['gpu_busy_ms_per_step']:.3f} ms of {r['gpu_span_ms_per_step']:.3f} "
-                  f"ms per step -> GPU idle {100 * r['gpu_idle_share_traced']:.0f}% while traced, "
-                  f"~{100 * r['gpu_idle_share_est']:.0f}% against the untraced step")  # fmt: skip
+            print(f"    traced single-step loop: GPU busy {r['gpu_busy_ms_per_step']:.3f} ms of "
+                  f"{r['gpu_span_ms_per_step']:.3f} ms per step (idle {100 * r['gpu_idle_share_traced']:.0f}% while "
+                  f"traced); this row's untraced step -> GPU idle ~{100 * r['gpu_idle_share_est']:.0f}%")  # fmt: skip
 
 
 if __name__ == "__main__":
