@@ -273,7 +273,9 @@ def main() -> None:
             if jax.default_backend() == "gpu" and fused:
                 eng = None  # free its pools before the traced pass builds its own
                 row |= traced_idle_share(model, reqs, cap, blocks, bs, str(Path(args.trace_dir) / f"b{cap}_k{ksteps}"))
-                if "gpu_busy_ms_per_step" in row:  # the trace slows the loop: set busy against the untraced step
+                # the trace slows the loop: set busy against the untraced step. Single-step rows only: a multi-step
+                # run's per-step time is not separable (its rounds overlap each other and the prefill calls)
+                if "gpu_busy_ms_per_step" in row and ksteps == 1:
                     row["gpu_idle_share_est"] = max(0.0, 1 - row["gpu_busy_ms_per_step"] / row["decode_step_ms_wall"])
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -311,9 +313,10 @@ def main() -> None:
             print(f"    decode step at the full batch: {r['decode_step_ms_wall']:.3f} ms per decode step (mean over full-batch rounds); "
                   f"{r['decode_step_ms_device_ctx512']:.3f} ms for one synchronous step at ctx 512")  # fmt: skip
         if "gpu_idle_share_traced" in r:
+            est = f"~{100 * r['gpu_idle_share_est']:.0f}%" if "gpu_idle_share_est" in r else "n/a (multi-step)"
             print(f"    traced single-step loop: GPU busy {r['gpu_busy_ms_per_step']:.3f} ms of "
                   f"{r['gpu_span_ms_per_step']:.3f} ms per step (idle {100 * r['gpu_idle_share_traced']:.0f}% while "
-                  f"traced); this row's untraced step -> GPU idle ~{100 * r['gpu_idle_share_est']:.0f}%")  # fmt: skip
+                  f"traced); this row's untraced step -> GPU idle {est}")  # fmt: skip
 
 
 if __name__ == "__main__":
