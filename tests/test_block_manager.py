@@ -20,6 +20,26 @@ from planner.kv_layout import BlockLayout, kv_dtype
 # Hand-built scenarios ---------------------------------------------------------------------------------------
 
 
+def test_placeholder_slots_are_not_cached_until_set_and_computed():
+    """Multi-step decode: slots appended ahead with advance=False stay uncomputed (never hashed into the prefix
+    cache) until their tokens are set; computed tokens cannot be changed."""
+    m = BlockManager(num_blocks=16, block_size=4)
+    m.allocate_prompt(1, range(6))
+    m.mark_computed(1)
+    m.append_slots(1, [-1], advance=False)  # the round's input token (in flight)
+    m.append_slots(1, [-1, -1, -1], advance=False)  # its later steps' tokens
+    assert m.num_computed_tokens(1) == 6 and m.num_tokens(1) == 10
+    assert m.cached_prefix_tokens(list(range(6)) + [7, 8, 9, 10, 0]) == 4  # only the prompt's full block
+    with pytest.raises(SequenceStateError, match="only its uncomputed tokens 6..9 can change"):
+        m.set_tokens(1, 5, [0, 0])
+    m.set_tokens(1, 6, [7, 8, 9, 10])
+    m.mark_computed(1)
+    assert m.token_ids(1) == (0, 1, 2, 3, 4, 5, 7, 8, 9, 10)
+    assert m.cached_prefix_tokens(list(range(6)) + [7, 8, 9, 10, 0]) == 8  # the block [4, 5, 7, 8] is cached now
+    with pytest.raises(SequenceStateError):
+        m.set_last_token(1, 3)
+
+
 def test_blocks_and_fragmentation_of_two_prompts():
     m = BlockManager(num_blocks=16, block_size=4)
     a = m.allocate_prompt(1, range(10))  # 10 tokens: blocks of 4 + 4 + 2
