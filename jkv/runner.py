@@ -235,6 +235,17 @@ _JITTED: OrderedDict[tuple, object] = OrderedDict()  # least recently used first
 _JITTED_MAX = 128  # entries kept for reuse (each holds its executables); live runners keep their own anyway
 
 
+def _cached_jit(key: tuple, fn):
+    """jax.jit(fn, donating the pools) for `key`, kept in the process-wide LRU `_JITTED` (made on first use)."""
+    if key in _JITTED:
+        _JITTED.move_to_end(key)
+    else:
+        while len(_JITTED) >= _JITTED_MAX:
+            _JITTED.popitem(last=False)
+        _JITTED[key] = jax.jit(fn(), donate_argnums=1)
+    return _JITTED[key]
+
+
 def _jitted_step(config: ModelConfig, backend: str, decode: bool, greedy: bool, shape: tuple[int, int, int],
                  window: int | None, fuse_write: bool = True):  # fmt: skip
     """The jitted step for one static configuration, shared by every runner of the process.
@@ -245,34 +256,17 @@ def _jitted_step(config: ModelConfig, backend: str, decode: bool, greedy: bool, 
     kept for reuse, so a process that meets many model shapes does not hold every executable forever.
     """
     key = (config, backend, decode, greedy, shape, window, fuse_write)
-    if key in _JITTED:
-        _JITTED.move_to_end(key)
-    else:
-        while len(_JITTED) >= _JITTED_MAX:
-            _JITTED.popitem(last=False)
-        _JITTED[key] = jax.jit(
-            partial(_step, shape=shape, config=config, backend=backend, decode=decode, greedy=greedy,
-                    window=window, fuse_write=fuse_write),
-            donate_argnums=1,
-        )
-    return _JITTED[key]
+    return _cached_jit(key, lambda: partial(_step, shape=shape, config=config, backend=backend, decode=decode,
+                                            greedy=greedy, window=window, fuse_write=fuse_write))  # fmt: skip
 
 
 def _jitted_decode_steps(config: ModelConfig, backend: str, greedy: bool, shape: tuple[int, int, int],
                          window: int | None, fuse_write: bool, num_steps: int, block_size: int):  # fmt: skip
     """The jitted multi-step decode (`_decode_steps`) for one static configuration, cached like `_jitted_step`."""
     key = ("steps", config, backend, greedy, shape, window, fuse_write, num_steps, block_size)
-    if key in _JITTED:
-        _JITTED.move_to_end(key)
-    else:
-        while len(_JITTED) >= _JITTED_MAX:
-            _JITTED.popitem(last=False)
-        _JITTED[key] = jax.jit(
-            partial(_decode_steps, shape=shape, num_steps=num_steps, block_size=block_size, config=config,
-                    backend=backend, greedy=greedy, window=window, fuse_write=fuse_write),
-            donate_argnums=1,
-        )  # fmt: skip
-    return _JITTED[key]
+    return _cached_jit(key, lambda: partial(_decode_steps, shape=shape, num_steps=num_steps, block_size=block_size,
+                                            config=config, backend=backend, greedy=greedy, window=window,
+                                            fuse_write=fuse_write))  # fmt: skip
 
 
 class StepRunner:
