@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 import jkv
-from test_engine_async import FIXTURE, SP, drive
+from test_engine_async import FIXTURE, SP, _CountingNumpy, drive
+
+import jkv.engine as engine_module
 
 from jkv.reference import reference_generate
 
@@ -165,14 +167,20 @@ def test_abort_during_a_round(model, prompts, greedy10):
             assert res["samples"][f"r{i}"] == [(greedy10[i], "length")]
 
 
-def test_round_reads_back_once_and_falls_back_when_blocks_are_short(model, prompts):
+def test_round_reads_back_once_and_falls_back_when_blocks_are_short(model, prompts, monkeypatch):
     eng = jkv.Engine(model, num_blocks=200, block_size=4, max_num_seqs=8, decode_steps=5)
     for p in prompts[:8]:
         eng.add_request(p, SP(max_tokens=12, ignore_eos=True))
     eng.step()  # prefill
     eng.step()  # first multi-step round
-    assert eng._flight is not None and eng._flight.parts[0].steps is not None
+    assert eng._flight is not None and eng._flight.parts[0].steps is not None and eng.last_decode_steps == 5
     assert all(s.tokens[-4:] == [jkv.request.UNKNOWN_TOKEN] * 4 for r in eng.requests.values() for s in r.seqs)
+    log: list = []
+    eng.events = log
+    monkeypatch.setattr(engine_module, "np", _CountingNumpy(log))
+    eng.step()  # the second round: dispatched before the first is read, one device->host copy for 5 x 8 tokens
+    assert [k for k, _ in log] == ["dispatch", "read", "host read"]
+    monkeypatch.undo()
     # too few free blocks for the extra slots: the round runs one step
     tight = jkv.Engine(model, num_blocks=15, block_size=4, max_num_seqs=8, decode_steps=8, watermark=0.0)
     for p in (prompts[2], prompts[3]):
