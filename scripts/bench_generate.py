@@ -95,11 +95,10 @@ def traced_idle_share(model, reqs, cap, blocks, bs, trace_dir: str) -> dict:
     traced over 40 steady-state steps at the full batch; idle while traced = 1 - (union of kernel intervals) /
     (first kernel start .. last kernel end).
 
-    NOTE: single-step only. Tracing multi-step rounds crashed the process on an H200 in 2 of 3 tries
-    (CUDA_ERROR_LAUNCH_FAILED, 2026-11-27; the same workloads run clean untraced), so a multi-step row's idle
-    share is estimated from this busy time against its own untraced time per decode step. The multi-step
-    program's kernels take ~4 % longer than the single step's (profile_step.py), so that estimate errs towards
-    more idle."""
+    NOTE: single-step only. Tracing multi-step rounds crashed the process on an H200 in 5 of 6 tries
+    (CUDA_ERROR_LAUNCH_FAILED, 2026-11-27), also when every shape was compiled before the trace; untraced, the
+    same workloads run clean. So a multi-step row gets this single-step busy time and no idle estimate (its
+    rounds overlap each other and the prefill calls, so its time per decode step is not separable)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from profile_step import busy_ns, kernel_events, span_ns
 
