@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Where the engine's host time goes: a cProfile of the engine loop on a model whose device work is tiny.
 
-    python scripts/profile_host.py [--layers 12] [--rows 32] [--requests 96] [--top 20]
+    python scripts/profile_host.py [--layers 12] [--rows 32] [--requests 96] [--top 20] [--decode-steps K]
 
 The model has GPT-2's structure and argument count (12 layers: 148 parameter arrays, 24 pool arrays) but a width
 of 64 and a 512-token vocabulary, so the device side of a step is small and the host side (scheduling, block
@@ -53,6 +53,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=96)
     ap.add_argument("--top", type=int, default=20)
     ap.add_argument("--async-scheduling", choices=("on", "off"), default="on")
+    ap.add_argument("--decode-steps", type=int, default=1, help="Engine(decode_steps=...): multi-step decode")
     args = ap.parse_args()
     warnings.filterwarnings("ignore", message=".*random.*")
 
@@ -63,7 +64,7 @@ def main() -> None:
             for _ in range(args.requests)]  # fmt: skip
     eng = jkv.Engine(model, num_blocks=args.rows * 64 + 1, block_size=16, max_num_seqs=args.rows,
                      max_num_batched_tokens=2048, enable_prefix_caching=False,
-                     async_scheduling=args.async_scheduling == "on")  # fmt: skip
+                     async_scheduling=args.async_scheduling == "on", decode_steps=args.decode_steps)  # fmt: skip
     drive(eng, reqs)  # compiles every step shape
     t0 = time.perf_counter()
     steps = drive(eng, reqs)
@@ -73,8 +74,10 @@ def main() -> None:
     drive(eng, reqs)
     prof.disable()
 
+    tokens = sum(o for _, o in reqs)
     print(f"{jax.devices()[0].device_kind}: {args.layers} layers, <= {args.rows} rows, {args.requests} requests, "
-          f"async {args.async_scheduling}: {steps} steps, {1e3 * per_step:.3f} ms per step (untraced)")  # fmt: skip
+          f"async {args.async_scheduling}, decode_steps {args.decode_steps}: {steps} steps, "
+          f"{1e3 * per_step:.3f} ms per step, {1e6 * per_step * steps / tokens:.1f} us per output token (untraced)")  # fmt: skip
     stats = pstats.Stats(prof)
     rows = []
     for (file, line, fn), (_, ncalls, tottime, cumtime, _) in stats.stats.items():
