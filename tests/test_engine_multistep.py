@@ -8,12 +8,10 @@ up to the final output).
 
 import numpy as np
 import pytest
-
-import jkv
 from test_engine_async import FIXTURE, SP, _CountingNumpy, drive
 
+import jkv
 import jkv.engine as engine_module
-
 from jkv.reference import reference_generate
 
 
