@@ -403,7 +403,8 @@ class Engine:
         m = self.manager
         # the row's input token is already in s.tokens; it may sample up to max_tokens
         counts = [min(k, s.request.sampling.max_tokens - s.num_output) for s in seqs]
-        if max(counts) == 1 or sum(m.num_blocks_to_append(s.seq_id, n - 1) for s, n in zip(seqs, counts)) > m.num_free_blocks:
+        need = sum(m.num_blocks_to_append(s.seq_id, n - 1) for s, n in zip(seqs, counts))
+        if max(counts) == 1 or need > m.num_free_blocks:
             return None
         for s, n in zip(seqs, counts):
             if n > 1:
@@ -517,7 +518,8 @@ class Engine:
         """Read a dispatched step's sampled tokens (one device->host copy) and do their bookkeeping."""
         if self.events is not None:
             self.events.append(("read", flight.step))
-        # one device->host copy: the token buffer, or a multi-step round's tokens (its only part)
+        # one device->host copy per part kind: the token buffer (single steps, prefill) and a multi-step round's
+        # tokens; a round of decode rows alone copies only the latter
         values = np.asarray(flight.tokens).tolist() if any(p.steps is None for p in flight.parts) else None
         for part in flight.parts:
             # rows still waiting for this flight's tokens (the others stopped or were aborted meanwhile)
@@ -540,7 +542,7 @@ class Engine:
     def _after_sampling(self, seqs: list[Sequence], starts: list[int], tokens: list[list[int]], logits: jax.Array,
                         rows: Seq[int], offset: int, touched: dict[str, Request]) -> None:  # fmt: skip
         """seqs[i] sampled tokens[i] (one token, or a multi-step round's tokens), which belong at index starts[i]
-        on of its token list; its logits row is rows[i] - offset (one-token rows). Logits stay on the device
+        and on of its token list; its logits row is rows[i] - offset (one-token rows). Logits stay on the device
         unless a fork or beam search needs them.
 
         Adds the requests concerned to `touched`; finished requests leave the scheduler.
