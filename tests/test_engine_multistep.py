@@ -190,3 +190,20 @@ def test_round_reads_back_once_and_falls_back_when_blocks_are_short(model, promp
 def test_decode_steps_must_be_positive(model):
     with pytest.raises(ValueError, match="decode_steps"):
         jkv.Engine(model, num_blocks=16, block_size=4, decode_steps=0)
+
+
+def test_generate_runs_multi_step_by_default(model, prompts, greedy10, monkeypatch):
+    made = []
+    real = jkv.engine.Engine
+
+    class Spy(real):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(jkv.engine, "Engine", Spy)
+    outs = jkv.generate(model, prompts[:4], SP(max_tokens=10), num_blocks=64, block_size=4)
+    assert [o.token_ids for o in outs] == greedy10[:4]
+    assert made[-1].decode_steps == jkv.engine.GENERATE_DECODE_STEPS > 1 and multi_calls(made[-1]) > 0
+    jkv.generate(model, prompts[:2], SP(max_tokens=3), num_blocks=64, block_size=4, decode_steps=1)
+    assert made[-1].decode_steps == 1
