@@ -352,6 +352,7 @@ class StepRunner:
         number of steps row b runs). Returns (tokens [num_steps, B], new pools, new token buffer or None), all on
         the device; nothing waits for the device."""
         assert (prev_tokens is None) == (self.token_slots == 0), "a token buffer exactly when token_slots > 0"
+        assert not self.token_slots or inputs.tokens.shape[0] <= self.token_slots // 2, "more rows than slots"
         self._use_pools(pools)
         ints, floats = pack(inputs)
         fn = self._steps_fn(greedy, self._shape(inputs), num_steps)
