@@ -5,7 +5,8 @@ rows' new K/V into the pools, then attends over the rows' block tables with the 
 pure-`jnp` reference). A decode step over float pools with the Pallas kernels does both in one kernel per layer
 (`paged_decode_attention_write`), which also reads q, k and v out of the QKV projection's output. The pools are
 donated, so XLA writes them in place. Shapes are bucketed to powers of two (rows, chunk length, block-table
-width), which bounds the number of compilations: `StepRunner.compiled` counts them.
+width), which bounds the number of compilations: `StepRunner.compiled` counts them. `run_decode_steps` runs K
+decode steps in one call (multi-step decode: a `fori_loop` over the step, sampled tokens fed back on the device).
 """
 
 from __future__ import annotations
