@@ -465,10 +465,6 @@ class BlockManager:
         seq.token_ids.extend(new)
         return copies
 
-    def set_last_token(self, seq_id: int, token_id: int) -> None:
-        """Replace the last token of a sequence whose K/V are not marked computed yet (see `set_tokens`)."""
-        self.set_tokens(seq_id, self.num_tokens(seq_id) - 1, [token_id])
-
     def set_tokens(self, seq_id: int, start: int, token_ids: Sequence[int]) -> None:
         """Replace tokens `start, start + 1, ...` of a sequence (resident or swapped out) that are not marked
         computed yet.

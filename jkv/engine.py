@@ -555,10 +555,10 @@ class Engine:
             if req.beam:
                 beams.setdefault(req.request_id, []).append((s, rows[i] - offset))
                 continue
-            if self._forks_now(s):
+            if self._forks_now(s):  # the samples fork from the placed first token, then each is checked
                 self._place(s, start, toks[0])
                 for q in [s, *self._fork_samples(s, logits[rows[i] - offset])]:
-                    if self._check_stop(q):
+                    if self._take(q, len(q.tokens), [q.pending]):
                         ended.append(req)
             elif self._take(s, start, toks):
                 ended.append(req)
@@ -629,24 +629,6 @@ class Engine:
         for c, t in zip(children, np.asarray(toks)):
             c.pending = int(t) if sp.temperature > 0 else parent.pending
         return children
-
-    def _check_stop(self, s: Sequence) -> bool:
-        """Count s's newest token; finish s on a stop token or at max_tokens. Returns whether it finished."""
-        sp = s.request.sampling
-        self._tokens_generated += 1
-        token = s.pending if s.pending is not None else s.tokens[-1]
-        stop = (not sp.ignore_eos) and token in sp.stop_token_ids
-        if s.status is SeqStatus.FINISHED:  # released ahead of its last token (by length): only the reason
-            s.finish_reason = "stop" if stop else "length"
-            return True
-        if stop or s.num_output >= sp.max_tokens:
-            if s.pending is not None:
-                s.tokens.append(s.pending)
-                s.pending = None
-            s.finish_reason = "stop" if stop else "length"
-            self.scheduler.release_seq(s)
-            return True
-        return False
 
     def _beam_step(self, req: Request, beams: list[Sequence], logits: jax.Array) -> None:
         sp = req.sampling

@@ -333,11 +333,15 @@ class StepRunner:
         Returns (tokens [B], logits [B, V], new pools, new token buffer or None), all on the device; nothing
         waits for the device.
         """
+        ints, floats = self._prepare(pools, inputs, prev_tokens)
+        return self._fn(decode, greedy, self._shape(inputs))(self.params, pools, ints, floats, prev_tokens)
+
+    def _prepare(self, pools: KVPools, inputs: StepInputs, prev_tokens: jax.Array | None):
+        """Check the token buffer against the rows, resolve the backend for the pools; the packed inputs."""
         assert (prev_tokens is None) == (self.token_slots == 0), "a token buffer exactly when token_slots > 0"
         assert not self.token_slots or inputs.tokens.shape[0] <= self.token_slots // 2, "more rows than slots"
         self._use_pools(pools)
-        ints, floats = pack(inputs)
-        return self._fn(decode, greedy, self._shape(inputs))(self.params, pools, ints, floats, prev_tokens)
+        return pack(inputs)
 
     def _steps_fn(self, greedy: bool, shape: tuple[int, int, int], num_steps: int):
         key = ("steps", greedy, shape, num_steps, self.fuse_decode_write)
@@ -352,10 +356,7 @@ class StepRunner:
         """Run `num_steps` decode steps in one device call (see `_decode_steps`: `inputs.query_lens[b]` is the
         number of steps row b runs). Returns (tokens [num_steps, B], new pools, new token buffer or None), all on
         the device; nothing waits for the device."""
-        assert (prev_tokens is None) == (self.token_slots == 0), "a token buffer exactly when token_slots > 0"
-        assert not self.token_slots or inputs.tokens.shape[0] <= self.token_slots // 2, "more rows than slots"
-        self._use_pools(pools)
-        ints, floats = pack(inputs)
+        ints, floats = self._prepare(pools, inputs, prev_tokens)
         fn = self._steps_fn(greedy, self._shape(inputs), num_steps)
         return fn(self.params, pools, ints, floats, prev_tokens)
 

@@ -6,8 +6,9 @@
 Workload: a seeded synthetic set of requests with log-normal prompt and output lengths (prompt + output <= the
 context), EOS ignored, random weights of the named GPT-2 size in bfloat16. In one run:
 
-- jkv paged, continuous batching, at most --batch sequences at once, --decode-steps decode steps per device
-  call when a round has no prefill (multi-step decode; `--single-step-row` adds the same run at 1 step per call);
+- jkv paged, continuous batching, at most --batch sequences at once, the decode rows of each round running
+  --decode-steps steps per device call (multi-step decode; `--single-step-row` adds the same run at 1 step per
+  call);
 - jkv paged with the KV memory a static batch of --batch full-length sequences would reserve (more sequences
   fit, since real ones are shorter);
 - jkv static padded batching: requests in arrival order in batches of --batch, each batch padded to its longest
@@ -95,10 +96,10 @@ def traced_idle_share(model, reqs, cap, blocks, bs, trace_dir: str) -> dict:
     traced over 40 steady-state steps at the full batch; idle while traced = 1 - (union of kernel intervals) /
     (first kernel start .. last kernel end).
 
-    NOTE: single-step only. Tracing multi-step rounds crashed the process on an H200 in 5 of 6 tries
+    NOTE: single-step rows only. Tracing multi-step rounds crashed the process on an H200 in 5 of 6 tries
     (CUDA_ERROR_LAUNCH_FAILED, 2026-11-27), also when every shape was compiled before the trace; untraced, the
-    same workloads run clean. So a multi-step row gets this single-step busy time and no idle estimate (its
-    rounds overlap each other and the prefill calls, so its time per decode step is not separable)."""
+    same workloads run clean. A multi-step row gets no idle estimate either: its rounds overlap each other and
+    the prefill calls, so its time per decode step is not separable."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from profile_step import busy_ns, kernel_events, span_ns
 
@@ -209,7 +210,7 @@ def main() -> None:
     ap.add_argument("--fixed-lengths", default=None, metavar="PROMPT,OUTPUT",
                     help="all requests this long instead of the log-normal mix (few compiled shapes: large models)")
     ap.add_argument("--decode-steps", type=int, default=8,
-                    help="decode steps per device call in rounds without prefill (Engine(decode_steps=...))")
+                    help="decode steps per device call (Engine(decode_steps=...))")
     ap.add_argument("--single-step-row", action="store_true",
                     help="also time the paged engine at --batch with one decode step per device call")
     ap.add_argument("--unfused-row", action="store_true",
@@ -270,12 +271,10 @@ def main() -> None:
             if ksteps == 1:  # a multi-step run's rounds overlap each other and the prefill calls: not separable
                 row["decode_step_ms_wall"] = 1e3 * sum(t for t, _ in full) / sum(n for _, n in full)
             row["decode_step_ms_device_ctx512"] = 1e3 * dev
-            if jax.default_backend() == "gpu" and fused:
+            if jax.default_backend() == "gpu" and fused and ksteps == 1:  # see traced_idle_share's NOTE
                 eng = None  # free its pools before the traced pass builds its own
-                row |= traced_idle_share(model, reqs, cap, blocks, bs, str(Path(args.trace_dir) / f"b{cap}_k{ksteps}"))
-                # the trace slows the loop: set busy against the untraced step. Single-step rows only: a multi-step
-                # run's per-step time is not separable (its rounds overlap each other and the prefill calls)
-                if "gpu_busy_ms_per_step" in row and ksteps == 1:
+                row |= traced_idle_share(model, reqs, cap, blocks, bs, str(Path(args.trace_dir) / f"b{cap}"))
+                if "gpu_busy_ms_per_step" in row:  # the trace slows the loop: set busy against the untraced step
                     row["gpu_idle_share_est"] = max(0.0, 1 - row["gpu_busy_ms_per_step"] / row["decode_step_ms_wall"])
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -315,10 +314,9 @@ def main() -> None:
             print(f"    decode step at the full batch: {wall}; "
                   f"{r['decode_step_ms_device_ctx512']:.3f} ms for one synchronous step at ctx 512")  # fmt: skip
         if "gpu_idle_share_traced" in r:
-            est = f"~{100 * r['gpu_idle_share_est']:.0f}%" if "gpu_idle_share_est" in r else "n/a (multi-step)"
-            print(f"    traced single-step loop: GPU busy {r['gpu_busy_ms_per_step']:.3f} ms of "
+            print(f"    traced engine loop: GPU busy {r['gpu_busy_ms_per_step']:.3f} ms of "
                   f"{r['gpu_span_ms_per_step']:.3f} ms per step (idle {100 * r['gpu_idle_share_traced']:.0f}% while "
-                  f"traced); this row's untraced step -> GPU idle {est}")  # fmt: skip
+                  f"traced); against the untraced step -> GPU idle ~{100 * r['gpu_idle_share_est']:.0f}%")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -36,8 +36,8 @@ def test_placeholder_slots_are_not_cached_until_set_and_computed():
     m.mark_computed(1)
     assert m.token_ids(1) == (0, 1, 2, 3, 4, 5, 7, 8, 9, 10)
     assert m.cached_prefix_tokens(list(range(6)) + [7, 8, 9, 10, 0]) == 8  # the block [4, 5, 7, 8] is cached now
-    with pytest.raises(SequenceStateError):
-        m.set_last_token(1, 3)
+    with pytest.raises(SequenceStateError, match="only its uncomputed tokens 10..9 can change"):
+        m.set_tokens(1, 9, [3])
 
 
 def test_blocks_and_fragmentation_of_two_prompts():

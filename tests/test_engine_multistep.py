@@ -5,31 +5,17 @@ The scenarios are test_engine_async's; `drive` runs one through an engine and re
 checks that every block comes back, that no placeholder token is ever reported and that the streamed tokens add
 up to the final output).
 """
+# ruff: noqa: F811  (the fixtures imported below are taken as test arguments)
 
 import numpy as np
 import pytest
-from test_engine_async import FIXTURE, SP, _CountingNumpy, drive
+
+# the scenarios' model, prompts and greedy references are test_engine_async's fixtures
+from test_engine_async import FIXTURE, SP, _CountingNumpy, drive, greedy10, model, prompts  # noqa: F401
 
 import jkv
 import jkv.engine as engine_module
 from jkv.reference import reference_generate
-
-
-@pytest.fixture(scope="module")
-def model():
-    return jkv.load_model(FIXTURE, dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def prompts(model):
-    rng = np.random.default_rng(11)
-    lengths = [1, 3, 7, 8, 9, 15, 16, 17, 30, 45]
-    return [rng.integers(0, model.config.vocab_size, n).tolist() for n in lengths]
-
-
-@pytest.fixture(scope="module")
-def greedy10(model, prompts):
-    return reference_generate(model, prompts, max_tokens=10)
 
 
 def multi_vs_single(model, plan, steps=(4,), **opts):
