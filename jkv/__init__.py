@@ -21,7 +21,7 @@ __all__ = [
 ]
 
 from jkv.engine import Engine, EngineStats, generate  # noqa: E402
-from jkv.request import RequestOutput, SampleOutput  # noqa: E402
+from jkv.request import RequestMetrics, RequestOutput, SampleOutput  # noqa: E402
 from jkv.sampling import SamplingParams  # noqa: E402
 
-__all__ += ["Engine", "EngineStats", "RequestOutput", "SampleOutput", "SamplingParams", "generate"]
+__all__ += ["Engine", "EngineStats", "RequestMetrics", "RequestOutput", "SampleOutput", "SamplingParams", "generate"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import time
 from collections.abc import Iterator, Sequence as Seq
 from dataclasses import dataclass, field
 from functools import partial
@@ -25,7 +26,7 @@ import numpy as np
 
 from jkv.block_manager import BlockManager
 from jkv.kv_cache import KVPools, allocate_pools, copy_blocks, gather_blocks, scatter_blocks
-from jkv.request import UNKNOWN_TOKEN, Request, RequestOutput, SampleOutput, Sequence, SeqStatus
+from jkv.request import UNKNOWN_TOKEN, Request, RequestMetrics, RequestOutput, SampleOutput, Sequence, SeqStatus
 from jkv.runner import StepRunner, bucket, build_inputs
 from jkv.sampling import SamplingParams, sample_tokens
 from jkv.scheduler import Scheduler, SchedulerOutput
@@ -673,7 +674,8 @@ class Engine:
 
     def _output(self, req: Request) -> RequestOutput:
         if req.error is not None:
-            return RequestOutput(req.request_id, req.prompt, [], [], None, True, "error", [], error=req.error)
+            return RequestOutput(req.request_id, req.prompt, [], [], None, True, "error", [], error=req.error,
+                                 metrics=self._metrics(req, 0, True))  # fmt: skip
         if req.beam:
             ranked = sorted(req.finished_beams, key=lambda x: -x[0])[: req.sampling.n]
             samples = [SampleOutput(t, self._text(t), why, score) for score, t, why in ranked]
@@ -692,7 +694,17 @@ class Engine:
                 smp.text = self._text(smp.token_ids)
         head = samples[0] if samples else SampleOutput([], None, None)
         return RequestOutput(req.request_id, req.prompt, head.token_ids, new, head.text, finished, head.finish_reason,
-                             samples)  # fmt: skip
+                             samples, metrics=self._metrics(req, len(head.token_ids), finished))  # fmt: skip
+
+    @staticmethod
+    def _metrics(req: Request, num_output: int, finished: bool) -> RequestMetrics:
+        """Stamp the first report of a first token and of the finish, then the request's latency so far."""
+        now = time.monotonic()
+        if num_output and req.first_token_time is None:
+            req.first_token_time = now
+        if finished and req.finish_time is None:
+            req.finish_time = now
+        return RequestMetrics(req.arrival_time, req.first_token_time, req.finish_time, num_output)
 
     def stats(self) -> EngineStats:
         ms = self.manager.stats
@@ -719,8 +731,6 @@ class Engine:
 
     def _snapshot(self) -> dict:
         """One history record: the stats, wall time, and the device's bytes in use where it reports them."""
-        import time
-
         s = self.stats()
         rec = {k: v for k, v in s.__dict__.items() if k != "history"}
         rec["time"] = time.perf_counter()

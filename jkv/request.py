@@ -7,6 +7,7 @@ parallel samples or `beam_width` beams, which share the prompt's KV blocks throu
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 
 from jkv.sampling import SamplingParams
@@ -81,6 +82,9 @@ class Request:
     error: str | None = None
     num_preemptions: int = 0
     num_streamed: int = 0  # tokens of the first sample already reported in a RequestOutput's new_token_ids
+    arrival_time: float = field(default_factory=time.monotonic)  # when add_request queued it
+    first_token_time: float | None = None  # when its first output token was first reported
+    finish_time: float | None = None  # when it was first reported finished
 
     @property
     def seed(self) -> int:
@@ -108,6 +112,37 @@ class SampleOutput:
     score: float | None = None  # beam search: length-normalized log-probability
 
 
+@dataclass(frozen=True)
+class RequestMetrics:
+    """A request's latency, as the caller of `Engine.step` sees it (`time.monotonic()` seconds).
+
+    Times are taken when a step reports the token, so they include queueing, the host's work and, with
+    async scheduling or multi-step decode, the wait for the device: a multi-step round reports its tokens
+    together, so `time_per_output_token` is a mean over the request, not the gap between two tokens.
+    """
+
+    arrival_time: float
+    first_token_time: float | None
+    finish_time: float | None
+    num_output_tokens: int
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    @property
+    def time_per_output_token(self) -> float | None:
+        """Mean time between output tokens after the first: (finish - first token) / (tokens - 1)."""
+        if self.finish_time is None or self.first_token_time is None or self.num_output_tokens < 2:
+            return None
+        return (self.finish_time - self.first_token_time) / (self.num_output_tokens - 1)
+
+    @property
+    def latency(self) -> float | None:
+        """Arrival to finish."""
+        return None if self.finish_time is None else self.finish_time - self.arrival_time
+
+
 @dataclass
 class RequestOutput:
     """A request's state after a step: all tokens generated so far, and the ones new in this step.
@@ -124,3 +159,4 @@ class RequestOutput:
     finish_reason: str | None
     samples: list[SampleOutput]
     error: str | None = None
+    metrics: RequestMetrics | None = None

@@ -16,10 +16,11 @@ context), EOS ignored, random weights of the named GPT-2 size in bfloat16. In on
 - Hugging Face `generate()` in PyTorch, same lengths, batches of --batch (if torch and transformers import).
 
 Correctness first: the paged engine must reproduce the dense reference's greedy tokens (float32 copy of the
-model) before anything is timed. Each configuration runs a warm-up workload (other seed, same distribution) so
-compilation stays out of the timing. Reports output tokens/s, time per output token, peak device memory, KV
-memory waste, and the GPU idle share of the engine's loop (a traced, untimed pass: kernel busy time over the span
-of 40 steady-state steps at the full batch).
+model) before anything is timed. Each configuration first replays the timed workload untimed, so compilation
+stays out of the timing. Reports output tokens/s, time per output token, peak device memory, KV memory waste,
+per-request latency percentiles (`RequestOutput.metrics`), and on a GPU the idle share of the engine's loop
+(`idle_probe`: traced kernel busy time against the untraced wall time of the same engine steps, in a child
+process).
 """
 
 from __future__ import annotations
@@ -68,51 +69,101 @@ def run_paged(model, *, max_num_seqs, num_blocks, block_size, decode_steps, hist
 
 
 def drive(eng, reqs, trace: tuple[str, int, int] | None = None):
-    """Run the workload to the end; `trace=(dir, first, last)` records a jax.profiler trace of steps first..last."""
+    """Run the workload to the end; `trace=(dir, first, last)` records a jax.profiler trace of engine steps
+    first..last-1. Returns (wall s, per-step wall s, decode rows and decode steps per step, final outputs)."""
     for prompt, out_len in reqs:
         eng.add_request(prompt, jkv.SamplingParams(max_tokens=out_len, ignore_eos=True))
-    step_times, decode_rows, decode_steps = [], [], []
+    step_times, decode_rows, decode_steps, final = [], [], [], {}
     t0 = time.perf_counter()
     i = 0
     while eng.has_unfinished():
         if trace and i == trace[1]:
-            jax.block_until_ready(eng.pools)  # start and stop on an idle device: the window holds whole steps
+            settle(eng)  # start and stop on an idle device: the window holds whole steps
             jax.profiler.start_trace(trace[0])
         s0 = time.perf_counter()
-        eng.step()
+        for out in eng.step():
+            if out.finished:
+                final[out.request_id] = out
         step_times.append(time.perf_counter() - s0)
         decode_rows.append(eng.last_decode_rows)
         decode_steps.append(eng.last_decode_steps)
         i += 1
         if trace and i == trace[2]:
-            jax.block_until_ready(eng.pools)
+            settle(eng)
             jax.profiler.stop_trace()
     wall = time.perf_counter() - t0
-    return wall, step_times, decode_rows, decode_steps
+    return wall, step_times, decode_rows, decode_steps, final
 
 
-def traced_idle_share(model, reqs, cap, blocks, bs, trace_dir: str) -> dict:
-    """GPU busy time per decode step of the engine's real loop: an untimed single-step pass (decode_steps=1)
-    traced over 40 steady-state steps at the full batch; idle while traced = 1 - (union of kernel intervals) /
-    (first kernel start .. last kernel end).
+def settle(eng) -> None:
+    """Wait until nothing the engine launched is still running or copying: its pools and its step in flight."""
+    flight = eng._flight
+    jax.block_until_ready(eng.pools)
+    if flight is not None:
+        jax.block_until_ready([flight.tokens] + [p.steps for p in flight.parts if p.steps is not None])
+    jax.effects_barrier()
 
-    NOTE: single-step rows only. Tracing multi-step rounds crashed the process on an H200 in 5 of 6 tries
-    (CUDA_ERROR_LAUNCH_FAILED, 2026-11-27), also when every shape was compiled before the trace; untraced, the
-    same workloads run clean. A multi-step row gets no idle estimate either: its rounds overlap each other and
-    the prefill calls, so its time per decode step is not separable."""
+
+def latency_stats(final: dict) -> dict:
+    """Percentiles (ms) of time to first token and mean time per output token over the finished requests.
+    Every request arrives at the start (an offline batch), so time to first token includes queueing."""
+    ms = lambda vals, q: 1e3 * float(np.percentile([v for v in vals if v is not None], q))  # noqa: E731
+    ttft = [o.metrics.time_to_first_token for o in final.values()]
+    tpot = [o.metrics.time_per_output_token for o in final.values()]
+    return {"ttft_ms_p50": ms(ttft, 50), "ttft_ms_p99": ms(ttft, 99), "tpot_ms_p50": ms(tpot, 50),
+            "tpot_ms_p90": ms(tpot, 90), "tpot_ms_p99": ms(tpot, 99)}  # fmt: skip
+
+
+def idle_probe(model, reqs, cap, blocks, bs, decode_steps, trace_dir: str) -> dict:
+    """GPU idle share of the engine's own loop: the workload's first 4 x cap requests run untimed (compiling),
+    then timed, then traced (a fresh engine each time, same schedule). Over the middle half of the engine steps:
+    busy = union of the traced kernel intervals; wall = the untraced steps' wall time; idle = 1 - busy / wall.
+    (The traced span is reported too; tracing slows the host, so the traced idle share overstates the untraced.)
+
+    Runs in a child process (`--idle-probe`): tracing multi-step rounds crashed the process with
+    CUDA_ERROR_LAUNCH_FAILED on an H200 in 5 of 6 tries (2026-11-27), so a crash costs only this estimate."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from profile_step import busy_ns, kernel_events, span_ns
 
-    eng = run_paged(model, max_num_seqs=cap, num_blocks=blocks, block_size=bs, decode_steps=1)
-    first = 2 * cap  # past the first prefills
-    _, _, _, steps = drive(eng, reqs[: 4 * cap], trace=(trace_dir, first, first + 40))
+    sub = reqs[: 4 * cap]
+    make = lambda: run_paged(model, max_num_seqs=cap, num_blocks=blocks, block_size=bs, decode_steps=decode_steps)  # noqa: E731
+    drive(make(), sub)
+    _, walls, rows, steps, _ = drive(make(), sub)
+    first, last = len(walls) // 4, 3 * len(walls) // 4
+    _, _, rows_t, steps_t, _ = drive(make(), sub, trace=(trace_dir, first, last))
+    if (rows_t, steps_t) != (rows, steps):
+        return {"idle_probe_error": "the traced run scheduled differently from the timed one"}
     events = kernel_events(Path(trace_dir))
     if not events:
-        return {}
-    n = max(1, sum(steps[first : first + 40]))
-    span, busy = span_ns(events), busy_ns(events)
-    return {"traced_steps": n, "gpu_busy_ms_per_step": busy / n / 1e6, "gpu_span_ms_per_step": span / n / 1e6,
-            "gpu_idle_share_traced": 1 - busy / span}  # fmt: skip
+        return {"idle_probe_error": "no kernel events in the trace"}
+    n = sum(steps[first:last])
+    wall = sum(walls[first:last])
+    busy, span = busy_ns(events) / 1e9, span_ns(events) / 1e9
+    return {"idle_window_steps": n, "idle_window_full_batch_share": float(np.mean(np.array(rows[first:last]) == cap)),
+            "gpu_busy_ms_per_step": 1e3 * busy / n, "engine_wall_ms_per_step": 1e3 * wall / n,
+            "gpu_span_ms_per_step_traced": 1e3 * span / n, "gpu_idle_share_traced": 1 - busy / span,
+            "gpu_idle_share": max(0.0, 1 - busy / wall)}  # fmt: skip
+
+
+def run_idle_probe(args, cap, decode_steps, trace_dir: str) -> dict:
+    """idle_probe in a child process that does not preallocate GPU memory (this process holds most of it)."""
+    import os
+    import subprocess
+
+    cmd = [sys.executable, __file__, "--model", args.model, "--requests", str(args.requests), "--batch", str(cap),
+           "--block-size", str(args.block_size), "--idle-probe", str(decode_steps), "--trace-dir", trace_dir]  # fmt: skip
+    if args.fixed_lengths:
+        cmd += ["--fixed-lengths", args.fixed_lengths]
+    env = os.environ | {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+    try:
+        done = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=900)
+    except subprocess.TimeoutExpired:
+        return {"idle_probe_error": "timed out"}
+    for line in done.stdout.splitlines():
+        if line.startswith("IDLE_PROBE "):
+            return json.loads(line[len("IDLE_PROBE ") :])
+    tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+    return {"idle_probe_error": f"the probe process exited with {done.returncode}: {tail[:300]}"}
 
 
 def time_decode_step(eng, rows: int, context: int, iters: int = 50) -> float:
@@ -216,7 +267,9 @@ def main() -> None:
     ap.add_argument("--unfused-row", action="store_true",
                     help="also time the paged engine at --batch with the K/V scatter outside the decode kernel")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
-    ap.add_argument("--trace-dir", default="bench_generate_trace", help="where the idle-share trace goes (GPU)")
+    ap.add_argument("--trace-dir", default="bench_generate_trace", help="where the idle-share traces go (GPU)")
+    ap.add_argument("--no-idle-probe", action="store_true", help="skip the traced GPU idle-share estimate")
+    ap.add_argument("--idle-probe", type=int, default=None, metavar="K", help=argparse.SUPPRESS)  # the child's mode
     args = ap.parse_args()
 
     import warnings
@@ -224,8 +277,9 @@ def main() -> None:
     warnings.filterwarnings("ignore", message=".*random.*")
     model = jkv.load_model(args.model, dtype="bfloat16")
     cfg = model.config
-    check_correct(model, args.block_size)
-    print(f"correctness: paged engine == dense reference (greedy, float32 copy) on {jax.devices()[0].device_kind}")
+    if args.idle_probe is None:
+        check_correct(model, args.block_size)
+        print(f"correctness: paged engine == dense reference (greedy, float32 copy) on {jax.devices()[0].device_kind}")
     if args.fixed_lengths:  # every request the same prompt and output length: few step shapes, one full batch
         p_len, o_len = (int(x) for x in args.fixed_lengths.split(","))
         rng = np.random.default_rng(0)
@@ -244,6 +298,10 @@ def main() -> None:
 
     # paged, batch cap = --batch (pool big enough that the cap binds)
     blocks = args.batch * math.ceil(cfg.n_positions / bs) + 1
+    if args.idle_probe is not None:
+        probe = idle_probe(model, reqs, args.batch, blocks, bs, args.idle_probe, args.trace_dir)
+        print("IDLE_PROBE " + json.dumps(probe), flush=True)
+        return
     k = args.decode_steps
     configs = [(f"jkv paged, batch {args.batch}, {k} decode steps/call", args.batch, True, k)]
     if args.single_step_row and k != 1:
@@ -257,7 +315,7 @@ def main() -> None:
                         fused_write=fused)  # fmt: skip
         drive(eng, warm)
         eng.history.clear()
-        wall, steps, drows, dsteps = drive(eng, reqs)
+        wall, steps, drows, dsteps, final = drive(eng, reqs)
         hist = eng.history
         frag = float(np.mean([h["internal_fragmentation"] for h in hist if h["blocks_used"]]))
         # engine steps (rounds) at the full batch: their time per decode step (a multi-step round's time / its
@@ -266,16 +324,14 @@ def main() -> None:
         row = {"name": name, "wall_s": wall, "tokens": out_tokens, "tok_s": out_tokens / wall,
                "ms_per_token": 1e3 * wall / out_tokens, "kv_bytes": eng.pools.nbytes, "kv_waste": frag,
                "peak_bytes": peak_bytes(), "preemptions": eng.stats().preemptions_recompute, "decode_steps": ksteps}  # fmt: skip
+        row |= latency_stats(final)
         if cap == args.batch and full:
             dev = time_decode_step(eng, cap, 512)
             if ksteps == 1:  # a multi-step run's rounds overlap each other and the prefill calls: not separable
                 row["decode_step_ms_wall"] = 1e3 * sum(t for t, _ in full) / sum(n for _, n in full)
             row["decode_step_ms_device_ctx512"] = 1e3 * dev
-            if jax.default_backend() == "gpu" and fused and ksteps == 1:  # see traced_idle_share's NOTE
-                eng = None  # free its pools before the traced pass builds its own
-                row |= traced_idle_share(model, reqs, cap, blocks, bs, str(Path(args.trace_dir) / f"b{cap}"))
-                if "gpu_busy_ms_per_step" in row:  # the trace slows the loop: set busy against the untraced step
-                    row["gpu_idle_share_est"] = max(0.0, 1 - row["gpu_busy_ms_per_step"] / row["decode_step_ms_wall"])
+            if jax.default_backend() == "gpu" and fused and not args.no_idle_probe:
+                row |= run_idle_probe(args, cap, ksteps, str(Path(args.trace_dir).resolve() / f"b{cap}_k{ksteps}"))
         rows.append(row)
         print(json.dumps(row), flush=True)
         eng = None
@@ -313,10 +369,16 @@ def main() -> None:
                     if "decode_step_ms_wall" in r else "not separable for multi-step rounds")  # fmt: skip
             print(f"    decode step at the full batch: {wall}; "
                   f"{r['decode_step_ms_device_ctx512']:.3f} ms for one synchronous step at ctx 512")  # fmt: skip
-        if "gpu_idle_share_traced" in r:
-            print(f"    traced engine loop: GPU busy {r['gpu_busy_ms_per_step']:.3f} ms of "
-                  f"{r['gpu_span_ms_per_step']:.3f} ms per step (idle {100 * r['gpu_idle_share_traced']:.0f}% while "
-                  f"traced); against the untraced step -> GPU idle ~{100 * r['gpu_idle_share_est']:.0f}%")  # fmt: skip
+        if "ttft_ms_p50" in r:
+            print(f"    latency: time per output token p50 / p90 / p99 {r['tpot_ms_p50']:.2f} / {r['tpot_ms_p90']:.2f} / "
+                  f"{r['tpot_ms_p99']:.2f} ms; time to first token p50 / p99 {r['ttft_ms_p50']:.0f} / "
+                  f"{r['ttft_ms_p99']:.0f} ms (all requests queued at the start)")  # fmt: skip
+        if "gpu_idle_share" in r:
+            print(f"    engine loop, middle half of {args.batch * 4} requests: GPU busy {r['gpu_busy_ms_per_step']:.3f} "
+                  f"ms of {r['engine_wall_ms_per_step']:.3f} ms wall per decode step -> GPU idle "
+                  f"{100 * r['gpu_idle_share']:.1f}% ({100 * r['gpu_idle_share_traced']:.1f}% while traced)")  # fmt: skip
+        elif "idle_probe_error" in r:
+            print(f"    GPU idle probe failed: {r['idle_probe_error']}")
 
 
 if __name__ == "__main__":

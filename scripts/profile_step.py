@@ -215,7 +215,12 @@ def main() -> None:
         m = result["multi_step"]
         print(f"multi-step: {m['steps']} decode steps per call: wall {m['wall_us_per_step']:.0f} us/step "
               f"(synchronous call / steps) | GPU span {m['span_us_per_step']:.0f} us/step | busy "
-              f"{m['busy_us_per_step']:.0f} us/step | dispatch returns after {m['dispatch_us']:.0f} us")  # fmt: skip
+              f"{m['busy_us_per_step']:.0f} us/step | dispatch returns after {m['dispatch_us']:.0f} us | "
+              f"{m['launches_per_step']:.0f} launches/step")  # fmt: skip
+        print("    idle between kernels, us per decode step, by gap size: "
+              + ", ".join(f"{b} {v:.1f}" for b, v in m["gap_us_per_step"].items()))
+        for kern in m["kernels"][: args.top]:
+            print(f"    {kern['name'][:56]:56s} {kern['us_per_step']:9.1f} {kern['count_per_step']:7.1f}")
     print(f"{'kernel':60s} {'us/step':>9s} {'n/step':>7s} {'share':>6s}")
     for n, v in rows[: args.top]:
         us = v[0] / args.steps / 1e3
@@ -247,7 +252,26 @@ def time_multi_step(eng, args, out: Path) -> dict:
         toks.block_until_ready()
     events = kernel_events(trace_dir)
     n = calls_traced * k
-    return {"steps": k, "wall_us_per_step": 1e6 * float(np.median(walls)) / k,
+    groups = defaultdict(lambda: [0, 0])
+    for name, s, e in events:
+        groups[short(name)][0] += e - s
+        groups[short(name)][1] += 1
+    ordered = sorted(events, key=lambda ev: ev[1])
+    per_step = len(ordered) // n
+    # one step's kernels in launch order, from the middle of the traced window: name, µs, gap before it (µs)
+    mid = ordered[(n // 2) * per_step : (n // 2 + 1) * per_step + 1]
+    sequence = [{"name": short(nm), "us": (e - s) / 1e3, "gap_us": (s - mid[i - 1][2]) / 1e3 if i else None}
+                for i, (nm, s, e) in enumerate(mid)]  # fmt: skip
+    gaps = [(b[1] - a[2], a[0], b[0]) for a, b in zip(ordered, ordered[1:])]  # idle before each kernel, ns
+    bins = {"<1us": (0, 1e3), "1-5us": (1e3, 5e3), ">=5us": (5e3, float("inf"))}
+    return {"steps": k,
+            # where the idle time sits: positive gaps between consecutive kernels by size, µs per decode step
+            "gap_us_per_step": {b: sum(g for g, _, _ in gaps if lo <= g < hi) / n / 1e3 for b, (lo, hi) in bins.items()},
+            "largest_gaps": [{"us": g / 1e3, "after": short(a), "before": short(b)}
+                             for g, a, b in sorted(gaps, reverse=True)[:12]],
+            "kernels": [{"name": nm, "us_per_step": v[0] / n / 1e3, "count_per_step": v[1] / n}
+                        for nm, v in sorted(groups.items(), key=lambda kv: -kv[1][0])],
+            "one_step_in_order": sequence, "wall_us_per_step": 1e6 * float(np.median(walls)) / k,
             "dispatch_us": 1e6 * float(np.median(calls)), "busy_us_per_step": busy_ns(events) / n / 1e3,
             "span_us_per_step": span_ns(events) / n / 1e3, "launches_per_step": len(events) / n,
             "pool_copies_in_hlo": len(pool_copies(hlo, eng.pools.k[0].shape))}  # fmt: skip

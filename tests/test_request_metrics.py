@@ -1,0 +1,74 @@
+"""Per-request latency (`RequestOutput.metrics`): stamped when a step first reports a request's first token and
+its finish, consistent with the tokens reported, in every decode mode."""
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import jkv
+
+FIXTURE = Path(__file__).parent / "fixtures" / "hf_tiny_gpt2"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return jkv.load_model(FIXTURE, dtype="float32")
+
+
+def test_metrics_arithmetic():
+    m = jkv.RequestMetrics(arrival_time=10.0, first_token_time=10.5, finish_time=12.5, num_output_tokens=5)
+    assert m.time_to_first_token == pytest.approx(0.5)
+    assert m.time_per_output_token == pytest.approx(0.5)  # 2 s over the 4 tokens after the first
+    assert m.latency == pytest.approx(2.5)
+    one = jkv.RequestMetrics(10.0, 10.5, 10.5, 1)
+    assert one.time_per_output_token is None  # no gap between tokens to measure
+    assert jkv.RequestMetrics(10.0, None, None, 0).time_to_first_token is None
+
+
+@pytest.mark.parametrize("opts", [{"async_scheduling": False}, {"async_scheduling": True},
+                                  {"decode_steps": 4}])  # fmt: skip
+def test_metrics_follow_the_reported_tokens(model, opts):
+    rng = np.random.default_rng(5)
+    eng = jkv.Engine(model, num_blocks=64, block_size=4, max_num_seqs=2, **opts)
+    lengths = {"a": 6, "b": 9, "c": 3}  # three requests, two rows: c waits for a row
+    t_add = time.monotonic()
+    for rid, n in lengths.items():
+        prompt = rng.integers(0, model.config.vocab_size, 5).tolist()
+        eng.add_request(prompt, jkv.SamplingParams(max_tokens=n, ignore_eos=True), request_id=rid)
+    first_seen, finished_seen, last = {}, {}, {}
+    while eng.has_unfinished():
+        before = time.monotonic()
+        outs = eng.step()
+        after = time.monotonic()
+        for o in outs:
+            m = o.metrics
+            assert m.num_output_tokens == len(o.token_ids)
+            if o.token_ids and o.request_id not in first_seen:  # the step that first reports a token stamps it
+                first_seen[o.request_id] = m.first_token_time
+                assert before <= m.first_token_time <= after
+            if o.finished and o.request_id not in finished_seen:
+                finished_seen[o.request_id] = m.finish_time
+                assert before <= m.finish_time <= after
+            last[o.request_id] = o
+    assert set(last) == set(lengths)
+    for rid, o in last.items():
+        m = o.metrics
+        assert o.finished and len(o.token_ids) == lengths[rid]
+        assert t_add <= m.arrival_time <= m.first_token_time <= m.finish_time
+        assert (m.first_token_time, m.finish_time) == (first_seen[rid], finished_seen[rid])  # stamped once
+        assert m.time_per_output_token == pytest.approx((m.finish_time - m.first_token_time) / (lengths[rid] - 1))
+        assert m.latency == pytest.approx(m.finish_time - m.arrival_time)
+    # c could start only after a or b left: its first token came after theirs
+    assert last["c"].metrics.first_token_time >= min(last["a"].metrics.finish_time, last["b"].metrics.finish_time)
+
+
+def test_generate_returns_metrics(model):
+    t0 = time.monotonic()
+    outs = jkv.generate(model, [[1, 2, 3], [4, 5]], jkv.SamplingParams(max_tokens=3, ignore_eos=True),
+                        num_blocks=16, block_size=4)  # fmt: skip
+    for o in outs:
+        m = o.metrics
+        assert m.num_output_tokens == 3
+        assert t0 <= m.arrival_time <= m.first_token_time <= m.finish_time <= time.monotonic()
