@@ -68,18 +68,22 @@ def run_paged(model, *, max_num_seqs, num_blocks, block_size, decode_steps, hist
     return eng
 
 
-def drive(eng, reqs, trace: tuple[str, int, int] | None = None):
-    """Run the workload to the end; `trace=(dir, first, last)` records a jax.profiler trace of engine steps
-    first..last-1. Returns (wall s, per-step wall s, decode rows and decode steps per step, final outputs)."""
+def drive(eng, reqs, window: tuple[int, int] | None = None, trace: str | None = None):
+    """Run the workload to the end. `window=(first, last)`: the device is settled (idle) before engine step
+    `first` and after step `last - 1`, and the wall time between is returned (with `trace`, a jax.profiler trace
+    of exactly that stretch goes there). Returns (wall s, per-step wall s, decode rows and decode steps per step,
+    final outputs, window wall s or None)."""
     for prompt, out_len in reqs:
         eng.add_request(prompt, jkv.SamplingParams(max_tokens=out_len, ignore_eos=True))
     step_times, decode_rows, decode_steps, final = [], [], [], {}
     t0 = time.perf_counter()
-    i = 0
+    i, w0, window_wall = 0, 0.0, None
     while eng.has_unfinished():
-        if trace and i == trace[1]:
-            settle(eng)  # start and stop on an idle device: the window holds whole steps
-            jax.profiler.start_trace(trace[0])
+        if window and i == window[0]:
+            settle(eng)  # the window starts on an idle device and holds whole steps
+            if trace:
+                jax.profiler.start_trace(trace)
+            w0 = time.perf_counter()
         s0 = time.perf_counter()
         for out in eng.step():
             if out.finished:
@@ -88,11 +92,13 @@ def drive(eng, reqs, trace: tuple[str, int, int] | None = None):
         decode_rows.append(eng.last_decode_rows)
         decode_steps.append(eng.last_decode_steps)
         i += 1
-        if trace and i == trace[2]:
+        if window and i == window[1]:
             settle(eng)
-            jax.profiler.stop_trace()
+            window_wall = time.perf_counter() - w0
+            if trace:
+                jax.profiler.stop_trace()
     wall = time.perf_counter() - t0
-    return wall, step_times, decode_rows, decode_steps, final
+    return wall, step_times, decode_rows, decode_steps, final, window_wall
 
 
 def settle(eng) -> None:
@@ -115,34 +121,36 @@ def latency_stats(final: dict) -> dict:
 
 
 def idle_probe(model, reqs, cap, blocks, bs, decode_steps, trace_dir: str) -> dict:
-    """GPU idle share of the engine's own loop: the workload's first 4 x cap requests run untimed (compiling),
-    then timed, then traced (a fresh engine each time, same schedule). Over the middle half of the engine steps:
-    busy = union of the traced kernel intervals; wall = the untraced steps' wall time; idle = 1 - busy / wall.
-    (The traced span is reported too; tracing slows the host, so the traced idle share overstates the untraced.)
+    """GPU idle share of the engine's own loop. The workload's first 4 x cap requests run three times, each on a
+    fresh engine with the same schedule: once to compile, once timed, once traced. Over the middle half of the
+    engine steps (the device settled before and after, in both runs): busy = union of the traced kernel
+    intervals, wall = the untraced run's wall time over the same steps; idle = 1 - busy / wall. (Tracing slows
+    the host's launches, so the traced span's idle share is larger; it is reported too.)
 
     Runs in a child process (`--idle-probe`): tracing multi-step rounds crashed the process with
-    CUDA_ERROR_LAUNCH_FAILED on an H200 in 5 of 6 tries (2026-11-27), so a crash costs only this estimate."""
+    CUDA_ERROR_LAUNCH_FAILED on an H200 in 5 of 6 tries (2026-11-27; since the window settles the device
+    before the trace stops, none has), so a crash costs only this estimate."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from profile_step import busy_ns, kernel_events, span_ns
 
     sub = reqs[: 4 * cap]
     make = lambda: run_paged(model, max_num_seqs=cap, num_blocks=blocks, block_size=bs, decode_steps=decode_steps)  # noqa: E731
-    drive(make(), sub)
-    _, walls, rows, steps, _ = drive(make(), sub)
-    first, last = len(walls) // 4, 3 * len(walls) // 4
-    _, _, rows_t, steps_t, _ = drive(make(), sub, trace=(trace_dir, first, last))
+    n_steps = len(drive(make(), sub)[1])
+    window = (n_steps // 4, 3 * n_steps // 4)
+    _, _, rows, steps, _, wall = drive(make(), sub, window)
+    _, _, rows_t, steps_t, _, _ = drive(make(), sub, window, trace=trace_dir)
     if (rows_t, steps_t) != (rows, steps):
         return {"idle_probe_error": "the traced run scheduled differently from the timed one"}
     events = kernel_events(Path(trace_dir))
     if not events:
         return {"idle_probe_error": "no kernel events in the trace"}
-    n = sum(steps[first:last])
-    wall = sum(walls[first:last])
+    n = sum(steps[window[0] : window[1]])
     busy, span = busy_ns(events) / 1e9, span_ns(events) / 1e9
-    return {"idle_window_steps": n, "idle_window_full_batch_share": float(np.mean(np.array(rows[first:last]) == cap)),
+    full = np.array(rows[window[0] : window[1]]) == cap
+    return {"idle_window_decode_steps": n, "idle_window_full_batch_share": float(full.mean()),
             "gpu_busy_ms_per_step": 1e3 * busy / n, "engine_wall_ms_per_step": 1e3 * wall / n,
             "gpu_span_ms_per_step_traced": 1e3 * span / n, "gpu_idle_share_traced": 1 - busy / span,
-            "gpu_idle_share": max(0.0, 1 - busy / wall)}  # fmt: skip
+            "gpu_idle_share": 1 - busy / wall}  # fmt: skip
 
 
 def run_idle_probe(args, cap, decode_steps, trace_dir: str) -> dict:
@@ -260,8 +268,9 @@ def main() -> None:
     ap.add_argument("--skip-memory-matched", action="store_true", help="only the paged run at --batch")
     ap.add_argument("--fixed-lengths", default=None, metavar="PROMPT,OUTPUT",
                     help="all requests this long instead of the log-normal mix (few compiled shapes: large models)")
-    ap.add_argument("--decode-steps", type=int, default=8,
-                    help="decode steps per device call (Engine(decode_steps=...))")
+    ap.add_argument("--decode-steps", default="8",
+                    help="decode steps per device call (Engine(decode_steps=...)); a comma list times each at "
+                         "--batch (the first also runs the memory-matched row)")  # fmt: skip
     ap.add_argument("--single-step-row", action="store_true",
                     help="also time the paged engine at --batch with one decode step per device call")
     ap.add_argument("--unfused-row", action="store_true",
@@ -302,9 +311,12 @@ def main() -> None:
         probe = idle_probe(model, reqs, args.batch, blocks, bs, args.idle_probe, args.trace_dir)
         print("IDLE_PROBE " + json.dumps(probe), flush=True)
         return
-    k = args.decode_steps
-    configs = [(f"jkv paged, batch {args.batch}, {k} decode steps/call", args.batch, True, k)]
-    if args.single_step_row and k != 1:
+    ks = [int(v) for v in str(args.decode_steps).split(",")]
+    if any(v < 1 for v in ks):
+        raise SystemExit(f"--decode-steps {args.decode_steps}: give positive integers, e.g. 8 or 8,16.")
+    k = ks[0]
+    configs = [(f"jkv paged, batch {args.batch}, {v} decode steps/call", args.batch, True, v) for v in ks]
+    if args.single_step_row and 1 not in ks:
         configs.append((f"jkv paged, batch {args.batch}, 1 decode step/call", args.batch, True, 1))
     if args.unfused_row:
         configs.append((f"jkv paged, batch {args.batch}, K/V scatter outside the kernel", args.batch, False, k))
@@ -315,7 +327,7 @@ def main() -> None:
                         fused_write=fused)  # fmt: skip
         drive(eng, warm)
         eng.history.clear()
-        wall, steps, drows, dsteps, final = drive(eng, reqs)
+        wall, steps, drows, dsteps, final, _ = drive(eng, reqs)
         hist = eng.history
         frag = float(np.mean([h["internal_fragmentation"] for h in hist if h["blocks_used"]]))
         # engine steps (rounds) at the full batch: their time per decode step (a multi-step round's time / its

@@ -120,6 +120,8 @@ def main() -> None:
                     help="also time K decode steps per device call (multi-step decode) against single steps")
     ap.add_argument("--target-programs", type=int, default=None,
                     help="override the decode kernel's context-split target (programs in flight)")
+    ap.add_argument("--dispatch-probe", action="store_true",
+                    help="with --decode-steps: time a call's dispatch while the previous call still runs")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -202,6 +204,8 @@ def main() -> None:
     result["dispatch_us"] = 1e6 * dispatch
     if args.decode_steps > 1:
         result["multi_step"] = time_multi_step(eng, args, out)
+        if args.dispatch_probe:
+            result["dispatch_probe"] = dispatch_probe(eng, args)
     (out / "profile_step.json").write_text(json.dumps(result, indent=2))
     print(f"{result['device']}  {cfg.name} {args.dtype} weights, {eng.kv_dtype} KV, {args.rows} rows x {args.context} "
           f"tokens, attention={eng.runner.backend}, fused K/V write {eng.runner.fuse_decode_write}, "
@@ -217,14 +221,69 @@ def main() -> None:
               f"(synchronous call / steps) | GPU span {m['span_us_per_step']:.0f} us/step | busy "
               f"{m['busy_us_per_step']:.0f} us/step | dispatch returns after {m['dispatch_us']:.0f} us | "
               f"{m['launches_per_step']:.0f} launches/step")  # fmt: skip
-        print("    idle between kernels, us per decode step, by gap size: "
+        print(f"    untraced, 12 calls back to back: {m['b2b_wall_us_per_step']:.0f} us/step -> GPU idle "
+              f"{100 * m['idle_share_untraced']:.1f}% against the traced busy time")  # fmt: skip
+        print("    idle between kernels while traced, us per decode step, by gap size: "
               + ", ".join(f"{b} {v:.1f}" for b, v in m["gap_us_per_step"].items()))
         for kern in m["kernels"][: args.top]:
             print(f"    {kern['name'][:56]:56s} {kern['us_per_step']:9.1f} {kern['count_per_step']:7.1f}")
+    for name, v in result.get("dispatch_probe", {}).items():
+        print(f"dispatch of a {args.decode_steps}-step call, {name}: returns after {v['dispatch_us_device_idle']:.0f} us "
+              f"(device idle) / {v['dispatch_us_device_busy']:.0f} us (device busy with the previous call)")  # fmt: skip
     print(f"{'kernel':60s} {'us/step':>9s} {'n/step':>7s} {'share':>6s}")
     for n, v in rows[: args.top]:
         us = v[0] / args.steps / 1e3
         print(f"{n[:60]:60s} {us:9.1f} {v[1] / args.steps:7.1f} {100 * us / max(total, 1e-9):5.1f}%")
+
+
+def dispatch_probe(eng, args) -> dict:
+    """Does dispatching a multi-step call wait for the previous call to finish on the device? Median time for
+    the dispatch of call B to return when call A was dispatched just before it (device busy), against the
+    same with the device idle; for the engine's path (NumPy inputs, pools donated), inputs already on the
+    device, and a jit that does not donate the pools."""
+    from functools import partial
+
+    from jkv import runner as runner_mod
+
+    k = args.decode_steps
+    x = decode_inputs(eng, args.rows, args.context - k + 1, steps=k)
+    r = eng.runner
+    ints, floats = runner_mod.pack(x)
+    ints_d, floats_d = jax.device_put(ints), jax.device_put(floats)
+    fn = r._steps_fn(True, r._shape(x), k)
+    plain = jax.jit(partial(runner_mod._decode_steps, shape=r._shape(x), num_steps=k, block_size=r.block_size,
+                            config=r.config, backend=r.backend, greedy=True, window=r.window,
+                            fuse_write=r.fuse_decode_write))  # fmt: skip
+    state = {"pools": eng.pools, "buf": r.zero_tokens()}
+
+    def call(f, i, fl, donate=True):
+        toks, pools, buf = f(r.params, state["pools"], i, fl, state["buf"])
+        if donate:
+            state["pools"] = pools
+        state["buf"] = buf
+        return toks
+
+    variants = {"engine path (NumPy inputs, donated pools)": (fn, ints, floats, True),
+                "inputs already on the device, donated pools": (fn, ints_d, floats_d, True),
+                "inputs on the device, pools not donated": (plain, ints_d, floats_d, False)}  # fmt: skip
+    result = {}
+    for name, (f, i, fl, donate) in variants.items():
+        call(f, i, fl, donate).block_until_ready()  # compiled and warm
+        idle, busy = [], []
+        for _ in range(7):
+            t0 = time.perf_counter()
+            a = call(f, i, fl, donate)
+            idle.append(time.perf_counter() - t0)
+            a.block_until_ready()
+            call(f, i, fl, donate)  # the device is busy with this one while the next is dispatched
+            t0 = time.perf_counter()
+            b = call(f, i, fl, donate)
+            busy.append(time.perf_counter() - t0)
+            b.block_until_ready()
+        result[name] = {"dispatch_us_device_idle": 1e6 * float(np.median(idle)),
+                        "dispatch_us_device_busy": 1e6 * float(np.median(busy))}  # fmt: skip
+    eng.pools = state["pools"]
+    return result
 
 
 def time_multi_step(eng, args, out: Path) -> dict:
@@ -244,6 +303,15 @@ def time_multi_step(eng, args, out: Path) -> dict:
         calls.append(time.perf_counter() - t0)
         toks.block_until_ready()
         walls.append(time.perf_counter() - t0)
+    # Untraced, calls dispatched back to back (no sync between): wall per step against the traced busy time
+    # gives the idle share without the tracer's launch overhead.
+    b2b_calls = 12
+    toks.block_until_ready()
+    t0 = time.perf_counter()
+    for _ in range(b2b_calls):
+        toks, eng.pools, buf = eng.runner.run_decode_steps(eng.pools, x, buf, num_steps=k, greedy=True)
+    toks.block_until_ready()
+    b2b = (time.perf_counter() - t0) / (b2b_calls * k)
     trace_dir = out / f"trace_steps{k}"
     calls_traced = max(2, 20 // k)
     with jax.profiler.trace(str(trace_dir)):
@@ -264,7 +332,8 @@ def time_multi_step(eng, args, out: Path) -> dict:
                 for i, (nm, s, e) in enumerate(mid)]  # fmt: skip
     gaps = [(b[1] - a[2], a[0], b[0]) for a, b in zip(ordered, ordered[1:])]  # idle before each kernel, ns
     bins = {"<1us": (0, 1e3), "1-5us": (1e3, 5e3), ">=5us": (5e3, float("inf"))}
-    return {"steps": k,
+    busy_step = busy_ns(events) / n / 1e3
+    return {"steps": k, "b2b_wall_us_per_step": 1e6 * b2b, "idle_share_untraced": 1 - busy_step / (1e6 * b2b),
             # where the idle time sits: positive gaps between consecutive kernels by size, µs per decode step
             "gap_us_per_step": {b: sum(g for g, _, _ in gaps if lo <= g < hi) / n / 1e3 for b, (lo, hi) in bins.items()},
             "largest_gaps": [{"us": g / 1e3, "after": short(a), "before": short(b)}
