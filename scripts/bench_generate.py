@@ -146,8 +146,9 @@ def idle_probe(model, reqs, cap, blocks, bs, decode_steps, trace_dir: str) -> di
         return {"idle_probe_error": "no kernel events in the trace"}
     n = sum(steps[window[0] : window[1]])
     busy, span = busy_ns(events) / 1e9, span_ns(events) / 1e9
-    full = np.array(rows[window[0] : window[1]]) == cap
-    return {"idle_window_decode_steps": n, "idle_window_full_batch_share": float(full.mean()),
+    w_rows, w_steps = np.array(rows[window[0] : window[1]]), np.array(steps[window[0] : window[1]])
+    return {"idle_window_decode_steps": n, "idle_window_full_batch_share": float((w_rows == cap).mean()),
+            "idle_window_mean_decode_rows": float((w_rows * w_steps).sum() / n),
             "gpu_busy_ms_per_step": 1e3 * busy / n, "engine_wall_ms_per_step": 1e3 * wall / n,
             "gpu_span_ms_per_step_traced": 1e3 * span / n, "gpu_idle_share_traced": 1 - busy / span,
             "gpu_idle_share": 1 - busy / wall}  # fmt: skip
@@ -386,7 +387,8 @@ def main() -> None:
                   f"{r['tpot_ms_p99']:.2f} ms; time to first token p50 / p99 {r['ttft_ms_p50']:.0f} / "
                   f"{r['ttft_ms_p99']:.0f} ms (all requests queued at the start)")  # fmt: skip
         if "gpu_idle_share" in r:
-            print(f"    engine loop, middle half of {args.batch * 4} requests: GPU busy {r['gpu_busy_ms_per_step']:.3f} "
+            print(f"    engine loop, middle half of {args.batch * 4} requests ({r['idle_window_mean_decode_rows']:.1f} "
+                  f"decode rows per step on average): GPU busy {r['gpu_busy_ms_per_step']:.3f} "
                   f"ms of {r['engine_wall_ms_per_step']:.3f} ms wall per decode step -> GPU idle "
                   f"{100 * r['gpu_idle_share']:.1f}% ({100 * r['gpu_idle_share_traced']:.1f}% while traced)")  # fmt: skip
         elif "idle_probe_error" in r:
