@@ -472,6 +472,32 @@ def batch_cell(mb: dict) -> str:
     return f"[{lo:,}, {'?' if hi is None else f'{hi:,}'})"
 
 
+def plan_with_reserve(model: str, kv: str, hbm: int, utilization: float, reserve: int) -> int:
+    """The plan's maximum batch when its runtime reserve is `reserve` bytes (`plan.py --reserve`): with the
+    memory measured outside JAX's pool on this machine, a plan calibrated to it instead of the default margin."""
+    from planner import PlanOptions, load_config, make_plan
+
+    options = PlanOptions(hbm_bytes=hbm, kv_dtype=kv, utilization=utilization, reserve_bytes=reserve)
+    return make_plan(load_config(model), options).max_num_seqs
+
+
+def print_calibrated(rows: list[dict], utilization: float) -> None:
+    """Per searched row: the plan with this machine's measured outside-pool bytes as its reserve, against the
+    real maximum batch (what `plan.py --reserve` gives a user who measured their machine)."""
+    rows = [r for r in rows if "max_batch" in r and r["max_batch"].get("real") is not None]
+    if not rows:
+        return
+    print("\nplan with this machine's reserve (plan.py --reserve = memory measured outside JAX's pool):")
+    print("model        kv        budget  reserve GiB  planned     real  diff seqs")
+    for row in rows:
+        reserve = row["measured"]["reserve"]
+        planned = plan_with_reserve(row["model"], row["kv_dtype"], row["hbm"], utilization, reserve)
+        row["max_batch"]["planned_with_measured_reserve"] = planned
+        real = row["max_batch"]["real"]
+        print(f"{row['model']:12s} {row['kv_dtype']:9s} {row['budget']:6s} {reserve / 2**30:11.3f} {planned:8,d} "
+              f"{real:8,d} {real - planned:+10,d}{'  ABOVE THE REAL MAXIMUM' if planned > real else ''}")  # fmt: skip
+
+
 def print_summary(rows: list[dict]) -> None:
     print("\nterm          model        kv        budget   planned GiB  measured GiB   error")
     for row in rows:
@@ -563,9 +589,10 @@ def main() -> None:
                 print(f"{model:12s} {kv:9s} {budget:5s} max batch plan {mb['planned']:,} real {batch_cell(mb)} "
                       f"({mb['diff_pct']:+.2f}%, formula {mb['formula']:,})  search {mb['seconds']:.0f}s  "
                       f"[{time.time() - t0:.0f}s]", flush=True)  # fmt: skip
+    print_summary(rows)
+    print_calibrated(rows, args.utilization)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2))
-    print_summary(rows)
 
 
 if __name__ == "__main__":

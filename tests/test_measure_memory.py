@@ -436,3 +436,24 @@ def test_run_probes_side_by_side_keeps_each_stderr(tmp_path):
     assert [res for res, _ in runs] == [None, None]
     assert all("Traceback" in err for _, err in runs)
     assert "Traceback" in (tmp_path / "a.log").read_text()
+
+
+def test_plan_with_a_measured_reserve_matches_plan_cli_and_never_exceeds_the_budget():
+    """The calibrated plan (measure_memory's summary) is what `plan.py --reserve` says, and it holds more
+    sequences, at most as many as the smaller reserve frees (a sequence costs at least its KV blocks)."""
+    import json
+
+    from planner.kv_layout import kv_bytes_per_token, kv_dtype
+
+    hbm, reserve = 24 * 10**9, int(0.618 * 2**30)
+    got = mm.plan_with_reserve("gpt2", "bfloat16", hbm, 0.9, reserve)
+    cli = subprocess.run([sys.executable, "scripts/plan.py", "--hbm", "24GB", "--model", "gpt2", "--kv-dtype",
+                          "bfloat16", "--reserve", str(reserve), "--json"], capture_output=True, text=True,
+                         check=True, cwd=ROOT)  # fmt: skip
+    assert json.loads(cli.stdout)["max_num_seqs"] == got
+    default = make_plan(load_config("gpt2"), PlanOptions(hbm_bytes=hbm, kv_dtype="bfloat16")).max_num_seqs
+    freed = 2**30 - reserve
+    per_seq_kv = 128 * kv_bytes_per_token(load_config("gpt2"), kv_dtype("bfloat16"))  # shortest listed length
+    assert default < got <= default + freed // per_seq_kv + 1
+    plan = make_plan(load_config("gpt2"), PlanOptions(hbm_bytes=hbm, kv_dtype="bfloat16", reserve_bytes=reserve))
+    assert plan.peak_bytes <= plan.budget_bytes
