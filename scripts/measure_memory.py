@@ -263,6 +263,33 @@ def run_step(eng, rows: int, ctx: int, chunk: int) -> None:
     jax.block_until_ready((toks, logits))
 
 
+def multi_step_inputs(eng, rows: int, ctx: int, steps: int):
+    """A multi-step decode call's inputs: `rows` rows whose first step is at `ctx` tokens, `steps` steps each
+    (block tables wrap around the pool: a memory test, the K/V values do not matter)."""
+    import dataclasses
+
+    import numpy as np
+
+    from jkv.runner import bucket, build_inputs
+
+    bs, usable = eng.block_size, eng.pools.num_blocks - 1
+    per = math.ceil((ctx + steps - 1) / bs)
+    rows_in = [([1], ctx - 1, [1 + (r * per + i) % usable for i in range(per)], 1.0, 0, 0.9, r, 0)
+               for r in range(rows)]  # fmt: skip
+    x = build_inputs(rows_in, block_size=bs, chunk=1, width=bucket(per), batch=rows)
+    return dataclasses.replace(x, query_lens=np.full(rows, steps, np.int32))
+
+
+def run_multi_step(eng, rows: int, ctx: int, steps: int) -> None:
+    """One multi-step decode call (`Engine(decode_steps=steps)`, `jkv.generate`'s default) at `rows` rows."""
+    import jax
+
+    x = multi_step_inputs(eng, rows, ctx, steps)
+    toks, eng.pools, _ = eng.runner.run_decode_steps(eng.pools, x, eng.runner.zero_tokens(), num_steps=steps,
+                                                     greedy=False)  # fmt: skip
+    jax.block_until_ready(toks)
+
+
 def compiled_temp(eng, rows: int, ctx: int, chunk: int) -> int:
     """Bytes XLA's compiled step needs beyond its arguments (temp + outputs not aliased to the donated pools)."""
     from jkv.runner import bucket, build_inputs
@@ -281,14 +308,21 @@ def prefill_step(plan) -> tuple[int, int, int]:
 
 
 def planned_stages(eng, plan, dev) -> tuple[dict, str | None]:
-    """Compiled sizes and measured peaks of the plan's largest steps on the plan's own pools; the first failure."""
+    """Compiled sizes and measured peaks of the plan's largest steps on the plan's own pools, then a multi-step
+    decode call at the planned batch (`jkv.generate`'s default); the first failure."""
+    from jkv.engine import GENERATE_DECODE_STEPS as DECODE_STEPS
+
     shortest = min(128, plan.max_seq_len)
     b_long = plan.max_batch(plan.max_seq_len)
     stages = {
         "compiled_prefill": compiled_temp(eng, *prefill_step(plan)),
         "compiled_decode_max_batch": compiled_temp(eng, plan.max_num_seqs, shortest, 1),
-        "compiled_decode_256": compiled_temp(eng, 256, shortest, 1),
+        "compiled_decode_256": compiled_temp(eng, min(256, plan.max_num_seqs), shortest, 1),  # (fewer if capped)
     }
+    x = multi_step_inputs(eng, plan.max_num_seqs, shortest, DECODE_STEPS)
+    ma = eng.runner.lower(eng.pools, x, decode=True, greedy=False, num_steps=DECODE_STEPS).compile().memory_analysis()
+    stages["compiled_decode_steps_max_batch"] = int(ma.temp_size_in_bytes + ma.output_size_in_bytes
+                                                    - ma.alias_size_in_bytes)  # fmt: skip
     for name, args in (("prefill", prefill_step(plan)),
                        ("decode_max_batch", (plan.max_num_seqs, shortest, 1)),
                        ("decode_max_len", (b_long, plan.max_seq_len, 1))):  # fmt: skip
@@ -297,6 +331,11 @@ def planned_stages(eng, plan, dev) -> tuple[dict, str | None]:
         except Exception as err:  # noqa: BLE001 - an OOM here means the plan over-promised
             return stages, f"{name}: {type(err).__name__}: {str(err)[:200]}"
         stages[name] = dev.memory_stats()["peak_bytes_in_use"]
+    try:  # jkv.generate's multi-step decode at the planned batch: its loop must fit the same workspace
+        run_multi_step(eng, plan.max_num_seqs, shortest, DECODE_STEPS)
+    except Exception as err:  # noqa: BLE001
+        return stages, f"decode_steps_max_batch: {type(err).__name__}: {str(err)[:200]}"
+    stages["decode_steps_max_batch"] = dev.memory_stats()["peak_bytes_in_use"]
     return stages, None
 
 

@@ -80,14 +80,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--png", default="out/timeline.png")
     ap.add_argument("--json", default=None, help="write the per-step history here")
     ap.add_argument("--trace", default=None, help="write a jax.profiler trace into this directory")
+    ap.add_argument("--decode-steps", type=int, default=1,
+                    help="decode steps per device call (Engine(decode_steps=K); jkv.generate uses 8)")
     args = ap.parse_args(argv)
+    if args.decode_steps < 1:
+        raise SystemExit(f"--decode-steps {args.decode_steps}: give a positive integer (1: one step per call).")
     import warnings
 
     warnings.filterwarnings("ignore", message=".*random.*")
     model = jkv.load_model(args.model, dtype="bfloat16")
     eng = jkv.Engine(model, hbm=args.hbm, num_blocks=args.num_blocks, block_size=args.block_size,
                      max_num_seqs=args.max_num_seqs, max_seq_len=min(model.config.n_positions, 1024),
-                     record_history=True)  # fmt: skip
+                     record_history=True, decode_steps=args.decode_steps)  # fmt: skip
     rng = np.random.default_rng(0)
     limit = eng.max_seq_len - args.max_tokens
     for _ in range(args.requests):
@@ -99,6 +103,8 @@ def main(argv: list[str] | None = None) -> None:
 
         with jax.profiler.trace(args.trace):
             eng.run()
+            jax.block_until_ready(eng.pools)  # nothing left running when the trace stops
+            jax.effects_barrier()
     else:
         eng.run()
     planned = eng.plan.peak_bytes if eng.plan is not None else None

@@ -457,3 +457,32 @@ def test_plan_with_a_measured_reserve_matches_plan_cli_and_never_exceeds_the_bud
     assert default < got <= default + freed // per_seq_kv + 1
     plan = make_plan(load_config("gpt2"), PlanOptions(hbm_bytes=hbm, kv_dtype="bfloat16", reserve_bytes=reserve))
     assert plan.peak_bytes <= plan.budget_bytes
+
+
+def test_planned_stages_run_the_multi_step_call_at_the_planned_batch():
+    """The plan's stages end with jkv.generate's multi-step decode at the planned batch (CPU: the tiny fixture
+    model, a fake device that reports a growing peak); a failing call is reported as that stage's failure."""
+    import jkv
+
+    fixture = ROOT / "tests" / "fixtures" / "hf_tiny_gpt2"
+    plan = make_plan(load_config(str(fixture)), PlanOptions(hbm_bytes=4 * 10**6, dtype="float32", reserve_bytes=0,
+                                                            prefill_chunk=64))  # fmt: skip
+    model = jkv.load_model(fixture, dtype="float32")
+    eng = jkv.Engine(model, num_blocks=plan.layout.num_blocks, max_num_seqs=plan.max_num_seqs,
+                     max_num_batched_tokens=plan.workspaces[0].tokens)  # fmt: skip
+    peaks = iter(range(1, 100))
+    dev = SimpleNamespace(memory_stats=lambda: {"peak_bytes_in_use": next(peaks)})
+    stages, failed = mm.planned_stages(eng, plan, dev)
+    assert failed is None
+    assert stages["decode_steps_max_batch"] > stages["decode_max_len"] > 0  # ran, after the single steps
+    assert stages["compiled_decode_steps_max_batch"] > 0
+    x = mm.multi_step_inputs(eng, plan.max_num_seqs, 40, 8)
+    assert x.tokens.shape[0] == plan.max_num_seqs and (x.query_lens == 8).all()
+    assert (x.block_tables[:, : -(-47 // eng.block_size)] >= 1).all()  # every step's slot is a real block
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
+
+    eng.runner.run_decode_steps = broken
+    _, failed = mm.planned_stages(eng, plan, dev)
+    assert failed.startswith("decode_steps_max_batch: RuntimeError: RESOURCE_EXHAUSTED")
