@@ -5,8 +5,9 @@
 
 Runs a seeded mixed workload through `jkv.Engine` with per-step history, then plots, per step: blocks used /
 cached / free against the planned pool, internal fragmentation, running/waiting/swapped sequences, preemptions,
-and the device's bytes in use against the planned peak (where the backend reports memory). The trace directory
-opens in TensorBoard's profile plugin or Perfetto, to find gaps between GPU steps.
+and the device's bytes in use against the planned peak (where the backend reports memory). With --trace the
+workload first runs once untraced (compiling every step shape), then again under the profiler; the trace
+directory opens in TensorBoard's profile plugin or Perfetto, to find gaps between GPU steps.
 """
 
 from __future__ import annotations
@@ -89,15 +90,26 @@ def main(argv: list[str] | None = None) -> None:
 
     warnings.filterwarnings("ignore", message=".*random.*")
     model = jkv.load_model(args.model, dtype="bfloat16")
-    eng = jkv.Engine(model, hbm=args.hbm, num_blocks=args.num_blocks, block_size=args.block_size,
-                     max_num_seqs=args.max_num_seqs, max_seq_len=min(model.config.n_positions, 1024),
-                     record_history=True, decode_steps=args.decode_steps)  # fmt: skip
-    rng = np.random.default_rng(0)
-    limit = eng.max_seq_len - args.max_tokens
-    for _ in range(args.requests):
-        n = int(np.clip(rng.lognormal(np.log(max(2, limit // 4)), 0.7), 1, limit))
-        eng.add_request(rng.integers(0, model.config.vocab_size, n).tolist(),
-                        jkv.SamplingParams(max_tokens=int(rng.integers(1, args.max_tokens + 1)), ignore_eos=True))  # fmt: skip
+
+    def engine_with_workload():
+        eng = jkv.Engine(model, hbm=args.hbm, num_blocks=args.num_blocks, block_size=args.block_size,
+                         max_num_seqs=args.max_num_seqs, max_seq_len=min(model.config.n_positions, 1024),
+                         record_history=True, decode_steps=args.decode_steps)  # fmt: skip
+        rng = np.random.default_rng(0)
+        limit = eng.max_seq_len - args.max_tokens
+        for _ in range(args.requests):
+            n = int(np.clip(rng.lognormal(np.log(max(2, limit // 4)), 0.7), 1, limit))
+            eng.add_request(rng.integers(0, model.config.vocab_size, n).tolist(),
+                            jkv.SamplingParams(max_tokens=int(rng.integers(1, args.max_tokens + 1)), ignore_eos=True))  # fmt: skip
+        return eng
+
+    if args.trace:
+        # The same workload once untraced first, on an engine dropped before the traced one is built (one pool at a
+        # time): every step shape is compiled before the trace starts, so the trace holds the run, not XLA's
+        # compiling. (Compiling a multi-step shape inside a trace crashed the process on an H200:
+        # CUDA_ERROR_LAUNCH_FAILED in XLA's GEMM autotuner, 2026-11-27.)
+        engine_with_workload().run()
+    eng = engine_with_workload()
     if args.trace:
         import jax
 
