@@ -768,6 +768,8 @@ def generate(model, prompts: Seq[str | Seq[int]], sampling: SamplingParams | Non
         try:
             ids.append(engine.add_request(p, sampling, request_id=f"req-{i}"))
         except ValueError as err:
-            ids.append(RequestOutput(f"req-{i}", [], [], [], None, True, "error", [], error=str(err)))
+            now = time.monotonic()
+            ids.append(RequestOutput(f"req-{i}", [], [], [], None, True, "error", [], error=str(err),
+                                     metrics=RequestMetrics(now, None, now, 0)))  # fmt: skip
     final = engine.run()
     return [x if isinstance(x, RequestOutput) else final[x] for x in ids]

@@ -159,4 +159,4 @@ class RequestOutput:
     finish_reason: str | None
     samples: list[SampleOutput]
     error: str | None = None
-    metrics: RequestMetrics | None = None
+    metrics: RequestMetrics | None = None  # set on every output the engine and `generate` return

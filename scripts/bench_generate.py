@@ -18,7 +18,8 @@ context), EOS ignored, random weights of the named GPT-2 size in bfloat16. In on
 Correctness first: the paged engine must reproduce the dense reference's greedy tokens (float32 copy of the
 model) before anything is timed. Each configuration first replays the timed workload untimed, so compilation
 stays out of the timing. Reports output tokens/s, time per output token, peak device memory, KV memory waste,
-per-request latency percentiles (`RequestOutput.metrics`), and on a GPU the idle share of the engine's loop
+per-request latency percentiles (`RequestOutput.metrics`; with --arrival-rate also served online, Poisson
+arrivals, latency from each request's arrival), and on a GPU the idle share of the engine's loop
 (`idle_probe`: traced kernel busy time against the untraced wall time of the same engine steps, in a child
 process).
 """
@@ -99,6 +100,40 @@ def drive(eng, reqs, window: tuple[int, int] | None = None, trace: str | None = 
                 jax.profiler.stop_trace()
     wall = time.perf_counter() - t0
     return wall, step_times, decode_rows, decode_steps, final, window_wall
+
+
+def drive_online(eng, reqs, arrivals) -> dict:
+    """Serve `reqs` as they arrive: request i is added once `arrivals[i]` seconds have passed (an open loop: late
+    adds do not delay later arrivals). Latency counts from each request's scheduled arrival, so a host busy in
+    `step()` when a request was due shows up in its time to first token. Returns tok/s and latency percentiles."""
+    t0 = time.monotonic()
+    due = [t0 + a for a in arrivals]
+    final, nxt, compiled = {}, 0, len(eng.runner.compiled)
+    ids = {}
+    while nxt < len(reqs) or eng.has_unfinished():
+        now = time.monotonic()
+        while nxt < len(reqs) and due[nxt] <= now:
+            prompt, out_len = reqs[nxt]
+            ids[eng.add_request(prompt, jkv.SamplingParams(max_tokens=out_len, ignore_eos=True))] = due[nxt]
+            nxt += 1
+        if not eng.has_unfinished():
+            time.sleep(max(0.0, due[nxt] - time.monotonic()))
+            continue
+        for out in eng.step():
+            if out.finished:
+                final[out.request_id] = out
+    wall = time.monotonic() - t0
+    ms = lambda vals, q: 1e3 * float(np.percentile(vals, q))  # noqa: E731
+    ttft = [o.metrics.first_token_time - ids[rid] for rid, o in final.items()]
+    tpot = [o.metrics.time_per_output_token for o in final.values() if o.metrics.time_per_output_token is not None]
+    return {"online_tok_s": sum(o for _, o in reqs) / wall, "online_ttft_ms_p50": ms(ttft, 50),
+            "online_ttft_ms_p99": ms(ttft, 99), "online_tpot_ms_p50": ms(tpot, 50), "online_tpot_ms_p99": ms(tpot, 99),
+            "online_compiles_during_run": len(eng.runner.compiled) - compiled}  # fmt: skip
+
+
+def poisson_arrivals(n: int, rate: float, seed: int = 1) -> list[float]:
+    """Arrival offsets (s) of n requests at `rate` per second, exponential gaps, seeded."""
+    return np.cumsum(np.random.default_rng(seed).exponential(1 / rate, n)).tolist()
 
 
 def settle(eng) -> None:
@@ -279,8 +314,17 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--trace-dir", default="bench_generate_trace", help="where the idle-share traces go (GPU)")
     ap.add_argument("--no-idle-probe", action="store_true", help="skip the traced GPU idle-share estimate")
+    ap.add_argument("--arrival-rate", default=None, metavar="REQ_PER_S",
+                    help="also serve each paged row's workload online: Poisson arrivals at this rate (a comma list "
+                         "for several), latency percentiles from each request's arrival")  # fmt: skip
     ap.add_argument("--idle-probe", type=int, default=None, metavar="K", help=argparse.SUPPRESS)  # the child's mode
     args = ap.parse_args()
+    try:
+        rates = [float(v) for v in args.arrival_rate.split(",")] if args.arrival_rate else []
+    except ValueError:
+        rates = [0.0]
+    if any(r <= 0 for r in rates):
+        raise SystemExit(f"--arrival-rate {args.arrival_rate}: give positive requests per second, e.g. 60 or 60,120.")
 
     import warnings
 
@@ -338,6 +382,11 @@ def main() -> None:
                "ms_per_token": 1e3 * wall / out_tokens, "kv_bytes": eng.pools.nbytes, "kv_waste": frag,
                "peak_bytes": peak_bytes(), "preemptions": eng.stats().preemptions_recompute, "decode_steps": ksteps}  # fmt: skip
         row |= latency_stats(final)
+        row["online"] = []
+        for rate in rates:  # the same engine (its shapes compiled) serves the workload again, online
+            arrivals = poisson_arrivals(len(reqs), rate)
+            drive_online(eng, reqs, arrivals)  # untimed: compiles the batch shapes online arrivals make
+            row["online"].append(drive_online(eng, reqs, arrivals) | {"arrival_rate": rate})
         if cap == args.batch and full:
             dev = time_decode_step(eng, cap, 512)
             if ksteps == 1:  # a multi-step run's rounds overlap each other and the prefill calls: not separable
@@ -386,6 +435,12 @@ def main() -> None:
             print(f"    latency: time per output token p50 / p90 / p99 {r['tpot_ms_p50']:.2f} / {r['tpot_ms_p90']:.2f} / "
                   f"{r['tpot_ms_p99']:.2f} ms; time to first token p50 / p99 {r['ttft_ms_p50']:.0f} / "
                   f"{r['ttft_ms_p99']:.0f} ms (all requests queued at the start)")  # fmt: skip
+        for o in r.get("online", []):
+            print(f"    online, {o['arrival_rate']:g} req/s Poisson: {o['online_tok_s']:.0f} tok/s; time to first token "
+                  f"p50 / p99 {o['online_ttft_ms_p50']:.1f} / {o['online_ttft_ms_p99']:.1f} ms; time per output "
+                  f"token p50 / p99 {o['online_tpot_ms_p50']:.2f} / {o['online_tpot_ms_p99']:.2f} ms"
+                  + (f" ({o['online_compiles_during_run']} compiles inside)" if o["online_compiles_during_run"]
+                     else ""))  # fmt: skip
         if "gpu_idle_share" in r:
             print(f"    engine loop, middle half of {args.batch * 4} requests ({r['idle_window_mean_decode_rows']:.1f} "
                   f"decode rows per step on average): GPU busy {r['gpu_busy_ms_per_step']:.3f} "

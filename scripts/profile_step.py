@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import itertools
 import json
 import math
 import re
@@ -330,7 +331,7 @@ def time_multi_step(eng, args, out: Path) -> dict:
     mid = ordered[(n // 2) * per_step : (n // 2 + 1) * per_step + 1]
     sequence = [{"name": short(nm), "us": (e - s) / 1e3, "gap_us": (s - mid[i - 1][2]) / 1e3 if i else None}
                 for i, (nm, s, e) in enumerate(mid)]  # fmt: skip
-    gaps = [(b[1] - a[2], a[0], b[0]) for a, b in zip(ordered, ordered[1:])]  # idle before each kernel, ns
+    gaps = [(b[1] - a[2], a[0], b[0]) for a, b in itertools.pairwise(ordered)]  # idle before each kernel, ns
     bins = {"<1us": (0, 1e3), "1-5us": (1e3, 5e3), ">=5us": (5e3, float("inf"))}
     busy_step = busy_ns(events) / n / 1e3
     return {"steps": k, "b2b_wall_us_per_step": 1e6 * b2b, "idle_share_untraced": 1 - busy_step / (1e6 * b2b),

@@ -66,8 +66,11 @@ def test_metrics_follow_the_reported_tokens(model, opts):
 
 def test_generate_returns_metrics(model):
     t0 = time.monotonic()
-    outs = jkv.generate(model, [[1, 2, 3], [4, 5]], jkv.SamplingParams(max_tokens=3, ignore_eos=True),
+    outs = jkv.generate(model, [[1, 2, 3], [], [4, 5]], jkv.SamplingParams(max_tokens=3, ignore_eos=True),
                         num_blocks=16, block_size=4)  # fmt: skip
+    bad = outs.pop(1)  # an empty prompt fails alone, and still says when
+    assert bad.error and bad.metrics.num_output_tokens == 0 and bad.metrics.time_to_first_token is None
+    assert t0 <= bad.metrics.arrival_time == bad.metrics.finish_time
     for o in outs:
         m = o.metrics
         assert m.num_output_tokens == 3
