@@ -13,7 +13,11 @@ step, as `scripts/bench_generate.py` times it), warms it up, then:
   dispatched back to back (what an engine that never waits on the host would see), the launch count, and the
   largest kernels;
 - saves the optimized HLO and counts whole-pool copies in it (a copy of a pool-sized buffer inside the step
-  would mean the in-place update failed).
+  would mean the in-place update failed);
+- with --decode-steps K, the same for K steps per call (multi-step decode): wall per step, busy time, the
+  untraced wall of calls dispatched back to back (the tracer's per-launch cost inflates the traced span, so idle
+  is busy against this), the kernels of one step in launch order with the gaps between them, and with
+  --dispatch-probe whether a call's dispatch waits for the previous call.
 
 The largest kernel groups name what to optimize; the gap between wall and busy time is launch/dispatch cost.
 """
