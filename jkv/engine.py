@@ -589,7 +589,19 @@ class Engine:
         """Place s's sampled tokens (index start on) one by one, counting each and stopping at a stop token or
         max_tokens; the slots after a stop token are dropped. Returns whether s finished."""
         sp = s.request.sampling
-        for j, token in enumerate(tokens):
+        # The leading tokens that have slots and end nothing go in as one slice (a multi-step round's tokens into
+        # its placeholder slots: what the loop below does token by token); the loop takes the rest.
+        live = s.status is SeqStatus.RUNNING or s.status is SeqStatus.SWAPPED
+        m = min(len(tokens), len(s.tokens) - start) if live else 0
+        if (m > 1 and start + m - s.num_prompt < sp.max_tokens
+                and (sp.ignore_eos or not any(t in sp.stop_token_ids for t in tokens[:m]))):  # fmt: skip
+            s.tokens[start : start + m] = tokens[:m]
+            self.manager.set_tokens(s.seq_id, start, tokens[:m])
+            self._tokens_generated += m
+        else:
+            m = 0
+        for j in range(m, len(tokens)):
+            token = tokens[j]
             index = start + j
             self._place(s, index, token)
             self._tokens_generated += 1
