@@ -27,7 +27,7 @@ def test_online_requests_start_after_they_arrive(monkeypatch, decode_steps):
     eng = jkv.Engine(model, num_blocks=64, block_size=4, max_num_seqs=4, decode_steps=decode_steps)
     rng = np.random.default_rng(3)
     reqs = [(rng.integers(0, model.config.vocab_size, 6).tolist(), 5) for _ in range(5)]
-    arrivals = [0.0, 0.0, 0.3, 0.35, 0.9]  # seconds: the last one comes after the engine has gone idle
+    arrivals = [0.0, 0.0, 0.3, 0.35, 0.9]  # seconds, spread over the run
     added, slept = [], []
     real_add, real_sleep = eng.add_request, time.sleep
     monkeypatch.setattr(eng, "add_request", lambda *a, **k: added.append(time.monotonic()) or real_add(*a, **k))
