@@ -336,6 +336,16 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work or self._flight is not None
 
+    def synchronize(self) -> None:
+        """Block until nothing this engine launched is still running or copying on the device: the pools and
+        the step in flight (async scheduling) with its tokens. Reads nothing back and changes no state; for
+        timing and tracing windows that must start and end on an idle device."""
+        arrays = [self.pools]
+        if self._flight is not None:
+            arrays += [self._flight.tokens, *(p.steps for p in self._flight.parts if p.steps is not None)]
+        jax.block_until_ready(arrays)
+        jax.effects_barrier()
+
     # The step ---------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one scheduling round and model step; returns the requests that produced tokens or finished.
@@ -586,8 +596,8 @@ class Engine:
             s.tokens.append(token)
 
     def _take(self, s: Sequence, start: int, tokens: list[int]) -> bool:
-        """Place s's sampled tokens (index start on) one by one, counting each and stopping at a stop token or
-        max_tokens; the slots after a stop token are dropped. Returns whether s finished."""
+        """Place s's sampled tokens (index start on), counting each and stopping at a stop token or max_tokens;
+        the slots after a stop token are dropped. Returns whether s finished."""
         sp = s.request.sampling
         # The leading tokens that have slots and end nothing go in as one slice (a multi-step round's tokens into
         # its placeholder slots: what the loop below does token by token); the loop takes the rest.

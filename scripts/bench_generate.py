@@ -81,7 +81,7 @@ def drive(eng, reqs, window: tuple[int, int] | None = None, trace: str | None = 
     i, w0, window_wall = 0, 0.0, None
     while eng.has_unfinished():
         if window and i == window[0]:
-            settle(eng)  # the window starts on an idle device and holds whole steps
+            eng.synchronize()  # the window starts on an idle device and holds whole steps
             if trace:
                 jax.profiler.start_trace(trace)
             w0 = time.perf_counter()
@@ -94,7 +94,7 @@ def drive(eng, reqs, window: tuple[int, int] | None = None, trace: str | None = 
         decode_steps.append(eng.last_decode_steps)
         i += 1
         if window and i == window[1]:
-            settle(eng)
+            eng.synchronize()
             window_wall = time.perf_counter() - w0
             if trace:
                 jax.profiler.stop_trace()
@@ -123,16 +123,13 @@ def drive_online(eng, reqs, arrivals) -> dict:
             if out.finished:
                 final[out.request_id] = out
     wall = time.monotonic() - t0
-    ms = lambda vals, q: 1e3 * float(np.percentile(vals, q))  # noqa: E731
-    ttft = [o.metrics.first_token_time - ids[rid] for rid, o in final.items()]
-    tpot = [o.metrics.time_per_output_token for o in final.values() if o.metrics.time_per_output_token is not None]
-    return {"online_tok_s": sum(o for _, o in reqs) / wall, "online_ttft_ms_p50": ms(ttft, 50),
-            "online_ttft_ms_p99": ms(ttft, 99), "online_tpot_ms_p50": ms(tpot, 50), "online_tpot_ms_p99": ms(tpot, 99),
-            "online_compiles_during_run": len(eng.runner.compiled) - compiled}  # fmt: skip
+    return {"online_tok_s": sum(o for _, o in reqs) / wall,
+            "online_compiles_during_run": len(eng.runner.compiled) - compiled,
+            **{f"online_{k}": v for k, v in latency_stats(final, ids).items()}}  # fmt: skip
 
 
-ONLINE_WARM_PASSES = 5  # untimed online passes at most before the timed one (H200: 1-3 shapes were still new
-# in the pass after one warm-up, and their compiles made the timed run's time to first token ~0.5-1.7 s)
+ONLINE_WARM_PASSES = 5  # untimed online passes at most before the timed one (H200: 1-4 shapes were still new
+# in the pass after one warm-up, and those cells' time to first token was 0.3-1.8 s p50)
 
 
 def poisson_arrivals(n: int, rate: float, seed: int = 1) -> list[float]:
@@ -140,20 +137,13 @@ def poisson_arrivals(n: int, rate: float, seed: int = 1) -> list[float]:
     return np.cumsum(np.random.default_rng(seed).exponential(1 / rate, n)).tolist()
 
 
-def settle(eng) -> None:
-    """Wait until nothing the engine launched is still running or copying: its pools and its step in flight."""
-    flight = eng._flight
-    jax.block_until_ready(eng.pools)
-    if flight is not None:
-        jax.block_until_ready([flight.tokens] + [p.steps for p in flight.parts if p.steps is not None])
-    jax.effects_barrier()
-
-
-def latency_stats(final: dict) -> dict:
-    """Percentiles (ms) of time to first token and mean time per output token over the finished requests.
-    Every request arrives at the start (an offline batch), so time to first token includes queueing."""
+def latency_stats(final: dict, arrivals: dict | None = None) -> dict:
+    """Percentiles (ms) of time to first token and of mean time per output token over finished requests.
+    Time to first token counts from `arrivals[request_id]` when given (online: the scheduled arrival), else from
+    `add_request` (an offline batch queues every request at the start, so it includes queueing)."""
     ms = lambda vals, q: 1e3 * float(np.percentile([v for v in vals if v is not None], q))  # noqa: E731
-    ttft = [o.metrics.time_to_first_token for o in final.values()]
+    ttft = [o.metrics.first_token_time - arrivals[rid] if arrivals else o.metrics.time_to_first_token
+            for rid, o in final.items()]  # fmt: skip
     tpot = [o.metrics.time_per_output_token for o in final.values()]
     return {"ttft_ms_p50": ms(ttft, 50), "ttft_ms_p99": ms(ttft, 99), "tpot_ms_p50": ms(tpot, 50),
             "tpot_ms_p90": ms(tpot, 90), "tpot_ms_p99": ms(tpot, 99)}  # fmt: skip
@@ -166,9 +156,9 @@ def idle_probe(model, reqs, cap, blocks, bs, decode_steps, trace_dir: str) -> di
     intervals, wall = the untraced run's wall time over the same steps; idle = 1 - busy / wall. (Tracing slows
     the host's launches, so the traced span's idle share is larger; it is reported too.)
 
-    Runs in a child process (`--idle-probe`): tracing multi-step rounds crashed the process with
-    CUDA_ERROR_LAUNCH_FAILED on an H200 in 5 of 6 tries (2026-11-27; since the window settles the device
-    before the trace stops, none has), so a crash costs only this estimate."""
+    Runs in a child process (`--idle-probe`), so a crash costs only this estimate: tracing multi-step rounds
+    crashed the process with CUDA_ERROR_LAUNCH_FAILED on an H200 (2026-11-27), once seen in XLA's autotuner
+    compiling inside a trace; this probe traces only after a compiling pass, on a synchronized device."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from profile_step import busy_ns, kernel_events, span_ns
 

@@ -246,26 +246,11 @@ def log(msg: str) -> None:
     print(f"LOG [{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def run_step(eng, rows: int, ctx: int, chunk: int) -> None:
-    """One step of the engine's jitted function: `rows` rows of `chunk` new tokens ending at `ctx` tokens, sampling
-    on, exactly `rows` rows (no bucketing). Row r takes blocks r * per + i (mod the usable blocks): distinct blocks
-    per row whenever the pool has room for them all."""
-    import jax
-
-    from jkv.runner import bucket, build_inputs
-
-    bs, usable = eng.block_size, eng.pools.num_blocks - 1
-    per = math.ceil(ctx / bs)
-    rows_in = [([1] * chunk, ctx - chunk, [1 + (r * per + i) % usable for i in range(per)], 1.0, 0, 0.9, r, 0)
-               for r in range(rows)]  # fmt: skip
-    x = build_inputs(rows_in, block_size=bs, chunk=chunk, width=bucket(per), batch=rows)
-    toks, logits, eng.pools = eng.runner.run(eng.pools, x, decode=chunk == 1, greedy=False)
-    jax.block_until_ready((toks, logits))
-
-
-def multi_step_inputs(eng, rows: int, ctx: int, steps: int):
-    """A multi-step decode call's inputs: `rows` rows whose first step is at `ctx` tokens, `steps` steps each
-    (block tables wrap around the pool: a memory test, the K/V values do not matter)."""
+def step_inputs(eng, rows: int, ctx: int, chunk: int, steps: int = 1):
+    """Exactly `rows` rows (no bucketing) of `chunk` new tokens ending at `ctx` tokens, sampling on; with
+    steps > 1, a multi-step decode call's inputs whose rows run `steps` steps from there. Row r takes blocks
+    r * per + i (mod the usable blocks): distinct blocks per row whenever the pool has room for them all (a
+    memory test: the K/V values do not matter)."""
     import dataclasses
 
     import numpy as np
@@ -274,30 +259,36 @@ def multi_step_inputs(eng, rows: int, ctx: int, steps: int):
 
     bs, usable = eng.block_size, eng.pools.num_blocks - 1
     per = math.ceil((ctx + steps - 1) / bs)
-    rows_in = [([1], ctx - 1, [1 + (r * per + i) % usable for i in range(per)], 1.0, 0, 0.9, r, 0)
+    rows_in = [([1] * chunk, ctx - chunk, [1 + (r * per + i) % usable for i in range(per)], 1.0, 0, 0.9, r, 0)
                for r in range(rows)]  # fmt: skip
-    x = build_inputs(rows_in, block_size=bs, chunk=1, width=bucket(per), batch=rows)
-    return dataclasses.replace(x, query_lens=np.full(rows, steps, np.int32))
+    x = build_inputs(rows_in, block_size=bs, chunk=chunk, width=bucket(per), batch=rows)
+    return x if steps == 1 else dataclasses.replace(x, query_lens=np.full(rows, steps, np.int32))
+
+
+def run_step(eng, rows: int, ctx: int, chunk: int) -> None:
+    """One step of the engine's jitted function on `step_inputs`."""
+    import jax
+
+    toks, logits, eng.pools = eng.runner.run(eng.pools, step_inputs(eng, rows, ctx, chunk), decode=chunk == 1,
+                                             greedy=False)  # fmt: skip
+    jax.block_until_ready((toks, logits))
 
 
 def run_multi_step(eng, rows: int, ctx: int, steps: int) -> None:
     """One multi-step decode call (`Engine(decode_steps=steps)`, `jkv.generate`'s default) at `rows` rows."""
     import jax
 
-    x = multi_step_inputs(eng, rows, ctx, steps)
+    x = step_inputs(eng, rows, ctx, 1, steps)
     toks, eng.pools, _ = eng.runner.run_decode_steps(eng.pools, x, eng.runner.zero_tokens(), num_steps=steps,
                                                      greedy=False)  # fmt: skip
     jax.block_until_ready(toks)
 
 
-def compiled_temp(eng, rows: int, ctx: int, chunk: int) -> int:
-    """Bytes XLA's compiled step needs beyond its arguments (temp + outputs not aliased to the donated pools)."""
-    from jkv.runner import bucket, build_inputs
-
-    per = math.ceil(ctx / eng.block_size)
-    x = build_inputs([([1] * chunk, ctx - chunk, [1] * per, 1.0, 0, 0.9, r, 0) for r in range(rows)],
-                     block_size=eng.block_size, chunk=chunk, width=bucket(per), batch=rows)  # fmt: skip
-    ma = eng.runner.lower(eng.pools, x, decode=chunk == 1, greedy=False).compile().memory_analysis()
+def compiled_temp(eng, rows: int, ctx: int, chunk: int, steps: int | None = None) -> int:
+    """Bytes XLA's compiled step (with `steps`, the multi-step call) needs beyond its arguments (temp + outputs
+    not aliased to the donated pools)."""
+    x = step_inputs(eng, rows, ctx, chunk, steps or 1)
+    ma = eng.runner.lower(eng.pools, x, decode=chunk == 1, greedy=False, num_steps=steps).compile().memory_analysis()
     return int(ma.temp_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes)
 
 
@@ -319,10 +310,7 @@ def planned_stages(eng, plan, dev) -> tuple[dict, str | None]:
         "compiled_decode_max_batch": compiled_temp(eng, plan.max_num_seqs, shortest, 1),
         "compiled_decode_256": compiled_temp(eng, min(256, plan.max_num_seqs), shortest, 1),  # (fewer if capped)
     }
-    x = multi_step_inputs(eng, plan.max_num_seqs, shortest, DECODE_STEPS)
-    ma = eng.runner.lower(eng.pools, x, decode=True, greedy=False, num_steps=DECODE_STEPS).compile().memory_analysis()
-    stages["compiled_decode_steps_max_batch"] = int(ma.temp_size_in_bytes + ma.output_size_in_bytes
-                                                    - ma.alias_size_in_bytes)  # fmt: skip
+    stages["compiled_decode_steps_max_batch"] = compiled_temp(eng, plan.max_num_seqs, shortest, 1, DECODE_STEPS)
     for name, args in (("prefill", prefill_step(plan)),
                        ("decode_max_batch", (plan.max_num_seqs, shortest, 1)),
                        ("decode_max_len", (b_long, plan.max_seq_len, 1))):  # fmt: skip

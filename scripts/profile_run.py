@@ -115,8 +115,7 @@ def main(argv: list[str] | None = None) -> None:
 
         with jax.profiler.trace(args.trace):
             eng.run()
-            jax.block_until_ready(eng.pools)  # nothing left running when the trace stops
-            jax.effects_barrier()
+            eng.synchronize()  # nothing left running when the trace stops
     else:
         eng.run()
     planned = eng.plan.peak_bytes if eng.plan is not None else None

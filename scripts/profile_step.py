@@ -103,6 +103,16 @@ def pool_copies(hlo: str, pool_shape) -> list[str]:
     return [ln.strip()[:160] for ln in hlo.splitlines() if re.search(r"= \S+\[" + dims + r"\]\S* copy\(", ln)]
 
 
+def kernel_table(events: list[tuple[str, int, int]], steps: int) -> list[dict]:
+    """Kernel time and launches per step, grouped by `short` name, largest first."""
+    groups = defaultdict(lambda: [0, 0])
+    for name, s, e in events:
+        groups[short(name)][0] += e - s
+        groups[short(name)][1] += 1
+    return [{"name": n, "us_per_step": t / steps / 1e3, "count_per_step": c / steps}
+            for n, (t, c) in sorted(groups.items(), key=lambda kv: -kv[1][0])]  # fmt: skip
+
+
 def short(name: str) -> str:
     """Group names: drop numeric suffixes XLA adds to fusions and kernels (fusion.123 -> fusion)."""
     return re.sub(r"(_\d+|\.\d+)+$", "", name)
@@ -185,16 +195,12 @@ def main() -> None:
         files = sorted(glob.glob(str(trace_dir / "**" / "*.xplane.pb"), recursive=True))
         names = [(p.name, [ln.name for ln in p.lines]) for p in ProfileData.from_file(files[-1]).planes]
         print("no kernel events found; planes and lines in the trace:", names)
-    per_name = defaultdict(lambda: [0, 0])
-    for name, s, e in events:
-        per_name[short(name)][0] += e - s
-        per_name[short(name)][1] += 1
+    kernels = kernel_table(events, args.steps)
     busy = busy_ns(events) / args.steps / 1e3
     # The traced steps were dispatched back to back (no sync between them): if the host keeps ahead, the GPU
     # span per step approaches the busy time; the rest is the gaps between kernels on the device.
     span = span_ns(events) / args.steps / 1e3
-    total = sum(v[0] for v in per_name.values()) / args.steps / 1e3
-    rows = sorted(per_name.items(), key=lambda kv: -kv[1][0])
+    total = sum(k["us_per_step"] for k in kernels)
     result = {
         "device": jax.devices()[0].device_kind, "jax": jax.__version__, "model": cfg.name, "dtype": args.dtype,
         "kv_dtype": eng.kv_dtype, "rows": args.rows, "context": args.context, "backend": eng.runner.backend,
@@ -203,8 +209,7 @@ def main() -> None:
         "launches_per_step": len(events) / args.steps, "pool_copies_in_hlo": copies,
         "command_buffers_in_hlo": hlo.count("command_buffer"),
         "temp_bytes": mem.temp_size_in_bytes if mem else None,
-        "kernels": [{"name": n, "us_per_step": v[0] / args.steps / 1e3, "count_per_step": v[1] / args.steps}
-                    for n, v in rows],
+        "kernels": kernels,
     }  # fmt: skip
     result["dispatch_us"] = 1e6 * dispatch
     if args.decode_steps > 1:
@@ -236,9 +241,9 @@ def main() -> None:
         print(f"dispatch of a {args.decode_steps}-step call, {name}: returns after {v['dispatch_us_device_idle']:.0f} us "
               f"(device idle) / {v['dispatch_us_device_busy']:.0f} us (device busy with the previous call)")  # fmt: skip
     print(f"{'kernel':60s} {'us/step':>9s} {'n/step':>7s} {'share':>6s}")
-    for n, v in rows[: args.top]:
-        us = v[0] / args.steps / 1e3
-        print(f"{n[:60]:60s} {us:9.1f} {v[1] / args.steps:7.1f} {100 * us / max(total, 1e-9):5.1f}%")
+    for k in kernels[: args.top]:
+        print(f"{k['name'][:60]:60s} {k['us_per_step']:9.1f} {k['count_per_step']:7.1f} "
+              f"{100 * k['us_per_step'] / max(total, 1e-9):5.1f}%")  # fmt: skip
 
 
 def dispatch_probe(eng, args) -> dict:
@@ -325,10 +330,6 @@ def time_multi_step(eng, args, out: Path) -> dict:
         toks.block_until_ready()
     events = kernel_events(trace_dir)
     n = calls_traced * k
-    groups = defaultdict(lambda: [0, 0])
-    for name, s, e in events:
-        groups[short(name)][0] += e - s
-        groups[short(name)][1] += 1
     ordered = sorted(events, key=lambda ev: ev[1])
     per_step = len(ordered) // n
     # one step's kernels in launch order, from the middle of the traced window: name, µs, gap before it (µs)
@@ -343,10 +344,9 @@ def time_multi_step(eng, args, out: Path) -> dict:
             "gap_us_per_step": {b: sum(g for g, _, _ in gaps if lo <= g < hi) / n / 1e3 for b, (lo, hi) in bins.items()},
             "largest_gaps": [{"us": g / 1e3, "after": short(a), "before": short(b)}
                              for g, a, b in sorted(gaps, reverse=True)[:12]],
-            "kernels": [{"name": nm, "us_per_step": v[0] / n / 1e3, "count_per_step": v[1] / n}
-                        for nm, v in sorted(groups.items(), key=lambda kv: -kv[1][0])],
+            "kernels": kernel_table(events, n),
             "one_step_in_order": sequence, "wall_us_per_step": 1e6 * float(np.median(walls)) / k,
-            "dispatch_us": 1e6 * float(np.median(calls)), "busy_us_per_step": busy_ns(events) / n / 1e3,
+            "dispatch_us": 1e6 * float(np.median(calls)), "busy_us_per_step": busy_step,
             "span_us_per_step": span_ns(events) / n / 1e3, "launches_per_step": len(events) / n,
             "pool_copies_in_hlo": len(pool_copies(hlo, eng.pools.k[0].shape))}  # fmt: skip
 

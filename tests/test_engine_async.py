@@ -284,3 +284,28 @@ def test_host_does_not_wait_between_decode_steps(model, prompts, monkeypatch, as
             assert m == n - 1
         else:
             assert kinds == ["dispatch", "read", "host read"] and log[first][1] == log[first + 1][1]
+
+
+@pytest.mark.parametrize("decode_steps", [1, 4])
+def test_synchronize_waits_for_the_flight_and_changes_nothing(model, prompts, decode_steps):
+    """Engine.synchronize: afterwards the step in flight's arrays are ready; it reads nothing back, so the run
+    that goes on gives the same tokens as one never synchronized."""
+    def run(sync_at):
+        eng = jkv.Engine(model, num_blocks=120, block_size=4, max_num_seqs=8, decode_steps=decode_steps)
+        for p in prompts[:4]:
+            eng.add_request(p, SP(max_tokens=9, ignore_eos=True))
+        outs, i = {}, 0
+        while eng.has_unfinished():
+            for o in eng.step():
+                outs[o.request_id] = o.token_ids
+            if i == sync_at:
+                flight = eng._flight
+                assert flight is not None  # async: this step's tokens are still unread
+                eng.synchronize()
+                assert eng._flight is flight and flight.tokens.is_ready()
+                assert all(p.steps.is_ready() for p in flight.parts if p.steps is not None)
+                assert all(a.is_ready() for a in jax.tree.leaves(eng.pools))
+            i += 1
+        return outs
+
+    assert run(sync_at=1) == run(sync_at=-1)

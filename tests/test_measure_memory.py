@@ -476,7 +476,7 @@ def test_planned_stages_run_the_multi_step_call_at_the_planned_batch():
     assert failed is None
     assert stages["decode_steps_max_batch"] > stages["decode_max_len"] > 0  # ran, after the single steps
     assert stages["compiled_decode_steps_max_batch"] > 0
-    x = mm.multi_step_inputs(eng, plan.max_num_seqs, 40, 8)
+    x = mm.step_inputs(eng, plan.max_num_seqs, 40, 1, 8)
     assert x.tokens.shape[0] == plan.max_num_seqs and (x.query_lens == 8).all()
     assert (x.block_tables[:, : -(-47 // eng.block_size)] >= 1).all()  # every step's slot is a real block
 
