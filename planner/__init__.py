@@ -6,7 +6,7 @@ Pure Python (no JAX, no device). Entry points: `load_config`, `make_plan`, `plan
 
 from planner.config import PRESETS, ModelConfig, PlanError, config_from_hf, load_config
 from planner.kv_layout import KV_DTYPES, BlockLayout, KVDtype, blocks_for_tokens, kv_bytes_per_token, kv_dtype
-from planner.memory import DEFAULT_RESERVE_BYTES, param_bytes, step_workspace
+from planner.memory import param_bytes, runtime_reserve, step_workspace
 from planner.plan import Plan, PlanOptions, expected_fragmentation, make_plan
 from planner.report import plan_to_dict
 from planner.units import human_bytes, parse_size
@@ -14,7 +14,7 @@ from planner.units import human_bytes, parse_size
 __all__ = [
     "PRESETS", "ModelConfig", "PlanError", "config_from_hf", "load_config",
     "KV_DTYPES", "BlockLayout", "KVDtype", "blocks_for_tokens", "kv_bytes_per_token", "kv_dtype",
-    "DEFAULT_RESERVE_BYTES", "param_bytes", "step_workspace",
+    "param_bytes", "runtime_reserve", "step_workspace",
     "Plan", "PlanOptions", "expected_fragmentation", "make_plan", "plan_to_dict",
     "human_bytes", "parse_size",
 ]  # fmt: skip

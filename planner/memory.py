@@ -15,25 +15,40 @@ from planner.config import ModelConfig
 from planner.kv_layout import kv_heads_per_device
 
 F32 = 4
+MiB = 2**20
 
-# Runtime reserve: device memory a process needs beyond parameters, KV pool and step workspace. Calibrated with
-# scripts/measure_memory.py on an H200 (2026-11-26, JAX's preallocated pool capped at a 24 GB card's budget;
-# table in docs/benchmarks.md, "Plan vs measured memory"): 0.62-0.63 GiB lives outside JAX's pool in every row
-# (CUDA context, loaded kernels, cuBLAS handles), and peak_bytes_in_use exceeded parameters + pool + the workspace
-# below by up to 0.26 GiB more (gpt2-xl: XLA's autotuning scratch while compiling a step and buffers the formula
-# does not name). The measured rows need a reserve between 0.88 and 1.13 GiB for the planned peak to be at or above
-# the measured one and within 3 % of it; 1 GiB is in that window. Override with reserve_bytes.
-DEFAULT_RESERVE_BYTES = 2**30
+# Runtime reserve: device memory a process holds outside JAX's pool (CUDA context, loaded kernels, cuBLAS handles).
+# Measured with scripts/measure_memory.py (the card's used memory minus JAX's pool, after the plan's steps) on an
+# H200, driver 580.159.04, JAX 0.11.2: 0.616-0.618 GiB for gpt2 (12 layers), 0.626-0.628 GiB for gpt2-xl (48) —
+# it grows with the executables' size, about 0.23 MiB per layer. The reserve is that line, rounded up:
+# 630 MiB + 0.25 MiB per layer (gpt2 633 MiB, gpt2-xl 642 MiB). Another card, driver or XLA version can differ;
+# measure it there (measure_memory.py prints it) and pass --reserve.
+RESERVE_BASE_BYTES = 630 * MiB
+RESERVE_PER_LAYER_BYTES = MiB // 4
 
-# Logits workspace of a step, in [sequences, vocab] float32 buffers: the lm-head product and the step's logits
-# output (the greedy/softmax pass fuses into them). The sampler then sorts rows in blocks of SAMPLER_ROWS
-# (jkv.sampling), with about SAMPLER_COPIES [rows, vocab] float32-sized buffers live (scaled logits, order,
-# sorted, probs, cumsum, mask). Calibrated on the same runs: at decode batches of 3,708 and 6,150 (gpt2) the
-# measured activation was 1.56 and 2.48 GiB; 3 logits copies planned 2.25 and 3.68 GiB, 2 copies plan 1.55 and
-# 2.53 GiB.
-LOGITS_COPIES = 2
+# Rows the sampler sorts at a time (jkv.sampling): its scratch stays one block of rows, whatever the batch.
 SAMPLER_ROWS = 32
-SAMPLER_COPIES = 12
+
+# The step's scratch (XLA temp) below which no step was measured: 25.3 MiB for a decode step of up to ~2,000 rows
+# (the sampler's block) and 52-63 MiB for a 1,024-token prefill chunk (gpt2 ... gpt2-xl); above it, one
+# [tokens, mlp] intermediate and four [tokens, embd] buffers in the weights' dtype (docs/benchmarks.md, "Step
+# workspace"), an upper bound on every measured decode step up to 8,000 rows.
+TEMP_FLOOR_BYTES = 64 * MiB
+TEMP_EMBD_COPIES = 4
+
+# XLA autotunes each GEMM shape the first time it compiles it, on buffers it allocates from the same pool as the KV
+# pools: the operands and the output, each with 8 MiB redzones on both sides. The largest is the lm-head
+# ([rows, embd] x [embd, vocab] -> [rows, vocab] float32). The least free memory with which a decode step compiled
+# and ran (searched to a few MiB, H200) matched that sum within 2 MiB for gpt2 at 4,033 rows (900.8 MiB) and int8
+# at 7,360 (1,543.5), and gpt2-large at 800 (326.1); below it no step needed less than AUTOTUNE_FLOOR_BYTES
+# (313-326 MiB: gpt2 at 1,024 rows, gpt2-xl at 128 and 444; what XLA holds there was not identified).
+REDZONE_BYTES = 8 * MiB
+AUTOTUNE_FLOOR_BYTES = 326 * MiB
+
+
+def runtime_reserve(config: ModelConfig) -> int:
+    """The default runtime reserve for `config` (see RESERVE_BASE_BYTES)."""
+    return RESERVE_BASE_BYTES + RESERVE_PER_LAYER_BYTES * config.n_layer
 
 
 def param_bytes(config: ModelConfig, dtype_bytes: int, tp: int = 1) -> int:
@@ -61,23 +76,29 @@ def param_bytes(config: ModelConfig, dtype_bytes: int, tp: int = 1) -> int:
 
 @dataclass(frozen=True, slots=True)
 class StepWorkspace:
-    """Live activation bytes at the peak of one jitted step (one layer's intermediates plus the logits).
+    """Device memory one jitted step needs beyond parameters and KV pool, by its three limits (the largest wins).
 
-    XLA reuses buffers across layers, so the peak is one layer's live tensors, not n_layer of them.
+    - running it: its float32 logits output plus its scratch (XLA reuses buffers across layers, so the scratch is
+      one layer's live tensors or the sampler's block, whichever is larger);
+    - compiling it: XLA's autotuning of the lm-head GEMM on buffers of its own (operands, output, redzones);
+    - the floor no measured step went below.
     """
 
     name: str
     tokens: int  # query tokens in the step
     sequences: int  # sequences whose next-token logits the step produces
-    residual: int  # hidden states in and out of a block, LayerNorm output
-    qkv: int
-    attention: int  # attention output and softmax statistics; + scores when naive
-    mlp: int  # MLP intermediate before and after GELU
-    logits: int  # float32 logits and the sampler's block workspace
+    logits: int  # the step's [sequences, vocab] float32 logits output
+    temp: int  # scratch while it runs
+    autotune: int  # the lm-head GEMM's autotuning buffers while it compiles
+    floor: int = AUTOTUNE_FLOOR_BYTES
+
+    @property
+    def running(self) -> int:
+        return self.logits + self.temp
 
     @property
     def total(self) -> int:
-        return self.residual + self.qkv + self.attention + self.mlp + self.logits
+        return max(self.running, self.autotune, self.floor)
 
 
 def step_workspace(
@@ -95,15 +116,10 @@ def step_workspace(
     naive_attention: materialize the [heads, tokens, context] float32 score matrix and its softmax (B*H*T^2 for a
     full prefill); otherwise flash/paged attention keeps only per-row running max and sum.
     """
-    e, hd = config.n_embd, config.head_dim
-    heads = config.n_head // tp
-    kvh = kv_heads_per_device(config, tp)
-    residual = 3 * tokens * e * dtype_bytes
-    qkv = tokens * (heads * hd + 2 * kvh * hd) * dtype_bytes
-    attention = tokens * heads * hd * (F32 + dtype_bytes) + 2 * tokens * heads * F32
+    e, v = config.n_embd, config.vocab_size
+    temp = tokens * (config.mlp_dim // tp + TEMP_EMBD_COPIES * e) * dtype_bytes
     if naive_attention:
-        attention += 2 * heads * tokens * context * F32
-    mlp = 2 * tokens * (config.mlp_dim // tp) * dtype_bytes
-    sampler = min(sequences, SAMPLER_ROWS) * SAMPLER_COPIES
-    logits = (LOGITS_COPIES * sequences + sampler) * config.vocab_size * F32
-    return StepWorkspace(name, tokens, sequences, residual, qkv, attention, mlp, logits)
+        temp += 2 * (config.n_head // tp) * tokens * context * F32
+    logits = sequences * v * F32
+    autotune = logits + (sequences * e + e * v) * dtype_bytes + 3 * 2 * REDZONE_BYTES
+    return StepWorkspace(name, tokens, sequences, logits, max(TEMP_FLOOR_BYTES, temp), autotune)

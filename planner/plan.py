@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from planner.config import ModelConfig, PlanError
 from planner.kv_layout import BlockLayout, blocks_for_tokens, check_block_size, kv_dtype, weight_dtype_bytes
-from planner.memory import DEFAULT_RESERVE_BYTES, StepWorkspace, param_bytes, step_workspace
+from planner.memory import StepWorkspace, param_bytes, runtime_reserve, step_workspace
 
 SEQ_LENS = (128, 256, 512, 1024)
 BATCH_SIZES = (1, 8, 32, 128)
@@ -35,7 +35,7 @@ class PlanOptions:
     tp: int = 1
     max_num_seqs: int | None = None  # None: solved for (see module docstring)
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
-    reserve_bytes: int = DEFAULT_RESERVE_BYTES
+    reserve_bytes: int | None = None  # None: the calibrated default for the model (planner.memory.runtime_reserve)
     naive_attention: bool = False  # size the score workspace of a non-flash prefill (B*H*T^2)
     seq_lens: tuple[int, ...] | None = None  # a length distribution, for exact fragmentation figures
 
@@ -141,11 +141,14 @@ def make_plan(config: ModelConfig, options: PlanOptions) -> Plan:
     layout_1 = BlockLayout(config, kv, o.block_size, num_blocks=1, tp=o.tp)  # validates tp
     budget = int(o.hbm_bytes * o.utilization)
     params = param_bytes(config, dtype_bytes, o.tp)
-    fixed = params + o.reserve_bytes
+    reserve = runtime_reserve(config) if o.reserve_bytes is None else o.reserve_bytes
+    if reserve < 0:
+        raise PlanError(f"--reserve {reserve:,} B must not be negative.")
+    fixed = params + reserve
     if fixed >= budget:
         raise PlanError(
             f"{o.hbm_bytes:,} B at utilization {o.utilization} leaves {budget:,} B, which cannot hold "
-            f"{config.name}'s {params:,} B of {o.dtype} weights plus the {o.reserve_bytes:,} B runtime reserve: "
+            f"{config.name}'s {params:,} B of {o.dtype} weights plus the {reserve:,} B runtime reserve: "
             "use a larger --hbm, a higher --tp or a smaller --dtype."
         )
 
@@ -180,7 +183,7 @@ def make_plan(config: ModelConfig, options: PlanOptions) -> Plan:
             f"less than one {layout_1.bytes_per_block:,} B block: use a larger --hbm, a higher --tp or a smaller dtype."
         )
     layout = BlockLayout(config, kv, o.block_size, int(num_blocks), tp=o.tp)
-    plan = Plan(config, o, layout, budget, params, ws, o.reserve_bytes, batch, max_seq_len)
+    plan = Plan(config, o, layout, budget, params, ws, reserve, batch, max_seq_len)
 
     lens = sorted({n for n in SEQ_LENS if n <= max_seq_len} | {max_seq_len})
     static_batch = plan.static_max_batch()
@@ -198,7 +201,7 @@ def make_plan(config: ModelConfig, options: PlanOptions) -> Plan:
     by_batch = tuple(
         ContextLimit(b, _longest_context(plan, b), max_seq_len if b <= static_batch else 0) for b in BATCH_SIZES
     )
-    return Plan(config, o, layout, budget, params, ws, o.reserve_bytes, batch, max_seq_len, by_seq_len, by_batch)
+    return Plan(config, o, layout, budget, params, ws, reserve, batch, max_seq_len, by_seq_len, by_batch)
 
 
 def step_workspaces(

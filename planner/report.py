@@ -31,8 +31,8 @@ def plan_to_dict(plan: Plan) -> dict:
         "activation_bytes": plan.activation_bytes,
         "activation_terms": {
             w.name: {
-                "tokens": w.tokens, "sequences": w.sequences, "residual": w.residual, "qkv": w.qkv,
-                "attention": w.attention, "mlp": w.mlp, "logits": w.logits, "total": w.total,
+                "tokens": w.tokens, "sequences": w.sequences, "logits": w.logits, "temp": w.temp,
+                "running": w.running, "autotune": w.autotune, "floor": w.floor, "total": w.total,
             }
             for w in plan.workspaces
         },  # fmt: skip
@@ -67,6 +67,15 @@ def plan_to_dict(plan: Plan) -> dict:
     }
 
 
+def _ws_limit(ws) -> str:
+    """Which of the step's three limits sets its workspace (planner.memory.StepWorkspace)."""
+    if ws.total == ws.running:
+        return f"running it: logits {human_bytes(ws.logits)} + scratch {human_bytes(ws.temp)}"
+    if ws.total == ws.autotune:
+        return "compiling it: XLA's autotuning of the lm-head GEMM"
+    return "the least measured (XLA autotuning floor)"
+
+
 def _b(n: int) -> str:
     return f"{n:,} B ({human_bytes(n)})"
 
@@ -92,8 +101,9 @@ def print_report(plan: Plan, console: Console | None = None) -> None:
         ("parameters", plan.param_bytes, f"{c.param_count:,} params x {o.dtype} (tied embedding once)"),
         ("KV pool", plan.kv_pool_bytes, f"{lay.num_blocks:,} blocks x {lay.bytes_per_block:,} B"),
         ("activation workspace", plan.activation_bytes,
-         f"largest step: {ws.name}, {ws.tokens} tokens / {ws.sequences} seqs (logits {human_bytes(ws.logits)})"),
-        ("runtime reserve", plan.reserve_bytes, "context, executables, allocator slack (default)"),
+         f"largest step: {ws.name}, {ws.tokens} tokens / {ws.sequences} seqs; {_ws_limit(ws)}"),
+        ("runtime reserve", plan.reserve_bytes,
+         "outside JAX's pool: CUDA context, kernels" + (" (default)" if o.reserve_bytes is None else " (--reserve)")),
     ]  # fmt: skip
     for name, n, how in rows:
         peak.add_row(name, f"{n:,}", human_bytes(n), how)

@@ -70,7 +70,8 @@ from typing import NamedTuple
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-GROWTH = 1.25  # each try above the last fit while no candidate has failed yet
+GROWTH = 1.25  # search_max_batch's default step above the last fit while no candidate has failed yet
+ROW_GROWTH = 1.01  # the real-max search's step: calibrated plans are within a few sequences of the threshold
 MAX_TRIES = 24  # candidates per row: a fresh process each, 15-30 s on an H200 (gpt2 / gpt2-xl)
 BALLAST_CHUNK = 2**30  # bytes per ballast array (keeps each well inside int32 indexing)
 OOM_MARKERS = ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory", "OOM")
@@ -206,12 +207,11 @@ def formula_max_batch(plan) -> int:
 
 
 def first_step(plan, formula: int) -> int:
-    """The first candidate above the plan: what the plan's own arithmetic allows (`formula`) plus what its whole
-    runtime reserve would buy in sequences, were none of it needed. The real maximum is rarely above it (the
-    reserve holds the memory outside JAX's pool and the compile-time scratch), so the first failure lands near the
-    threshold: a candidate far above it is slow to fail (the allocator waits 10 s on each allocation it refuses,
-    and XLA's autotuner tries dozens)."""
-    return formula + math.ceil(plan.reserve_bytes / seq_cost(plan)["total"])
+    """The first candidate above the plan: one sequence more than the plan's own arithmetic allows (`formula`).
+    The plan's terms are calibrated to the card (planner.memory), so this candidate failing proves the plan exact;
+    the search then grows by ROW_GROWTH (1 %), since a candidate far above the threshold is slow to fail (the allocator
+    waits on each allocation it refuses, and XLA's autotuner tries dozens)."""
+    return formula + 1
 
 
 def batch_report(search: BatchSearch, planned: int, cost: dict) -> dict:
@@ -366,11 +366,13 @@ def probe(model_name: str, kv: str, hbm: int, utilization: float, batch: int, ou
     jax.block_until_ready(ballast)
     in_use = dev.memory_stats()["bytes_in_use"]
     shortest, per_short = short_blocks(plan)
-    t = time.time()
+    t, pool, decode_peak = time.time(), None, None
     try:
         eng = jkv.Engine(model, num_blocks=batch * per_short + 1, kv_dtype=kv, max_num_seqs=batch, attention="auto",
                          max_num_batched_tokens=plan.workspaces[0].tokens)  # fmt: skip
+        pool = dev.memory_stats()["bytes_in_use"] - in_use
         run_step(eng, batch, shortest, 1)  # decode first: a candidate that does not fit costs one compilation
+        decode_peak = dev.memory_stats()["peak_bytes_in_use"]
         run_step(eng, *prefill_step(plan))
         ok, msg = True, None
     except Exception as err:  # noqa: BLE001 - RESOURCE_EXHAUSTED is the answer we are looking for
@@ -379,7 +381,7 @@ def probe(model_name: str, kv: str, hbm: int, utilization: float, batch: int, ou
     return {
         "batch": batch, "ok": ok, "error": msg, "seconds": round(time.time() - t, 1), "blocks": batch * per_short + 1,
         "ballast": sum(a.nbytes for a in ballast), "outside_given": outside, "in_use_before": in_use,
-        "peak_in_use": stats["peak_bytes_in_use"], "bytes_limit": limit,
+        "peak_in_use": stats["peak_bytes_in_use"], "bytes_limit": limit, "pool": pool, "decode_peak": decode_peak,
         "outside": outside_pool_bytes(base, stats) if alone else None,
     }  # fmt: skip
 
@@ -414,10 +416,10 @@ def child(model_name: str, kv: str, hbm: int, utilization: float) -> dict:
     }  # fmt: skip
 
 
-def start_child(args: list[str], env: dict):
-    """Start a child of this script (stdout piped, stderr to a temporary file)."""
+def start_child(args: list[str], env: dict, script: str = __file__):
+    """Start a child of `script` (default: this one; stdout piped, stderr to a temporary file)."""
     err = tempfile.TemporaryFile("w+")  # noqa: SIM115 - finish_child closes it
-    proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+    proc = subprocess.Popen([sys.executable, script, *args], stdout=subprocess.PIPE, stderr=err, text=True, env=env)
     return proc, err
 
 
@@ -480,8 +482,8 @@ def search_row(model: str, kv: str, hbm: int, utilization: float, outside: int, 
 
     formula = formula_max_batch(plan)
     step = first_step(plan, formula)
-    search = search_max_batch(lambda b: fits_many([b])[0], plan.max_num_seqs, first=step, max_tries=max_tries,
-                              width=width, fits_many=fits_many)  # fmt: skip
+    search = search_max_batch(lambda b: fits_many([b])[0], plan.max_num_seqs, first=step, growth=ROW_GROWTH,
+                              max_tries=max_tries, width=width, fits_many=fits_many)  # fmt: skip
     report = batch_report(search, plan.max_num_seqs, seq_cost(plan))
     for row, res in zip(report["tries"], probes, strict=True):
         row.update({k: v for k, v in res.items() if k not in row})

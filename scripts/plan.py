@@ -15,7 +15,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from planner import PlanError, PlanOptions, load_config, make_plan, parse_size, plan_to_dict  # noqa: E402
 from planner.kv_layout import DTYPE_BYTES, KV_DTYPES  # noqa: E402
-from planner.memory import DEFAULT_RESERVE_BYTES  # noqa: E402
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", default="1", help="tensor-parallel degree: per-device figures (default 1)")
     p.add_argument("--max-num-seqs", default=None, help="engine's decode batch cap (default: solved for)")
     p.add_argument("--prefill-chunk", default="2048", help="tokens per prefill step (default 2048)")
-    p.add_argument("--reserve", default=None, help=f"runtime reserve (default {DEFAULT_RESERVE_BYTES // 2**20}MiB)")
+    p.add_argument("--reserve", default=None, help="memory outside JAX's pool (default: 630MiB + 0.25MiB per layer, measured on an H200; "
+                   "measure_memory.py prints your machine's)")
     p.add_argument("--sliding-window", default=None, help="attend to the last W tokens only")
     p.add_argument("--seq-lens", default=None, help="comma-separated lengths: exact fragmentation for them")
     p.add_argument("--naive-attention", action="store_true", help="size a naive prefill's B*H*T^2 score workspace")
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             tp=_int("--tp", args.tp),
             max_num_seqs=_int("--max-num-seqs", args.max_num_seqs),
             prefill_chunk=_int("--prefill-chunk", args.prefill_chunk),
-            reserve_bytes=DEFAULT_RESERVE_BYTES if args.reserve is None else parse_size(args.reserve),
+            reserve_bytes=None if args.reserve is None else parse_size(args.reserve),
             naive_attention=args.naive_attention,
             seq_lens=seq_lens,
         )

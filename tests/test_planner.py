@@ -11,7 +11,7 @@ from planner import (
     PRESETS, PlanError, PlanOptions, blocks_for_tokens, config_from_hf, expected_fragmentation,
     kv_bytes_per_token, kv_dtype, load_config, make_plan, param_bytes, parse_size, plan_to_dict,
 )  # fmt: skip
-from planner.memory import step_workspace
+from planner.memory import runtime_reserve, step_workspace
 
 GB = 10**9
 
@@ -87,13 +87,34 @@ def test_budget_arithmetic_by_hand():
 
 
 def test_decode_workspace_by_hand():
-    ws = step_workspace(PRESETS["gpt2"], "decode", 8, 8, 1024, dtype_bytes=2)
-    assert ws.logits == (2 * 8 + 8 * 12) * 50257 * 4  # LOGITS_COPIES x rows + one sampler block
-    assert ws.mlp == 2 * 8 * 3072 * 2
-    assert ws.qkv == 8 * 2304 * 2
+    mib, e, v = 2**20, 768, 50257
+    small = step_workspace(PRESETS["gpt2"], "decode", 8, 8, 1024, dtype_bytes=2)
+    assert small.logits == 8 * v * 4  # the step's float32 logits output
+    assert small.temp == 64 * mib  # below every measured step's scratch: the floor
+    assert small.autotune == 8 * v * 4 + (8 * e + e * v) * 2 + 6 * 8 * mib  # lm-head operands, output, redzones
+    assert small.total == small.floor == 326 * mib
+    big = step_workspace(PRESETS["gpt2"], "decode", 4033, 4033, 1024, dtype_bytes=2)
+    assert big.temp == 64 * mib > 4033 * (3072 + 4 * e) * 2  # still the floor
+    assert step_workspace(PRESETS["gpt2"], "decode", 8000, 8000, 1024, 2).temp == 8000 * (3072 + 4 * e) * 2
+    assert big.total == big.autotune == 4033 * v * 4 + (4033 * e + e * v) * 2 + 48 * mib
+    assert abs(big.total / mib - 900.8) < 0.1  # the least free memory that compiled and ran it: (899.2, 903.7] MiB
+    huge = step_workspace(PRESETS["gpt2"], "decode", 30_000, 30_000, 1024, dtype_bytes=2)
+    assert huge.total == huge.running == 30_000 * v * 4 + huge.temp  # the scratch outgrows the operands
     naive = step_workspace(PRESETS["gpt2"], "prefill", 1024, 1, 1024, dtype_bytes=2, naive_attention=True)
     flash = step_workspace(PRESETS["gpt2"], "prefill", 1024, 1, 1024, dtype_bytes=2)
-    assert naive.attention - flash.attention == 2 * 12 * 1024 * 1024 * 4  # B*H*T^2 scores and probabilities
+    assert flash.temp == 64 * mib
+    assert naive.temp == 1024 * (3072 + 4 * e) * 2 + 2 * 12 * 1024 * 1024 * 4  # + B*H*T^2 scores and probabilities
+
+
+def test_default_reserve_grows_with_depth():
+    mib = 2**20
+    assert runtime_reserve(PRESETS["gpt2"]) == 633 * mib
+    assert runtime_reserve(PRESETS["gpt2-xl"]) == 642 * mib
+    plan = make_plan(PRESETS["gpt2-xl"], PlanOptions(hbm_bytes=24 * GB))
+    assert plan.reserve_bytes == 642 * mib
+    assert make_plan(PRESETS["gpt2-xl"], PlanOptions(hbm_bytes=24 * GB, reserve_bytes=2**30)).reserve_bytes == 2**30
+    with pytest.raises(PlanError, match="must not be negative"):
+        make_plan(PRESETS["gpt2"], PlanOptions(hbm_bytes=24 * GB, reserve_bytes=-1))
 
 
 def test_solved_batch_is_self_consistent():
