@@ -100,6 +100,7 @@ def search_max_batch(
     max_tries: int = MAX_TRIES,
     width: int = 1,
     fits_many: Callable[[list[int]], list[tuple[bool, str]]] | None = None,
+    gallop_down: bool = False,
 ) -> BatchSearch:
     """The largest decode batch B with fits(B) true, found from the plan's B with as few candidates as the rule allows.
 
@@ -110,6 +111,9 @@ def search_max_batch(
 
     width > 1 tries up to `width` candidates per round through fits_many (default: fits on each in turn): the plan
     with `first`, then `width` growth steps, then `width` points splitting the gap evenly. width=1 is the rule above.
+
+    gallop_down: when the planned B fails, try B - 1, B - 2, B - 4, ... until one fits, then bisect (a calibrated
+    plan that over-promises does so by a few sequences, so this costs a few tries where halving from 0 costs ~log B).
     """
     if planned < 1 or max_tries < 1 or width < 1:
         raise ValueError(f"planned={planned}, max_tries={max_tries} and width={width} must be at least 1.")
@@ -130,6 +134,11 @@ def search_max_batch(
     round_of([planned] + ([jump] if jump and width > 1 else []))
     if lo < planned:  # the plan over-promised: whatever else this round tried is above it too
         lo, hi = 0, min(hi, planned)
+        k = 0
+        while gallop_down and lo == 0 and hi > 1 and len(tries) < max_tries:
+            steps = sorted({max(1, planned - 2**i) for i in range(k, k + width)}, reverse=True)
+            k += width
+            round_of([b for b in steps if b < hi])
     while hi is None and len(tries) < max_tries:
         steps, b = [], lo
         for _ in range(width):
@@ -483,7 +492,7 @@ def search_row(model: str, kv: str, hbm: int, utilization: float, outside: int, 
     formula = formula_max_batch(plan)
     step = first_step(plan, formula)
     search = search_max_batch(lambda b: fits_many([b])[0], plan.max_num_seqs, first=step, growth=ROW_GROWTH,
-                              max_tries=max_tries, width=width, fits_many=fits_many)  # fmt: skip
+                              max_tries=max_tries, width=width, fits_many=fits_many, gallop_down=True)  # fmt: skip
     report = batch_report(search, plan.max_num_seqs, seq_cost(plan))
     for row, res in zip(report["tries"], probes, strict=True):
         row.update({k: v for k, v in res.items() if k not in row})

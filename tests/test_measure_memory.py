@@ -81,6 +81,18 @@ def test_plan_above_threshold_bisects_downward(planned, t):
     check_consistent(r, t)
 
 
+@pytest.mark.parametrize("width", [1, 3])
+@pytest.mark.parametrize("planned, t", [(7800, 7797), (7800, 7799), (859, 700), (10, 0), (2, 1)])
+def test_gallop_down_from_a_plan_that_over_promised(planned, t, width):
+    f = threshold(t)
+    r = mm.search_max_batch(f, planned, width=width, gallop_down=True)
+    assert r.real_max == t and not r.cap_hit
+    assert max(f.asked) == planned
+    check_consistent(r, t)
+    if t == planned - 1:
+        assert [b for b, _, _ in r.tries][:2] == [planned, planned - 1]  # one step down, no halving from 0
+
+
 def test_nothing_fits():
     r = mm.search_max_batch(threshold(0), 10)
     assert r.real_max == 0 and not r.cap_hit and r.bounds == (0, 1)
