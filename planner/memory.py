@@ -20,21 +20,24 @@ MiB = 2**20
 # Runtime reserve: device memory a process holds outside JAX's pool (CUDA context, loaded kernels, cuBLAS handles).
 # Measured with scripts/measure_memory.py (the card's used memory minus JAX's pool, after the plan's steps) on an
 # H200, driver 580.159.04, JAX 0.11.2: 0.616-0.618 GiB for gpt2 (12 layers), 0.626-0.628 GiB for gpt2-xl (48) —
-# it grows with the executables' size, about 0.23 MiB per layer. The reserve is that line, rounded up:
-# 630 MiB + 0.25 MiB per layer (gpt2 633 MiB, gpt2-xl 642 MiB). Another card, driver or XLA version can differ;
-# measure it there (measure_memory.py prints it) and pass --reserve.
-RESERVE_BASE_BYTES = 630 * MiB
+# it grows with the executables' size, about 0.23 MiB per layer: 630 MiB + 0.25 MiB per layer is its line. The same
+# row measured again moved by up to 7 MiB (gpt2-xl int8: 0.628, 0.632, 0.634 GiB), and int8 rows sat 2-7 MiB above
+# the line, so the reserve adds 6 MiB: 636 MiB + 0.25 MiB per layer (gpt2 639 MiB, gpt2-xl 648 MiB). With it every
+# searched 24 GB row's plan is the real maximum or one below it (docs/benchmarks.md). Another card, driver or XLA
+# version can differ; measure it there (measure_memory.py prints it) and pass --reserve.
+RESERVE_BASE_BYTES = 636 * MiB
 RESERVE_PER_LAYER_BYTES = MiB // 4
 
 # Rows the sampler sorts at a time (jkv.sampling): its scratch stays one block of rows, whatever the batch.
 SAMPLER_ROWS = 32
 
-# The step's scratch (XLA temp) below which no step was measured: 25.3 MiB for a decode step of up to ~2,000 rows
-# (the sampler's block) and 52-63 MiB for a 1,024-token prefill chunk (gpt2 ... gpt2-xl); above it, one
-# [tokens, mlp] intermediate and four [tokens, embd] buffers in the weights' dtype (docs/benchmarks.md, "Step
-# workspace"), an upper bound on every measured decode step up to 8,000 rows.
+# A step's scratch (XLA temp, `measure_workspace.py --sweep`): 19-25 MiB for decode steps of up to ~2,000 rows (the
+# sampler's block), 52-63 MiB for a 1,024-token prefill chunk (gpt2 ... gpt2-xl), then growing by 9.1 x embd bytes
+# per decode row (gpt2 at 8,000 / 16,000 / 27,324 rows: 67.4 / 117.8 / 193.1 MiB; gpt2-xl at 3,331: 62.7 MiB). The
+# planner takes max(TEMP_FLOOR_BYTES, tokens x (mlp + embd) x weight bytes + TEMP_BASE_BYTES): at or above every
+# measured step (by 0.3 MiB for gpt2-medium at 4,000 rows, 23 MiB for gpt2 at 27,324).
 TEMP_FLOOR_BYTES = 64 * MiB
-TEMP_EMBD_COPIES = 4
+TEMP_BASE_BYTES = 16 * MiB
 
 # XLA autotunes each GEMM shape the first time it compiles it, on buffers it allocates from the same pool as the KV
 # pools: the operands and the output, each with 8 MiB redzones on both sides. The largest is the lm-head
@@ -79,7 +82,7 @@ class StepWorkspace:
     """Device memory one jitted step needs beyond parameters and KV pool, by its three limits (the largest wins).
 
     - running it: its float32 logits output plus its scratch (XLA reuses buffers across layers, so the scratch is
-      one layer's live tensors or the sampler's block, whichever is larger);
+      about one layer's live tensors or the sampler's block, whichever is larger);
     - compiling it: XLA's autotuning of the lm-head GEMM on buffers of its own (operands, output, redzones);
     - the floor no measured step went below.
     """
@@ -117,7 +120,7 @@ def step_workspace(
     full prefill); otherwise flash/paged attention keeps only per-row running max and sum.
     """
     e, v = config.n_embd, config.vocab_size
-    temp = tokens * (config.mlp_dim // tp + TEMP_EMBD_COPIES * e) * dtype_bytes
+    temp = tokens * (config.mlp_dim // tp + e) * dtype_bytes + TEMP_BASE_BYTES
     if naive_attention:
         temp += 2 * (config.n_head // tp) * tokens * context * F32
     logits = sequences * v * F32

@@ -25,11 +25,12 @@ an engine of exactly B * per_short + 1 blocks and max_num_seqs=B, a decode step 
 the engine pads to min(bucket(rows), max_num_seqs)) at the shortest length with sampling on, each row on its own
 blocks, then the plan's prefill chunk. B fits when both compile and run; any exception counts as not fitting and is
 recorded (type and first 200 characters; `oom` says whether it reads as running out of memory). Starting at the
-plan's B (which must fit), the next candidate is `first_step` (the plan's own arithmetic plus what its whole
-runtime reserve would buy), then B grows by 1.25x until a candidate fails, then bisects to the exact largest B
-that fits; if the plan's B does not fit (the plan over-promised), it bisects downward between 0 and the plan's B.
-A candidate far above the threshold is slow to fail (the allocator waits 10 s on every allocation it refuses, and
-XLA's autotuner tries dozens: gpt2-xl at 1.25x the plan took 185 s on an H200), hence the first step. At most
+plan's B (which must fit), the next candidate is `first_step` (one sequence above the plan's own arithmetic: the
+plan is calibrated to the card, so this failing proves it exact), then B grows by 1 % (ROW_GROWTH) until a
+candidate fails, then bisects to the exact largest B that fits; if the plan's B does not fit (the plan
+over-promised), it gallops down (B - 1, B - 2, B - 4, ...) to a fit and bisects. A candidate far above the
+threshold is slow to fail (the allocator waits on every allocation it refuses, and XLA's autotuner tries dozens:
+gpt2-xl at 1.25x the plan took 185 s on an H200), hence the small steps. At most
 --max-tries candidates; the bounds are reported if the cap comes first. --parallel N runs up to N candidates side
 by side per round (as many as the card holds at the budget; N=1, the default, is the rule above): the plan with
 the first step, then N growth steps, then N points splitting the gap. `formula` is the largest B the plan's own

@@ -35,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", default="1", help="tensor-parallel degree: per-device figures (default 1)")
     p.add_argument("--max-num-seqs", default=None, help="engine's decode batch cap (default: solved for)")
     p.add_argument("--prefill-chunk", default="2048", help="tokens per prefill step (default 2048)")
-    p.add_argument("--reserve", default=None, help="memory outside JAX's pool (default: 630MiB + 0.25MiB per layer, measured on an H200; "
+    p.add_argument("--reserve", default=None, help="memory outside JAX's pool (default: 636MiB + 0.25MiB per layer, measured on an H200; "
                    "measure_memory.py prints your machine's)")
     p.add_argument("--sliding-window", default=None, help="attend to the last W tokens only")
     p.add_argument("--seq-lens", default=None, help="comma-separated lengths: exact fragmentation for them")

@@ -1,0 +1,61 @@
+"""scripts/measure_workspace.py on the CPU: argument parsing, the least-free-memory search's narrowing (a fake
+child with a known need), and the compile-only sweep on the tiny fixture model."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import scripts.measure_memory as mm  # noqa: E402
+import scripts.measure_workspace as mw  # noqa: E402
+
+MiB = 2**20
+
+
+def test_parse_rows():
+    assert mw.parse_rows(["gpt2:int8:1,40", "gpt2-xl:bfloat16:3"]) == [
+        ("gpt2", "int8", 1), ("gpt2", "int8", 40), ("gpt2-xl", "bfloat16", 3)]  # fmt: skip
+    for bad in ("gpt2:int8", "gpt2:int8:", "gpt2"):
+        with pytest.raises(SystemExit, match="must read MODEL:KV_DTYPE:B1,B2"):
+            mw.parse_rows([bad])
+
+
+@pytest.mark.parametrize("width", [2, 6])
+def test_free_search_narrows_to_the_need(monkeypatch, width):
+    """Each try reports the free bytes it got (the asked bytes minus a little allocator rounding); the bounds
+    always bracket the need and shrink every round."""
+    needs = {("gpt2", "bfloat16", 4033): 900.8 * MiB, ("gpt2-xl", "bfloat16", 444): 315.0 * MiB}
+    asked = []
+
+    def fake_children(arg_lists, env, w):
+        assert w == width and env["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.05"
+        out = []
+        for _, m, kv, b, f in arg_lists:
+            asked.append(int(f))
+            free = int(f) - 256
+            ok = free >= needs[(m, kv, int(b))]
+            out.append({"model": m, "kv_dtype": kv, "batch": int(b), "free": free, "compile_ok": ok, "run_ok": ok})
+        return out
+
+    monkeypatch.setattr(mw, "run_children", fake_children)
+    found = mw.free_search([("gpt2", "bfloat16", 4033, 700, 1800), ("gpt2-xl", "bfloat16", 444, 200, 400)], width, 5)
+    for f in found:
+        need = needs[(f["model"], f["kv_dtype"], f["batch"])]
+        assert f["need_above"] < need <= f["need_at_most"]
+        assert f["need_at_most"] - f["need_above"] <= (1800 - 700) * MiB / 2**5 + MiB  # at least halved a round
+        assert len(f["tries"]) == 5 * max(1, width // 2)
+
+
+def test_sweep_child_on_the_cpu(monkeypatch):
+    monkeypatch.setattr(mm, "gpu_used_bytes", lambda: 0)
+    fixture = str(ROOT / "tests" / "fixtures" / "hf_tiny_gpt2")
+    out = mw.sweep_child(fixture, "bfloat16", [3, 40])
+    assert set(out["decode"]) == {3, 40}
+    for b, d in out["decode"].items():
+        assert d["output"] - d["alias"] >= b * 4  # at least the float32 logits of b rows (vocab >= 1)
+        assert d["planned_activation"] > 0
+    assert out["decode"][40]["output"] > out["decode"][3]["output"]
+    assert out["prefill"]["temp"] > 0 and out["prefill_step"][2] >= 1
