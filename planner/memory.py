@@ -19,12 +19,13 @@ MiB = 2**20
 
 # Runtime reserve: device memory a process holds outside JAX's pool (CUDA context, loaded kernels, cuBLAS handles).
 # Measured with scripts/measure_memory.py (the card's used memory minus JAX's pool, after the plan's steps) on an
-# H200, driver 580.159.04, JAX 0.11.2: 0.616-0.618 GiB for gpt2 (12 layers), 0.626-0.628 GiB for gpt2-xl (48) —
-# it grows with the executables' size, about 0.23 MiB per layer: 630 MiB + 0.25 MiB per layer is its line. The same
-# row measured again moved by up to 7 MiB (gpt2-xl int8: 0.628, 0.632, 0.634 GiB), and int8 rows sat 2-7 MiB above
-# the line, so the reserve adds 6 MiB: 636 MiB + 0.25 MiB per layer (gpt2 639 MiB, gpt2-xl 648 MiB). With it every
-# searched 24 GB row's plan is the real maximum or one below it (docs/benchmarks.md). Another card, driver or XLA
-# version can differ; measure it there (measure_memory.py prints it) and pass --reserve.
+# H200, driver 580.159.04, JAX 0.11.2, in GiB: gpt2 0.616-0.618 (12 layers; int8 KV 0.620), gpt2-medium 0.622 (24),
+# gpt2-large 0.626 (36), gpt2-xl 0.626-0.628 (48; int8 0.628-0.634). It grows with the executables' size, about
+# 0.23 MiB per layer: 630 MiB + 0.25 MiB per layer is its line. The same row measured again moved by up to 7 MiB
+# (gpt2-xl int8), and int8 rows sat 2-7 MiB above the line, so the reserve adds 6 MiB: 636 MiB + 0.25 MiB per
+# layer (gpt2 639 MiB, gpt2-xl 648 MiB). With it every searched row's plan (six at 24 GB, gpt2-xl on the full card)
+# is the real maximum or one below it (docs/benchmarks.md). Another card, driver or XLA version can differ; measure
+# it there (measure_memory.py prints it) and pass --reserve.
 RESERVE_BASE_BYTES = 636 * MiB
 RESERVE_PER_LAYER_BYTES = MiB // 4
 
@@ -42,8 +43,8 @@ TEMP_BASE_BYTES = 16 * MiB
 # XLA autotunes each GEMM shape the first time it compiles it, on buffers it allocates from the same pool as the KV
 # pools: the operands and the output, each with 8 MiB redzones on both sides. The largest is the lm-head
 # ([rows, embd] x [embd, vocab] -> [rows, vocab] float32). The least free memory with which a decode step compiled
-# and ran (searched to a few MiB, H200) matched that sum within 2 MiB for gpt2 at 4,033 rows (900.8 MiB) and int8
-# at 7,360 (1,543.5), and gpt2-large at 800 (326.1); below it no step needed less than AUTOTUNE_FLOOR_BYTES
+# and ran (searched to a few MiB, H200) matched that sum within 2 MiB for gpt2 at 4,033 rows (900.7 MiB) and int8
+# at 7,360 (1,543.4), and gpt2-large at 800 (326.0); below it no step needed less than AUTOTUNE_FLOOR_BYTES
 # (313-326 MiB: gpt2 at 1,024 rows, gpt2-xl at 128 and 444; what XLA holds there was not identified).
 REDZONE_BYTES = 8 * MiB
 AUTOTUNE_FLOOR_BYTES = 326 * MiB

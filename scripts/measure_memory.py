@@ -15,8 +15,11 @@ maximum length), with the sampling path on (the sampler's sort is the widest wor
 Measured terms: parameters = bytes_in_use after loading; KV pool = growth when the pools are allocated;
 activation = peak_bytes_in_use - parameters - pool; outside JAX's pool = the process's device memory
 (nvidia-smi) - the allocator's pool (CUDA context, loaded kernels, cuBLAS/cuDNN handles). Measured peak =
-peak_bytes_in_use + outside-pool bytes: everything the process needs on the card. (With a preallocated pool,
-nvidia-smi alone always shows the cap, whatever the process really uses.)
+peak_bytes_in_use + outside-pool bytes: everything the process used on the card. (With a preallocated pool,
+nvidia-smi alone always shows the cap, whatever the process really uses.) The measured activation reads above what
+the steps need: XLA's GEMM autotuner takes free memory opportunistically while it compiles (an H200 run: +1,722 MiB
+with the card free for a step that compiled and ran with 901 MiB); `measure_workspace.py --free` measures the need,
+and the real-maximum search below is the test that counts.
 
 Real maximum batch. The plan's maximum batch (`plan.max_num_seqs`) is the largest decode batch B whose own step
 workspace still leaves room for a KV pool of B sequences at the shortest listed length (`per_short` blocks each,
