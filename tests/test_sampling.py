@@ -52,3 +52,17 @@ def test_no_padded_logits_copy():
     b, vocab = 8 * SAMPLER_ROWS, 4096
     copy = (b + 1) * vocab * 4
     assert _step_temp(b + 1, vocab) < _step_temp(b, vocab) + 0.1 * copy
+
+
+@pytest.mark.parametrize("b", [SAMPLER_ROWS + 1, 3 * SAMPLER_ROWS - 7])
+def test_same_tokens_as_the_padded_sampler_it_replaced(b):
+    """scripts/bench_sampler.py times the two against each other after checking this on the device."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from scripts.bench_sampler import padded_sample_tokens
+
+    args = _rows(b, 211, seed=7 * b)
+    np.testing.assert_array_equal(np.asarray(jax.jit(sample_tokens)(*args)),
+                                  np.asarray(jax.jit(padded_sample_tokens)(*args)))  # fmt: skip
