@@ -523,16 +523,25 @@ def plan_with_reserve(model: str, kv: str, hbm: int, utilization: float, reserve
     return make_plan(load_config(model), options).max_num_seqs
 
 
+def measured_reserve(outside: int) -> int:
+    """The `plan.py --reserve` this machine's measurement suggests: the memory measured outside JAX's pool plus the
+    planner's allowance for its spread between runs (planner.memory.RESERVE_ALLOWANCE_BYTES)."""
+    from planner.memory import RESERVE_ALLOWANCE_BYTES
+
+    return outside + RESERVE_ALLOWANCE_BYTES
+
+
 def print_calibrated(rows: list[dict], utilization: float) -> None:
-    """Per searched row: the plan with this machine's measured outside-pool bytes as its reserve, against the
-    real maximum batch (what `plan.py --reserve` gives a user who measured their machine)."""
+    """Per searched row: the plan with this machine's measured reserve (`measured_reserve`), against the real
+    maximum batch (what `plan.py --reserve` gives a user who measured their machine)."""
     rows = [r for r in rows if "max_batch" in r and r["max_batch"].get("real") is not None]
     if not rows:
         return
-    print("\nplan with this machine's reserve (plan.py --reserve = memory measured outside JAX's pool):")
+    print("\nplan with this machine's reserve (plan.py --reserve = memory measured outside JAX's pool + "
+          "the planner's allowance for its spread):")  # fmt: skip
     print("model        kv        budget  reserve GiB  planned     real  diff seqs")
     for row in rows:
-        reserve = row["measured"]["reserve"]
+        reserve = measured_reserve(row["measured"]["reserve"])
         planned = plan_with_reserve(row["model"], row["kv_dtype"], row["hbm"], utilization, reserve)
         row["max_batch"]["planned_with_measured_reserve"] = planned
         real = row["max_batch"]["real"]
@@ -621,6 +630,8 @@ def main() -> None:
                 print(f"{model:12s} {kv:9s} {budget:5s} peak plan {p['peak'] / 2**30:6.2f} GiB meas "
                       f"{q['peak'] / 2**30:6.2f} GiB ({100 * (p['peak'] / q['peak'] - 1):+.1f}%)  "
                       f"[{time.time() - t0:.0f}s]", flush=True)  # fmt: skip
+                print(f"  this machine's reserve: plan.py --reserve {math.ceil(measured_reserve(q['reserve']) / 2**20)}MiB",
+                      flush=True)  # fmt: skip
                 if args.max_tries < 1:
                     continue
                 width = parallel_width(args.parallel, hbm * args.utilization, total)

@@ -501,3 +501,22 @@ def test_planned_stages_run_the_multi_step_call_at_the_planned_batch():
     eng.runner.run_decode_steps = broken
     _, failed = mm.planned_stages(eng, plan, dev)
     assert failed.startswith("decode_steps_max_batch: RuntimeError: RESOURCE_EXHAUSTED")
+
+
+def test_calibrated_plan_adds_the_allowance_to_the_measured_reserve(capsys):
+    """measure_memory's closing table plans with the measured outside-pool bytes plus the planner's allowance:
+    with the default line's own outside bytes it gives the default plan."""
+    from planner.memory import RESERVE_ALLOWANCE_BYTES, runtime_reserve
+
+    cfg = load_config("gpt2")
+    outside = runtime_reserve(cfg) - RESERVE_ALLOWANCE_BYTES
+    assert mm.measured_reserve(outside) == runtime_reserve(cfg)
+    default = plan().max_num_seqs
+    row = {"model": "gpt2", "kv_dtype": "bfloat16", "hbm": 24 * 10**9, "budget": "24GB",
+           "measured": {"reserve": outside}, "max_batch": {"real": default + 1}}  # fmt: skip
+    mm.print_calibrated([row], 0.9)
+    assert row["max_batch"]["planned_with_measured_reserve"] == default
+    assert "ABOVE" not in capsys.readouterr().out
+    row["max_batch"]["real"] = default - 1
+    mm.print_calibrated([row], 0.9)
+    assert "ABOVE THE REAL MAXIMUM" in capsys.readouterr().out
