@@ -263,8 +263,11 @@ def main() -> None:
     if args.free:
         targets = []
         for spec in args.free:
-            m, kv, b, lo, hi = spec.split(":")
-            targets.append((m, kv, int(b), int(lo), int(hi)))
+            parts = spec.split(":")
+            if len(parts) != 5 or not all(p.isdigit() for p in parts[2:]) or int(parts[3]) >= int(parts[4]):
+                raise SystemExit(f"--free entry {spec!r} must read MODEL:KV_DTYPE:BATCH:LO_MIB:HI_MIB with LO < HI "
+                                 "(e.g. gpt2:bfloat16:4096:700:1800).")  # fmt: skip
+            targets.append((parts[0], parts[1], int(parts[2]), int(parts[3]), int(parts[4])))
         found = free_search(targets, args.parallel, args.rounds)
         if args.out:
             Path(args.out).write_text(json.dumps(found, indent=2))

@@ -9,8 +9,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import scripts.measure_memory as mm  # noqa: E402
-import scripts.measure_workspace as mw  # noqa: E402
+import scripts.measure_memory as mm
+import scripts.measure_workspace as mw
 
 MiB = 2**20
 
@@ -21,6 +21,16 @@ def test_parse_rows():
     for bad in ("gpt2:int8", "gpt2:int8:", "gpt2"):
         with pytest.raises(SystemExit, match="must read MODEL:KV_DTYPE:B1,B2"):
             mw.parse_rows([bad])
+
+
+@pytest.mark.parametrize("spec", ["gpt2:bfloat16:4096:700", "gpt2:bfloat16:4096:1800:700", "gpt2:bf16:x:1:2"])
+def test_bad_free_spec_is_one_clear_line(spec):
+    import subprocess
+
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "measure_workspace.py"), "--free", spec],
+                       capture_output=True, text=True, check=False)  # fmt: skip
+    assert r.returncode != 0 and "must read MODEL:KV_DTYPE:BATCH:LO_MIB:HI_MIB" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 @pytest.mark.parametrize("width", [2, 6])
