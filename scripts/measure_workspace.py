@@ -14,8 +14,8 @@ Each process builds an engine of exactly batch * per_short + 1 blocks (as `measu
 3. compiles and runs the plan's prefill chunk the same way.
 
 Peaks are reported above the bytes in use before step 1 (parameters + pool + the step's small inputs). XLA's own
-accounting of each step (`memory_analysis()`: temp, outputs not aliased to the donated pools, arguments, generated
-code) is printed beside it, with the planner's activation term at the same batch. The peak counter cannot be reset,
+accounting of each step (`memory_analysis()`: temp, outputs not aliased to the donated pools, arguments) is printed
+beside it, with the planner's activation term at the same batch. The peak counter cannot be reset,
 so each batch gets its own process. Processes share the card without preallocating; none of them hits a limit.
 
 --dump DIR writes XLA's buffer assignment of every step of the first process of each row (XLA_FLAGS
@@ -28,13 +28,14 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from scripts.measure_memory import (
+    ballast_chunks,
+    compiled_analysis,
     finish_child,
     load_row,
     plan_activation,
@@ -42,22 +43,9 @@ from scripts.measure_memory import (
     run_step,
     short_blocks,
     start_child,
-    step_inputs,
 )
 
-GiB = 2**30
 MiB = 2**20
-
-
-def analysis(eng, rows: int, ctx: int, chunk: int) -> dict:
-    """XLA's memory accounting of the compiled step (compiling it here is what runs the autotuner)."""
-    ma = eng.runner.lower(eng.pools, step_inputs(eng, rows, ctx, chunk), decode=chunk == 1, greedy=False)
-    ma = ma.compile().memory_analysis()
-    return {
-        "temp": int(ma.temp_size_in_bytes), "output": int(ma.output_size_in_bytes),
-        "alias": int(ma.alias_size_in_bytes), "argument": int(ma.argument_size_in_bytes),
-        "code": int(ma.generated_code_size_in_bytes),
-    }  # fmt: skip
 
 
 def process_bytes() -> int | None:
@@ -92,12 +80,12 @@ def child(model_name: str, kv: str, batch: int, aot: bool = True) -> dict:
     base = stats()["bytes_in_use"]
     out = {"model": model_name, "kv_dtype": kv, "batch": batch, "params": params, "pool": pool,
            "planned_activation": plan_activation(plan, batch), "shortest": shortest}  # fmt: skip
-    out["decode"] = analysis(eng, batch, shortest, 1) if aot else {}
+    out["decode"] = compiled_analysis(eng, batch, shortest, 1) if aot else {}
     out["decode"]["compile_peak"] = stats()["peak_bytes_in_use"] - base if aot else None
     run_step(eng, batch, shortest, 1)
     out["decode"]["run_peak"] = stats()["peak_bytes_in_use"] - base
     out["decode"]["largest_alloc"] = stats().get("largest_alloc_size")
-    out["prefill"] = analysis(eng, *prefill_step(plan)) if aot else {}
+    out["prefill"] = compiled_analysis(eng, *prefill_step(plan)) if aot else {}
     out["prefill"]["compile_peak"] = stats()["peak_bytes_in_use"] - base if aot else None
     run_step(eng, *prefill_step(plan))
     out["prefill"]["run_peak"] = stats()["peak_bytes_in_use"] - base
@@ -124,10 +112,10 @@ def sweep_child(model_name: str, kv: str, batches: list[int]) -> dict:
     _, dev, plan, model = load_row(model_name, kv, 24 * 10**9, 0.9)
     shortest, _ = short_blocks(plan)
     eng = small_engine(model, kv, max(batches), plan.workspaces[0].tokens)
-    out = {"model": model_name, "kv_dtype": kv, "prefill": analysis(eng, *prefill_step(plan)), "decode": {}}
+    out = {"model": model_name, "kv_dtype": kv, "prefill": compiled_analysis(eng, *prefill_step(plan)), "decode": {}}
     out["prefill_step"] = prefill_step(plan)
     for b in batches:
-        out["decode"][b] = analysis(eng, b, shortest, 1) | {"planned_activation": plan_activation(plan, b)}
+        out["decode"][b] = compiled_analysis(eng, b, shortest, 1) | {"planned_activation": plan_activation(plan, b)}
     out["device"] = dev.device_kind
     return out
 
@@ -139,20 +127,18 @@ def free_child(model_name: str, kv: str, batch: int, free: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from scripts.measure_memory import ballast_chunks
-
     shortest, _ = short_blocks(plan)
     eng = small_engine(model, kv, batch, plan.workspaces[0].tokens)
-    x = step_inputs(eng, batch, shortest, 1)
     jax.block_until_ready(eng.pools)
     s = dev.memory_stats()
     ballast = [jnp.zeros(n, jnp.uint8) for n in ballast_chunks(s["bytes_limit"] - s["bytes_in_use"] - free)]
     jax.block_until_ready(ballast)
     s = dev.memory_stats()
     out = {"model": model_name, "kv_dtype": kv, "batch": batch, "free_asked": free,
-           "free": s["bytes_limit"] - s["bytes_in_use"], "compile_ok": False, "run_ok": False, "error": None}  # fmt: skip
+           "free": s["bytes_limit"] - s["bytes_in_use"], "compile_ok": False, "run_ok": False,
+           "error": None}  # fmt: skip
     try:
-        eng.runner.lower(eng.pools, x, decode=True, greedy=False).compile()
+        compiled_analysis(eng, batch, shortest, 1)
         out["compile_ok"] = True
         run_step(eng, batch, shortest, 1)
         out["run_ok"] = True
@@ -191,11 +177,14 @@ def print_table(rows: list[dict]) -> None:
           "minus the largest run peak; outside: this process's device memory outside JAX's pool)")  # fmt: skip
 
 
-def run_children(arg_lists: list[list[str]], env: dict, width: int) -> list[dict | None]:
-    """Children of this script, `width` side by side; their RESULTs in order (None for a child that died)."""
+def run_children(arg_lists: list[list[str]], env: dict | list[dict], width: int) -> list[dict | None]:
+    """Children of this script, `width` side by side (`env`: one for all, or one per child); their RESULTs in order
+    (None for a child that died)."""
+    envs = env if isinstance(env, list) else [env] * len(arg_lists)
     results = []
     for at in range(0, len(arg_lists), width):
-        started = [start_child(args, env, script=__file__) for args in arg_lists[at : at + width]]
+        started = [start_child(args, e, script=__file__)
+                   for args, e in zip(arg_lists[at : at + width], envs[at : at + width], strict=True)]  # fmt: skip
         for args, (proc, err) in zip(arg_lists[at : at + width], started, strict=True):
             res, tail = finish_child(proc, err)
             if res is None:
@@ -293,26 +282,17 @@ def main() -> None:
         return
     jobs = parse_rows(args.rows)
     firsts = {(m, kv): b for m, kv, b in reversed(jobs)}
-    rows, t0 = [], time.time()
-    for at in range(0, len(jobs), args.parallel):
-        started = []
-        for m, kv, b in jobs[at : at + args.parallel]:
-            env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
-            if args.dump and firsts[(m, kv)] == b:
-                dump = Path(args.dump) / f"{m}_{kv}_B{b}"
-                env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_dump_to={dump}").strip()
-            started.append(((m, kv, b), start_child(["--child", m, kv, str(b), str(int(not args.no_aot))], env,
-                                                   script=__file__)))
-        for (m, kv, b), (proc, err) in started:
-            res, tail = finish_child(proc, err)
-            if res is None:
-                print(f"{m} {kv} B={b}: child failed\n{tail}", flush=True)
-                continue
-            rows.append(res)
-            print(f"  {m} {kv} B={b}: run peak {res['decode']['run_peak'] / MiB:.1f} MiB  [+{time.time() - t0:.0f}s]",
-                  flush=True)  # fmt: skip
-        if args.out:
-            Path(args.out).write_text(json.dumps(rows, indent=2))
+    envs = []
+    for m, kv, b in jobs:
+        env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+        if args.dump and firsts[(m, kv)] == b:
+            dump = Path(args.dump) / f"{m}_{kv}_B{b}"
+            env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_dump_to={dump}").strip()
+        envs.append(env)
+    child_args = [["--child", m, kv, str(b), str(int(not args.no_aot))] for m, kv, b in jobs]
+    rows = [r for r in run_children(child_args, envs, args.parallel) if r]
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=2))
     print_table(rows)
 
 

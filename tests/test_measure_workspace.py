@@ -69,3 +69,19 @@ def test_sweep_child_on_the_cpu(monkeypatch):
         assert d["planned_activation"] > 0
     assert out["decode"][40]["output"] > out["decode"][3]["output"]
     assert out["prefill"]["temp"] > 0 and out["prefill_step"][2] >= 1
+
+
+def test_children_run_side_by_side_each_with_its_own_env(tmp_path):
+    """run_children starts this script's children `width` at a time, one env each (the --dump row gets its own
+    XLA_FLAGS), and returns their RESULTs in order."""
+    import os
+
+    fake = tmp_path / "nvidia-smi"  # the sweep child reads the card's used memory first; none on a CPU box
+    fake.write_text("#!/bin/sh\necho 0\n")
+    fake.chmod(0o755)
+    fixture = str(ROOT / "tests" / "fixtures" / "hf_tiny_gpt2")
+    base = dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}", JAX_PLATFORMS="cpu")
+    envs = [base, dict(base, XLA_FLAGS="--xla_dump_to=" + str(tmp_path / "dump"))]
+    out = mw.run_children([["--sweep-child", fixture, "bfloat16", b] for b in ("3", "5")], envs, 2)
+    assert [sorted(r["decode"]) for r in out] == [["3"], ["5"]]  # JSON keys
+    assert (tmp_path / "dump").is_dir() and any((tmp_path / "dump").iterdir())
