@@ -221,6 +221,7 @@ class Engine:
         self.runner = StepRunner(model.params, config, block_size=block_size, backend=attention,
                                  sliding_window=sliding_window,
                                  token_slots=2 * bucket(max_num_seqs))  # fmt: skip
+        self.runner.use_pools(self.pools)  # the backend is final from here on (step shapes depend on it)
         self.host_pools: KVPools | None = None  # swap space in host memory, laid out like the pools
         if swap_blocks:
             self.host_pools = jax.tree.map(lambda a: np.zeros((swap_blocks, *a.shape[1:]), a.dtype), self.pools)
@@ -380,9 +381,7 @@ class Engine:
     def _run_ops(self, sched: SchedulerOutput) -> None:
         for kind, arg in sched.ops:
             if kind == "cow":
-                src = jnp.asarray([s for s, _ in arg], jnp.int32)
-                dst = jnp.asarray([d for _, d in arg], jnp.int32)
-                self.pools = copy_blocks(self.pools, src, dst)
+                self._copy_blocks([s for s, _ in arg], [d for _, d in arg])
             elif kind == "swap_out":
                 dev = list(arg.keys())
                 host = list(arg.values())
@@ -396,6 +395,95 @@ class Engine:
                 self.pools = scatter_blocks(self.pools, jnp.asarray(dev, jnp.int32), contents)
             else:  # pragma: no cover - internal
                 raise AssertionError(kind)
+
+    def _copy_blocks(self, src: list[int], dst: list[int]) -> None:
+        """Copy-on-write copies, padded to a power of two with null-block-to-itself copies (one compiled shape
+        per bucket, which warmup() covers)."""
+        size = bucket(len(src))
+        pad = [0] * (size - len(src))
+        self.pools = copy_blocks(self.pools, jnp.asarray(src + pad, jnp.int32), jnp.asarray(dst + pad, jnp.int32))
+
+    # Step shapes: the bucketing rules of _dispatch, shared with step_shapes() and warmup() --------------------
+    def _rows_bucket(self, n: int) -> int:
+        """Rows of a step over n sequences: the next power of two, at most max_num_seqs (the planner sized the
+        step workspace for that many rows)."""
+        return min(bucket(n), self.scheduler.max_num_seqs)
+
+    def _width_bucket(self, tokens: int) -> int:
+        """Block-table width of a step whose longest row holds `tokens` tokens: the next power of two of its
+        blocks. The decode kernel splits its work by this width, so decode keeps it tight."""
+        return bucket(-(-tokens // self.block_size))
+
+    def _prefill_width(self, tokens: int) -> int:
+        """A prefill's block-table width. The Pallas prefill kernel loops only up to each row's own length, so a
+        wider table costs nothing there and every prefill takes the longest sequence's width: one compiled shape
+        per (rows, chunk) instead of one per width as well. The reference gathers the whole table: bucketed."""
+        if self.runner.backend in ("pallas", "interpret"):
+            return self._width_bucket(self.max_seq_len)
+        return self._width_bucket(tokens)
+
+    def step_shapes(self, greedy: bool | None = None) -> list[tuple[str, bool, tuple[int, int, int]]]:
+        """Every model-step call this engine can make, as (kind, greedy, (rows, chunk, width)).
+
+        kind: "decode" (one decode step), "steps" (a multi-step decode round of `decode_steps`, when it is > 1)
+        or "prefill". greedy: None lists both the greedy and the sampling variant of each shape. The lists follow
+        the rules `_dispatch` buckets with: rows a power of two up to max_num_seqs, widths powers of two up to the
+        longest sequence's blocks, prefill chunks powers of two from MIN_CHUNK up to the step's token budget;
+        a prefill (rows, chunk) pair is listed only when the token budget can fill it (one chunk long enough for
+        the chunk bucket plus one token for each other row).
+        """
+        modes = (True, False) if greedy is None else (bool(greedy),)
+        max_seqs, budget = self.scheduler.max_num_seqs, self.scheduler.max_num_batched_tokens
+        first_n = {}  # rows bucket -> the fewest sequences that make it
+        for n in range(1, max_seqs + 1):
+            first_n.setdefault(self._rows_bucket(n), n)
+        widths = sorted({self._width_bucket(t) for t in range(1, self.max_seq_len + 1)})
+        shapes = []
+        for g in modes:
+            for b in first_n:
+                for w in widths:
+                    shapes.append(("decode", g, (b, 1, w)))
+                    if self.decode_steps > 1:
+                        shapes.append(("steps", g, (b, 1, w)))
+            first_len = {}  # chunk bucket -> the shortest chunk that makes it
+            for n in range(1, min(budget, self.max_seq_len) + 1):
+                first_len.setdefault(bucket(n, MIN_CHUNK), n)
+            for c, n_min in first_len.items():
+                for b, k_min in first_n.items():
+                    if n_min + (k_min - 1) > budget:
+                        continue
+                    for w in sorted({self._prefill_width(t) for t in range(n_min, self.max_seq_len + 1)}):
+                        shapes.append(("prefill", g, (b, c, w)))
+        return shapes
+
+    def warmup(self, greedy: bool | None = None) -> dict:
+        """Compile every step shape this engine can meet (`step_shapes`) before serving, so that no request
+        waits while XLA compiles a new batch shape (seconds per shape on a GPU: an online stream meets new
+        shapes for a long time, as arrivals vary the batch).
+
+        Each shape runs once on padding rows only: they attend over nothing and write only the null block, so
+        the pools' contents are untouched, and XLA compiles and autotunes the step exactly as a real one would.
+        Copy-on-write copies are warmed for every bucket up to max_num_seqs. Shapes already compiled are
+        skipped. greedy: None warms both the greedy and the sampling variants. Swapping (preemption to host
+        memory) still compiles on first use. With `compile_cache_dir` set, a later process loads the
+        executables from disk instead. Returns {"shapes": steps compiled now, "seconds": wall time}.
+        """
+        if self.has_unfinished():
+            raise RuntimeError("warmup() runs on an idle engine: call it before adding requests or after they finish.")
+        t0 = time.perf_counter()
+        before = len(self.runner.compiled)
+        r, buf = self.runner, self._tokens
+        for kind, g, (b, c, w) in self.step_shapes(greedy):
+            x = build_inputs([], block_size=self.block_size, chunk=c, width=w, batch=b)
+            if kind == "steps":
+                _, self.pools, buf = r.run_decode_steps(self.pools, x, buf, num_steps=self.decode_steps, greedy=g)
+            else:
+                _, _, self.pools, buf = r.run_step(self.pools, x, buf, decode=kind == "decode", greedy=g)
+        self._tokens = buf
+        for n in sorted({bucket(n) for n in range(1, self.scheduler.max_num_seqs + 1)}):
+            self._copy_blocks([0] * n, [0] * n)
+        jax.block_until_ready(self.pools)
+        return {"shapes": len(self.runner.compiled) - before, "seconds": time.perf_counter() - t0}
 
     def _sampling_row(self, s: Sequence, at: int | None = None):
         """Sampling parameters of s's next sampled token, which goes to index `at` of s.tokens (default: the end)."""
@@ -447,14 +535,14 @@ class Engine:
         if sched.decode:
             seqs = sched.decode
             counts = self._multi_step_counts(seqs)  # a prefill chunk, if any, runs in a call of its own
-            b = min(bucket(len(seqs)), self.scheduler.max_num_seqs)  # the planner sized the workspace for it
+            b = self._rows_bucket(len(seqs))
             table = partial(self.manager.block_table, copy=False)  # read only, before the tables change
             starts = [len(s.tokens) - (counts[k] if counts else 1) + 1 for k, s in enumerate(seqs)]
             rows = [([s.tokens[p - 1]], p - 1, table(s.seq_id), *self._sampling_row(s, p))
                     for s, p in zip(seqs, starts)]  # fmt: skip
             # a token the device has not returned yet comes from the previous step's token buffer
             src = [-1 if s.tokens[p - 1] != UNKNOWN_TOKEN else s.inflight for s, p in zip(seqs, starts)]
-            width = bucket(-(-max(len(s.tokens) for s in seqs) // bs))
+            width = self._width_bucket(max(len(s.tokens) for s in seqs))
             x = build_inputs(rows, block_size=bs, chunk=1, width=width, batch=b, src_rows=src)
             greedy = self._greedy(seqs)
             if counts:
@@ -472,9 +560,9 @@ class Engine:
             sync = sync or any(s.request.beam for s in seqs)
         if sched.prefill:
             chunks = sched.prefill
-            b = min(bucket(len(chunks)), self.scheduler.max_num_seqs)
+            b = self._rows_bucket(len(chunks))
             chunk = bucket(max(n for _, _, n in chunks), MIN_CHUNK)
-            width = bucket(max(-(-(start + n) // bs) for _, start, n in chunks))
+            width = self._prefill_width(max(start + n for _, start, n in chunks))
             rows = [(s.tokens[start : start + n], start, self.manager.block_table(s.seq_id)[:width],
                      *self._sampling_row(s)) for s, start, n in chunks]  # fmt: skip
             x = build_inputs(rows, block_size=bs, chunk=chunk, width=width, batch=b)

@@ -295,7 +295,7 @@ class StepRunner:
         self._fns: dict = {}
         self.compiled: set[tuple] = set()
 
-    def _use_pools(self, pools: KVPools) -> None:
+    def use_pools(self, pools: KVPools) -> None:
         """Resolve 'auto' against the pools' page kind (int4 pages -> 'reference'); cheap after the first call."""
         backend = resolve_backend(self.requested_backend, self.config.head_dim, self.block_size, pools.kind)
         if backend != self.backend:
@@ -340,7 +340,7 @@ class StepRunner:
         """Check the token buffer against the rows, resolve the backend for the pools; the packed inputs."""
         assert (prev_tokens is None) == (self.token_slots == 0), "a token buffer exactly when token_slots > 0"
         assert not self.token_slots or inputs.tokens.shape[0] <= self.token_slots // 2, "more rows than slots"
-        self._use_pools(pools)
+        self.use_pools(pools)
         return pack(inputs)
 
     def _steps_fn(self, greedy: bool, shape: tuple[int, int, int], num_steps: int):
@@ -363,7 +363,7 @@ class StepRunner:
     def lower(self, pools: KVPools, inputs: StepInputs, *, decode: bool, greedy: bool = True,
               num_steps: int | None = None):  # fmt: skip
         """The lowered step (for `.compile().memory_analysis()`); num_steps: the multi-step decode instead."""
-        self._use_pools(pools)
+        self.use_pools(pools)
         ints, floats = pack(inputs)
         if num_steps is not None:
             fn = self._steps_fn(greedy, self._shape(inputs), num_steps)

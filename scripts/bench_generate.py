@@ -128,8 +128,6 @@ def drive_online(eng, reqs, arrivals) -> dict:
             **{f"online_{k}": v for k, v in latency_stats(final, ids).items()}}  # fmt: skip
 
 
-ONLINE_WARM_PASSES = 5  # untimed online passes at most before the timed one (H200: 1-4 shapes were still new
-# in the pass after one warm-up, and those cells' time to first token was 0.3-1.8 s p50)
 
 
 def poisson_arrivals(n: int, rate: float, seed: int = 1) -> list[float]:
@@ -334,9 +332,10 @@ def main() -> None:
         reqs = [(rng.integers(0, cfg.vocab_size, p_len).tolist(), o_len) for _ in range(args.requests)]
     else:
         reqs = workload(args.requests, 0, cfg.n_positions, cfg.vocab_size)
-    # NOTE: the warm-up replays the timed workload itself (prefix caching is off, so nothing is reused): every
-    # bucketed step shape the timed run meets is compiled beforehand. A shorter warm-up left ~30 s of compiles
-    # inside the timing (H200, 2026-11-26: 1.2k tok/s measured, of which ~4 s were model steps).
+    # NOTE: each engine first compiles every step shape it can meet (Engine.warmup), then replays the timed
+    # workload untimed (prefix caching is off, so nothing is reused). Before warmup() existed, a replay alone left
+    # shapes that online arrivals make uncompiled (H100, 2026-11-27: 1-2 compiles inside a timed online pass
+    # after five untimed ones, time to first token 1-3.4 s p50).
     warm = reqs
     out_tokens = sum(o for _, o in reqs)
     per_tok = kv_bytes_per_token(cfg, kv_dtype("bfloat16"))
@@ -364,6 +363,7 @@ def main() -> None:
     for name, cap, fused, ksteps in configs:
         eng = run_paged(model, max_num_seqs=cap, num_blocks=blocks, block_size=bs, decode_steps=ksteps, history=True,
                         fused_write=fused)  # fmt: skip
+        warmed = eng.warmup(greedy=True)  # every step shape compiled before anything is timed (online included)
         drive(eng, warm)
         eng.history.clear()
         wall, steps, drows, dsteps, final, _ = drive(eng, reqs)
@@ -374,14 +374,12 @@ def main() -> None:
         full = [(t, n) for t, r, n in zip(steps, drows, dsteps) if r == cap and n]
         row = {"name": name, "wall_s": wall, "tokens": out_tokens, "tok_s": out_tokens / wall,
                "ms_per_token": 1e3 * wall / out_tokens, "kv_bytes": eng.pools.nbytes, "kv_waste": frag,
-               "peak_bytes": peak_bytes(), "preemptions": eng.stats().preemptions_recompute, "decode_steps": ksteps}  # fmt: skip
+               "peak_bytes": peak_bytes(), "preemptions": eng.stats().preemptions_recompute, "decode_steps": ksteps,
+               "warmup_shapes": warmed["shapes"], "warmup_s": warmed["seconds"]}  # fmt: skip
         row |= latency_stats(final)
         row["online"] = []
         for rate in rates:  # the same engine (its shapes compiled) serves the workload again, online
-            arrivals = poisson_arrivals(len(reqs), rate)
-            for _ in range(ONLINE_WARM_PASSES):  # untimed, until a pass compiles no new shape: online arrivals make
-                if drive_online(eng, reqs, arrivals)["online_compiles_during_run"] == 0:  # timing-dependent batches
-                    break
+            arrivals = poisson_arrivals(len(reqs), rate)  # warmup() compiled every shape arrivals can make
             row["online"].append(drive_online(eng, reqs, arrivals) | {"arrival_rate": rate})
         if cap == args.batch and full:
             dev = time_decode_step(eng, cap, 512)
@@ -427,6 +425,8 @@ def main() -> None:
                     if "decode_step_ms_wall" in r else "not separable for multi-step rounds")  # fmt: skip
             print(f"    decode step at the full batch: {wall}; "
                   f"{r['decode_step_ms_device_ctx512']:.3f} ms for one synchronous step at ctx 512")  # fmt: skip
+        if "warmup_s" in r:
+            print(f"    warm-up: {r['warmup_shapes']} step shapes compiled in {r['warmup_s']:.1f} s (Engine.warmup)")
         if "ttft_ms_p50" in r:
             print(f"    latency: time per output token p50 / p90 / p99 {r['tpot_ms_p50']:.2f} / {r['tpot_ms_p90']:.2f} / "
                   f"{r['tpot_ms_p99']:.2f} ms; time to first token p50 / p99 {r['ttft_ms_p50']:.0f} / "

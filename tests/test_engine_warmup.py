@@ -1,0 +1,126 @@
+"""`Engine.warmup()`: after it, serving compiles nothing, and the warm-up itself leaves the KV pools untouched.
+
+The workloads stagger arrivals and mix prompt and output lengths so the engine meets many batch shapes; any
+shape `step_shapes()` misses would be compiled during the run and fail the tests. The tokens are checked
+against the dense reference generator, so a warm-up that corrupted a pool or the token buffer would fail too.
+"""
+
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import jkv
+from jkv.kv_cache import copy_blocks
+from jkv.reference import reference_generate
+
+FIXTURE = Path(__file__).parent / "fixtures" / "hf_tiny_gpt2"
+SMALL = {"block_size": 8, "max_num_seqs": 4, "max_num_batched_tokens": 32, "max_seq_len": 64, "num_blocks": 40,
+         "attention": "reference"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def model():
+    return jkv.load_model(FIXTURE, dtype="float32")
+
+
+def mixed_requests(model, n: int, seed: int) -> list[tuple[list[int], int]]:
+    """n + 1 (prompt, max_tokens) pairs of mixed lengths that fit the SMALL engine's 64-token context."""
+    rng = np.random.default_rng(seed)
+    reqs = [(rng.integers(0, model.config.vocab_size, 2).tolist(), 5)]  # alone in one block: the narrowest steps
+    for _ in range(n):
+        p = int(rng.integers(1, 45))
+        reqs.append((rng.integers(0, model.config.vocab_size, p).tolist(), int(rng.integers(1, 64 - p + 1))))
+    return reqs
+
+
+def serve(eng, reqs, arrive_every: int = 2) -> dict[str, list[int]]:
+    """Add request i at step i * arrive_every (staggered: batches of every size); the greedy tokens per request."""
+    final, steps = {}, 0
+    while len(final) < len(reqs):
+        if steps % arrive_every == 0 and steps // arrive_every < len(reqs):
+            prompt, out = reqs[steps // arrive_every]
+            eng.add_request(prompt, jkv.SamplingParams(max_tokens=out), request_id=f"r{steps // arrive_every}")
+        for o in eng.step():
+            if o.finished:
+                final[o.request_id] = o.token_ids
+        steps += 1
+        assert steps < 5000
+    return final
+
+
+def reference(model, reqs) -> dict[str, list[int]]:
+    return {f"r{i}": reference_generate(model, [p], max_tokens=n)[0] for i, (p, n) in enumerate(reqs)}
+
+
+@pytest.mark.parametrize("decode_steps", [1, 4])
+def test_after_warmup_serving_compiles_nothing(model, decode_steps):
+    eng = jkv.Engine(model, decode_steps=decode_steps, **SMALL)
+    report = eng.warmup(greedy=True)
+    assert report["shapes"] == len(eng.step_shapes(greedy=True)) == len(eng.runner.compiled)
+    compiled = set(eng.runner.compiled)
+    reqs = mixed_requests(model, 14, seed=decode_steps)
+    got = serve(eng, reqs)
+    assert eng.runner.compiled == compiled, f"compiled while serving: {eng.runner.compiled - compiled}"
+    assert got == reference(model, reqs)
+    assert eng.warmup(greedy=True)["shapes"] == 0  # everything is compiled already
+
+
+def test_every_shape_the_engine_meets_is_listed(model):
+    # without a warm-up: what serving compiles is a subset of step_shapes() (the listing is not just "enough")
+    eng = jkv.Engine(model, decode_steps=4, **SMALL)
+    serve(eng, mixed_requests(model, 14, seed=7), arrive_every=3)
+    listed = {(kind, g, shape) for kind, g, shape in eng.step_shapes(greedy=True)}
+    met = set()
+    for key in eng.runner.compiled:
+        if key[1] == "steps":  # (backend, "steps", greedy, shape, num_steps)
+            met.add(("steps", key[2], key[3]))
+        else:  # (backend, decode, greedy, shape)
+            met.add(("decode" if key[1] else "prefill", key[2], key[3]))
+    assert met and met <= listed
+    assert {k for k, _, _ in met} == {"decode", "steps", "prefill"}
+
+
+def test_warmup_leaves_the_pools_untouched(model):
+    eng = jkv.Engine(model, **SMALL)
+    reqs = mixed_requests(model, 3, seed=3)
+    serve(eng, reqs, arrive_every=1)
+    assert eng.stats().blocks_cached > 0  # prefix-cache content a later request could reuse
+    before = [np.asarray(a)[1:].copy() for a in jax.tree.leaves(eng.pools)]  # block 0 is the null block
+    eng.warmup()  # greedy and sampling variants
+    after = [np.asarray(a)[1:] for a in jax.tree.leaves(eng.pools)]
+    assert all(np.array_equal(a, b) for a, b in zip(before, after))
+    more = mixed_requests(model, 4, seed=4)
+    assert serve(eng, more, arrive_every=1) == reference(model, more)
+
+
+def test_copy_on_write_is_warmed(model):
+    # n > 1 samples share their prompt's last block until each appends: copy-on-write copies of varying counts
+    eng = jkv.Engine(model, **SMALL)
+    eng.warmup(greedy=False)
+    size = copy_blocks._cache_size()
+    prompt = list(range(1, 12))  # 11 tokens: the last block is partly filled, so the forks copy it
+    for seed in range(3):
+        eng.add_request(prompt, jkv.SamplingParams(max_tokens=5, n=3 - seed % 2, temperature=1.0, seed=seed))
+    eng.run()
+    assert copy_blocks._cache_size() == size
+
+
+def test_warmup_refuses_a_busy_engine(model):
+    eng = jkv.Engine(model, **SMALL)
+    eng.add_request([1, 2, 3], jkv.SamplingParams(max_tokens=4))
+    with pytest.raises(RuntimeError, match="idle engine"):
+        eng.warmup()
+    assert len(eng.run()) == 1  # the request is served normally afterwards
+
+
+def test_pallas_prefill_takes_one_width(model):
+    # the Pallas prefill kernel loops to each row's length: every prefill shape uses the longest width
+    eng = jkv.Engine(model, **(SMALL | {"attention": "interpret"}))
+    widths = {shape[2] for kind, _, shape in eng.step_shapes() if kind == "prefill"}
+    assert widths == {64 // 8}
+    ref = jkv.Engine(model, **SMALL)
+    assert len({shape[2] for kind, _, shape in ref.step_shapes() if kind == "prefill"}) > 1
+    decode_widths = {shape[2] for kind, _, shape in eng.step_shapes() if kind == "decode"}
+    assert decode_widths == {1, 2, 4, 8}  # decode keeps tight widths: its kernel splits work by them
