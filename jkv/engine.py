@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator, Sequence as Seq
 from dataclasses import dataclass, field
 from functools import partial
@@ -27,7 +29,7 @@ import numpy as np
 from jkv.block_manager import BlockManager
 from jkv.kv_cache import KVPools, allocate_pools, copy_blocks, gather_blocks, scatter_blocks
 from jkv.request import UNKNOWN_TOKEN, Request, RequestMetrics, RequestOutput, SampleOutput, Sequence, SeqStatus
-from jkv.runner import StepRunner, bucket, build_inputs
+from jkv.runner import StepRunner, bucket, build_inputs, pack
 from jkv.sampling import SamplingParams, sample_tokens
 from jkv.scheduler import Scheduler, SchedulerOutput
 from planner.kv_layout import blocks_for_tokens, kv_dtype as planner_kv_dtype, kv_bytes_per_token
@@ -456,7 +458,7 @@ class Engine:
                         shapes.append(("prefill", g, (b, c, w)))
         return shapes
 
-    def warmup(self, greedy: bool | None = None) -> dict:
+    def warmup(self, greedy: bool | None = None, threads: int | None = None) -> dict:
         """Compile every step shape this engine can meet (`step_shapes`) before serving, so that no request
         waits while XLA compiles a new batch shape (seconds per shape on a GPU: an online stream meets new
         shapes for a long time, as arrivals vary the batch).
@@ -466,15 +468,47 @@ class Engine:
         Copy-on-write copies are warmed for every bucket up to max_num_seqs. Shapes already compiled are
         skipped. greedy: None warms both the greedy and the sampling variants. Swapping (preemption to host
         memory) still compiles on first use. With `compile_cache_dir` set, a later process loads the
-        executables from disk instead. Returns {"shapes": steps compiled now, "seconds": wall time}.
+        executables from disk instead.
+
+        threads: compile this many shapes at a time first (default: up to 8, one per CPU core); XLA compiles on
+        the calling thread, so one thread per shape overlaps their compilations. The runs that follow find the
+        executables compiled. A shape whose compilation fails in parallel (say, the GEMM autotuner found no
+        free memory beside the others) compiles again alone in its run, as it would without threads.
+        Returns {"shapes": steps compiled now, "seconds": wall time, "parallel_failures": that count}.
         """
         if self.has_unfinished():
             raise RuntimeError("warmup() runs on an idle engine: call it before adding requests or after they finish.")
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads={threads!r} must be a positive integer (1: compile one shape at a time).")
         t0 = time.perf_counter()
         before = len(self.runner.compiled)
         r, buf = self.runner, self._tokens
+        todo = []
         for kind, g, (b, c, w) in self.step_shapes(greedy):
             x = build_inputs([], block_size=self.block_size, chunk=c, width=w, batch=b)
+            steps = self.decode_steps if kind == "steps" else None
+            if r.is_compiled(x, decode=kind == "decode", greedy=g, num_steps=steps):
+                continue
+            todo.append((kind, g, x))
+        threads = threads or min(8, os.cpu_count() or 1)
+        failures = 0
+        if threads > 1 and len(todo) > 1:
+            # the jitted functions are made here, on this thread; the threads only trace, lower and compile
+            jobs = [(r.function(x, decode=kind == "decode", greedy=g,
+                                num_steps=self.decode_steps if kind == "steps" else None), pack(x))
+                    for kind, g, x in todo]  # fmt: skip
+
+            def compile_one(job) -> bool:
+                fn, (ints, floats) = job
+                try:
+                    fn.lower(r.params, self.pools, ints, floats, buf).compile()  # the arguments the run passes
+                    return True
+                except Exception:  # noqa: BLE001 - any failure: the serial run below compiles it again
+                    return False
+
+            with ThreadPoolExecutor(threads) as pool:
+                failures = sum(not ok for ok in pool.map(compile_one, jobs))
+        for kind, g, x in todo:
             if kind == "steps":
                 _, self.pools, buf = r.run_decode_steps(self.pools, x, buf, num_steps=self.decode_steps, greedy=g)
             else:
@@ -483,7 +517,8 @@ class Engine:
         for n in sorted({bucket(n) for n in range(1, self.scheduler.max_num_seqs + 1)}):
             self._copy_blocks([0] * n, [0] * n)
         jax.block_until_ready(self.pools)
-        return {"shapes": len(self.runner.compiled) - before, "seconds": time.perf_counter() - t0}
+        return {"shapes": len(self.runner.compiled) - before, "seconds": time.perf_counter() - t0,
+                "parallel_failures": failures}  # fmt: skip
 
     def _sampling_row(self, s: Sequence, at: int | None = None):
         """Sampling parameters of s's next sampled token, which goes to index `at` of s.tokens (default: the end)."""

@@ -357,19 +357,28 @@ class StepRunner:
         number of steps row b runs). Returns (tokens [num_steps, B], new pools, new token buffer or None), all on
         the device; nothing waits for the device."""
         ints, floats = self._prepare(pools, inputs, prev_tokens)
-        fn = self._steps_fn(greedy, self._shape(inputs), num_steps)
+        fn = self.function(inputs, decode=True, greedy=greedy, num_steps=num_steps)
         return fn(self.params, pools, ints, floats, prev_tokens)
+
+    def is_compiled(self, inputs: StepInputs, *, decode: bool, greedy: bool, num_steps: int | None = None) -> bool:
+        """Whether this runner already runs the step (or the multi-step decode, num_steps) of `inputs`' shape."""
+        shape = self._shape(inputs)
+        key = ("steps", greedy, shape, num_steps) if num_steps is not None else (decode, greedy, shape)
+        return (self.backend, *key) in self.compiled
+
+    def function(self, inputs: StepInputs, *, decode: bool, greedy: bool, num_steps: int | None = None):
+        """The jitted step (num_steps: the multi-step decode) for `inputs`' shape, made on first use; called as
+        fn(params, pools, *pack(inputs), token buffer). Resolve the backend first (`use_pools`)."""
+        if num_steps is not None:
+            return self._steps_fn(greedy, self._shape(inputs), num_steps)
+        return self._fn(decode, greedy, self._shape(inputs))
 
     def lower(self, pools: KVPools, inputs: StepInputs, *, decode: bool, greedy: bool = True,
               num_steps: int | None = None):  # fmt: skip
         """The lowered step (for `.compile().memory_analysis()`); num_steps: the multi-step decode instead."""
         self.use_pools(pools)
-        ints, floats = pack(inputs)
-        if num_steps is not None:
-            fn = self._steps_fn(greedy, self._shape(inputs), num_steps)
-        else:
-            fn = self._fn(decode, greedy, self._shape(inputs))
-        return fn.lower(self.params, pools, ints, floats, self.zero_tokens())
+        fn = self.function(inputs, decode=decode, greedy=greedy, num_steps=num_steps)
+        return fn.lower(self.params, pools, *pack(inputs), self.zero_tokens())
 
 
 def build_inputs(

@@ -67,6 +67,42 @@ def test_after_warmup_serving_compiles_nothing(model, decode_steps):
     assert eng.warmup(greedy=True)["shapes"] == 0  # everything is compiled already
 
 
+def backend_compiles():
+    """A list that counts XLA compilations (one entry each) until `stop` is called on it."""
+    events: list[float] = []
+
+    def listener(event: str, duration: float, **_) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            events.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    return events, lambda: jax.monitoring.unregister_event_duration_listener(listener)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_parallel_compiles_are_the_ones_that_run(model, threads):
+    # a pool size no other test uses: every step shape is new to the process (the pools are an argument)
+    eng = jkv.Engine(model, decode_steps=3, **(SMALL | {"num_blocks": 30 + threads}))
+    events, stop = backend_compiles()
+    try:
+        report = eng.warmup(greedy=True, threads=threads)
+    finally:
+        stop()
+    shapes = len(eng.step_shapes(greedy=True))
+    assert report["shapes"] == shapes and report["parallel_failures"] == 0
+    # one XLA compilation per step shape, whether the threads compiled it or the run: the runs reused them
+    # (plus a few small helper programs: the copy-on-write buckets, filling the token buffer)
+    assert shapes <= len(events) <= shapes + 8
+    reqs = mixed_requests(model, 6, seed=threads)
+    assert serve(eng, [(p[:20], min(n, 20)) for p, n in reqs]) == reference(model, [(p[:20], min(n, 20)) for p, n in reqs])
+
+
+def test_warmup_rejects_bad_threads(model):
+    eng = jkv.Engine(model, **SMALL)
+    with pytest.raises(ValueError, match="positive integer"):
+        eng.warmup(threads=0)
+
+
 def test_every_shape_the_engine_meets_is_listed(model):
     # without a warm-up: what serving compiles is a subset of step_shapes() (the listing is not just "enough")
     eng = jkv.Engine(model, decode_steps=4, **SMALL)

@@ -1,0 +1,33 @@
+"""scripts/bench_warmup.py on the CPU: a child per thread count, warm-up then serving with no compilation, and
+the same tokens from every child."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "bench_warmup.py"
+TINY = ROOT / "tests" / "fixtures" / "hf_tiny_gpt2"
+
+
+def test_two_thread_counts_same_tokens_nothing_compiled_while_serving(tmp_path):
+    out = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--model", str(TINY), "--batch", "2", "--max-seq-len", "32",
+                           "--decode-steps", "2", "--threads", "2,1", "--out", str(out)],
+                          capture_output=True, text=True, env={"JAX_PLATFORMS": "cpu", "PATH": ""}, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert [r["threads"] for r in rows] == [2, 1]
+    for r in rows:
+        assert r["shapes"] > 10 and r["compiles_while_serving"] == 0 and r["parallel_failures"] == 0
+        assert r["compiles_in_warmup"] >= r["shapes"]  # one XLA compilation per shape at least
+    assert rows[0]["tokens_sha256"] == rows[1]["tokens_sha256"]
+    assert "tokens equal across rows" in proc.stdout
+
+
+def test_bad_thread_list_is_one_clear_line():
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--threads", "8,x"], capture_output=True, text=True,
+                          env={"JAX_PLATFORMS": "cpu", "PATH": ""}, timeout=120)  # fmt: skip
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == "--threads 8,x: give positive integers, e.g. 8,1."
