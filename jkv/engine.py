@@ -33,8 +33,9 @@ from jkv.runner import StepRunner, bucket, build_inputs, pack
 from jkv.sampling import SamplingParams, sample_tokens
 from jkv.scheduler import Scheduler, SchedulerOutput
 from planner.kv_layout import blocks_for_tokens, kv_dtype as planner_kv_dtype, kv_bytes_per_token
+from planner.memory import PREFILL_MIN_CHUNK, padded_prefill_tokens
 
-MIN_CHUNK = 16  # smallest prefill chunk bucket
+MIN_CHUNK = PREFILL_MIN_CHUNK  # smallest prefill chunk bucket
 GENERATE_DECODE_STEPS = 8  # `generate()`'s default multi-step decode (H200, gpt2 batch 32: ~2x per decode step)
 
 
@@ -219,6 +220,8 @@ class Engine:
         self.scheduler = Scheduler(
             self.manager, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             preemption_mode=preemption_mode,
+            padded_size=self._prefill_positions,
+            max_padded=padded_prefill_tokens(max_num_batched_tokens),
         )  # fmt: skip
         self.runner = StepRunner(model.params, config, block_size=block_size, backend=attention,
                                  sliding_window=sliding_window,
@@ -416,10 +419,15 @@ class Engine:
         blocks. The decode kernel splits its work by this width, so decode keeps it tight."""
         return bucket(-(-tokens // self.block_size))
 
+    def _prefill_positions(self, rows: int, longest: int) -> int:
+        """Query positions a prefill step of `rows` chunks, the longest `longest` tokens, computes after padding."""
+        return self._rows_bucket(rows) * bucket(longest, MIN_CHUNK)
+
     def _prefill_width(self, tokens: int) -> int:
         """A prefill's block-table width. The Pallas prefill kernel loops only up to each row's own length, so a
-        wider table costs nothing there and every prefill takes the longest sequence's width: one compiled shape
-        per (rows, chunk) instead of one per width as well. The reference gathers the whole table: bucketed."""
+        wider table adds no loop steps there (only a larger int32 table) and every prefill takes the longest
+        sequence's width: one compiled shape per (rows, chunk) instead of one per width as well. The reference
+        gathers the whole table: bucketed."""
         if self.runner.backend in ("pallas", "interpret"):
             return self._width_bucket(self.max_seq_len)
         return self._width_bucket(tokens)
@@ -432,7 +440,7 @@ class Engine:
         the rules `_dispatch` buckets with: rows a power of two up to max_num_seqs, widths powers of two up to the
         longest sequence's blocks, prefill chunks powers of two from MIN_CHUNK up to the step's token budget;
         a prefill (rows, chunk) pair is listed only when the token budget can fill it (one chunk long enough for
-        the chunk bucket plus one token for each other row).
+        the chunk bucket plus one token for each other row) and the scheduler allows its padded size.
         """
         modes = (True, False) if greedy is None else (bool(greedy),)
         max_seqs, budget = self.scheduler.max_num_seqs, self.scheduler.max_num_batched_tokens
@@ -452,7 +460,7 @@ class Engine:
                 first_len.setdefault(bucket(n, MIN_CHUNK), n)
             for c, n_min in first_len.items():
                 for b, k_min in first_n.items():
-                    if n_min + (k_min - 1) > budget:
+                    if n_min + (k_min - 1) > budget or b * c > self.scheduler.max_padded:
                         continue
                     for w in sorted({self._prefill_width(t) for t in range(n_min, self.max_seq_len + 1)}):
                         shapes.append(("prefill", g, (b, c, w)))
@@ -470,10 +478,11 @@ class Engine:
         memory) still compiles on first use. With `compile_cache_dir` set, a later process loads the
         executables from disk instead.
 
-        threads: compile this many shapes at a time first (default: up to 8, one per CPU core); XLA compiles on
-        the calling thread, so one thread per shape overlaps their compilations. The runs that follow find the
-        executables compiled. A shape whose compilation fails in parallel (say, the GEMM autotuner found no
-        free memory beside the others) compiles again alone in its run, as it would without threads.
+        threads: compile this many shapes at a time first (default on a GPU: up to 8, one per CPU core; 1
+        elsewhere); XLA compiles on the calling thread, so one thread per shape overlaps their compilations.
+        The runs that follow find the executables compiled. A shape whose compilation fails in parallel (say,
+        the GEMM autotuner found no free memory beside the others) compiles again alone in its run, as it
+        would without threads.
         Returns {"shapes": steps compiled now, "seconds": wall time, "parallel_failures": that count}.
         """
         if self.has_unfinished():
@@ -490,7 +499,8 @@ class Engine:
             if r.is_compiled(x, decode=kind == "decode", greedy=g, num_steps=steps):
                 continue
             todo.append((kind, g, x))
-        threads = threads or min(8, os.cpu_count() or 1)
+        if threads is None:  # XLA's CPU compiler already spreads one compilation over the cores
+            threads = min(8, os.cpu_count() or 1) if jax.default_backend() == "gpu" else 1
         failures = 0
         if threads > 1 and len(todo) > 1:
             # the jitted functions are made here, on this thread; the threads only trace, lower and compile

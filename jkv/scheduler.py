@@ -11,6 +11,10 @@ Each round, in priority order (earlier arrival first):
    (FCFS, while blocks above the watermark and the token budget last); a long prompt is split into chunks of at
    most the step's prefill token budget, so prefill chunks run beside the decodes of the same step. A request
    counts its full width (n samples, beams) against max_num_seqs from admission on, though it forks later.
+   Given the engine's padding rule (`padded_size`), chunks are added only while the padded prefill step
+   (rows x longest chunk, rounded up) stays within `max_padded` positions: without it, one long chunk beside many
+   short ones made a step of up to rows x longest positions, far beyond the budget the planner sized the
+   workspace for.
 
 The scheduler only talks to the `BlockManager`; the device copies it implies come back as an ordered op list
 (swap-outs, swap-ins, copy-on-writes) that the engine performs before the model step.
@@ -19,6 +23,7 @@ The scheduler only talks to the `BlockManager`; the device copies it implies com
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from jkv.block_manager import AllocStatus, BlockManager
@@ -45,7 +50,12 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         preemption_mode: str = "recompute",
+        padded_size: Callable[[int, int], int] | None = None,
+        max_padded: int | None = None,
     ) -> None:
+        """padded_size(rows, longest chunk) -> the query positions the engine's prefill step of that many rows
+        computes after padding; with it, a round's prefill takes chunks only while that stays within max_padded
+        (a chunk is cut short to fit; the first chunk always fits when max_padded >= padded_size(1, budget))."""
         if preemption_mode not in ("recompute", "swap"):
             raise ValueError(f"preemption_mode={preemption_mode!r} must be 'recompute' or 'swap'.")
         if preemption_mode == "swap" and manager.swap_space.num_free_slots == 0:
@@ -54,6 +64,10 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.preemption_mode = preemption_mode
+        if (padded_size is None) != (max_padded is None):
+            raise ValueError("padded_size and max_padded go together: pass both or neither.")
+        self.padded_size = padded_size
+        self.max_padded = max_padded
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.swapped: list[Request] = []
@@ -128,6 +142,26 @@ class Scheduler:
         self.waiting.appendleft(request)
         self.num_preempt_recompute += 1
 
+    # Prefill step size -------------------------------------------------------------------------------------
+    def _row_fits(self, out: SchedulerOutput) -> bool:
+        """Whether the round's prefill can take one more row (of one token) within max_padded."""
+        if self.padded_size is None or not out.prefill:
+            return True
+        longest = max(n for _, _, n in out.prefill)
+        return self.padded_size(len(out.prefill) + 1, longest) <= self.max_padded
+
+    def _chunk(self, out: SchedulerOutput, n: int) -> int:
+        """The longest chunk of at most n tokens the round's prefill can add as a row within max_padded (call
+        after _row_fits: a chunk no longer than the round's longest always fits, so the result is >= 1)."""
+        if self.padded_size is None or not out.prefill:
+            return n
+        rows, longest = len(out.prefill) + 1, max(m for _, _, m in out.prefill)
+        lo, hi = min(n, longest), n  # lo fits; find the largest fitting length in [lo, hi]
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if self.padded_size(rows, mid) <= self.max_padded else (lo, mid - 1)
+        return lo
+
     # One round --------------------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -183,13 +217,13 @@ class Scheduler:
         decoding = {id(s) for s in out.decode}
         for req in list(self.running):
             for s in req.seqs:
-                if budget <= 0:
+                if budget <= 0 or not self._row_fits(out):
                     break
                 if s.status is SeqStatus.RUNNING and s.prefilling and id(s) not in decoding:
-                    n = min(len(s.tokens) - s.num_computed, budget)
+                    n = self._chunk(out, min(len(s.tokens) - s.num_computed, budget))
                     out.prefill.append((s, s.num_computed, n))
                     budget -= n
-        while self.waiting and budget > 0 and not self.swapped:
+        while self.waiting and budget > 0 and not self.swapped and self._row_fits(out):
             req = self.waiting[0]
             seqs = [s for s in req.seqs if s.status is SeqStatus.WAITING]
             if self._seats_taken() + self._seats(req) > self.max_num_seqs:
@@ -214,8 +248,8 @@ class Scheduler:
                 alloc = m.allocate_prompt(s.seq_id, s.tokens)
                 s.num_computed = alloc.num_cached_tokens
                 s.status = SeqStatus.RUNNING
-                if budget > 0:
-                    n = min(len(s.tokens) - s.num_computed, budget)
+                if budget > 0 and self._row_fits(out):  # else its prefill starts in a later round
+                    n = self._chunk(out, min(len(s.tokens) - s.num_computed, budget))
                     out.prefill.append((s, s.num_computed, n))
                     budget -= n
             self.running.append(req)

@@ -52,6 +52,18 @@ REDZONE_BYTES = 8 * MiB
 AUTOTUNE_FLOOR_BYTES = 326 * MiB
 
 
+# A prefill step's shape: the engine pads its rows and its longest chunk to powers of two (chunks to at least
+# PREFILL_MIN_CHUNK tokens), and its scheduler admits prefill chunks only while rows x chunk stays within
+# `padded_prefill_tokens(prefill budget)`, so that is the most query positions a prefill step computes.
+PREFILL_MIN_CHUNK = 16
+
+
+def padded_prefill_tokens(prefill_chunk: int) -> int:
+    """The most query positions (padded rows x padded chunk) a prefill step of a `prefill_chunk`-token budget runs:
+    the budget rounded up to a power of two (and to at least PREFILL_MIN_CHUNK)."""
+    return 1 << max(0, (max(prefill_chunk, PREFILL_MIN_CHUNK) - 1).bit_length())
+
+
 def runtime_reserve(config: ModelConfig) -> int:
     """The default runtime reserve for `config` (see RESERVE_BASE_BYTES)."""
     return RESERVE_BASE_BYTES + RESERVE_PER_LAYER_BYTES * config.n_layer

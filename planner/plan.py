@@ -4,8 +4,9 @@
     kv_pool    = budget - parameters - activation workspace - runtime reserve
     num_blocks = floor(kv_pool / bytes_per_block)          (block 0 is the null block; num_blocks - 1 are usable)
 
-The activation workspace is sized for the largest step the engine will run: a prefill chunk of `prefill_chunk`
-tokens, or a decode step of `max_num_seqs` sequences. When `max_num_seqs` is not given the planner solves for it:
+The activation workspace is sized for the largest step the engine will run: a prefill step of `prefill_chunk`
+tokens (padded: up to the next power of two of query positions, `padded_prefill_tokens`), or a decode step of
+`max_num_seqs` sequences. When `max_num_seqs` is not given the planner solves for it:
 the largest decode batch whose own workspace still leaves room for that many sequences at the shortest listed
 length, so every batch the plan promises was paid for in the workspace term.
 """
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 
 from planner.config import ModelConfig, PlanError
 from planner.kv_layout import BlockLayout, blocks_for_tokens, check_block_size, kv_dtype, weight_dtype_bytes
-from planner.memory import StepWorkspace, param_bytes, runtime_reserve, step_workspace
+from planner.memory import StepWorkspace, padded_prefill_tokens, param_bytes, runtime_reserve, step_workspace
 
 SEQ_LENS = (128, 256, 512, 1024)
 BATCH_SIZES = (1, 8, 32, 128)
@@ -207,9 +208,11 @@ def make_plan(config: ModelConfig, options: PlanOptions) -> Plan:
 def step_workspaces(
     config: ModelConfig, o: PlanOptions, batch: int, max_seq_len: int
 ) -> tuple[StepWorkspace, ...]:
-    """The workspaces of the largest steps at decode batch `batch`: the prefill chunk (with up to `batch`
-    sequences' logits) and a decode step of `batch` rows; the activation term is the larger."""
-    prefill_tokens = min(o.prefill_chunk, max_seq_len)
+    """The workspaces of the largest steps at decode batch `batch`: the prefill step (its padded positions, with up to
+    `batch` sequences' logits) and a decode step of `batch` rows; the activation term is the larger."""
+    # padded positions: the budget rounded up, and at most `batch` rows (the engine's cap) of a padded chunk
+    prefill_tokens = min(padded_prefill_tokens(o.prefill_chunk),
+                         batch * padded_prefill_tokens(min(o.prefill_chunk, max_seq_len)))  # fmt: skip
     ws = lambda *a: step_workspace(config, *a, weight_dtype_bytes(o.dtype), o.tp, o.naive_attention)  # noqa: E731
     return (
         ws("prefill", prefill_tokens, min(batch, prefill_tokens), max_seq_len),

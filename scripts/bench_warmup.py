@@ -91,7 +91,8 @@ def main() -> None:
     base = [sys.executable, __file__, "--model", args.model, "--batch", str(args.batch), "--max-seq-len",
             str(args.max_seq_len), "--decode-steps", str(args.decode_steps)]  # fmt: skip
     for t in counts:
-        proc = subprocess.run([*base, "--child", str(t)], capture_output=True, text=True, env=dict(os.environ))
+        proc = subprocess.run([*base, "--child", str(t)], capture_output=True, text=True, env=dict(os.environ),
+                              check=False)  # fmt: skip
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not lines:
             raise SystemExit(f"the threads={t} child failed:\n{proc.stderr[-2000:]}")
@@ -103,7 +104,8 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(rows, indent=1))
     print(f"{rows[0]['device']}, JAX {rows[0]['jax']}: {args.model}, batch {args.batch}, contexts <= "
           f"{args.max_seq_len}, decode_steps {args.decode_steps}; tokens equal across rows")
-    print(f"{'threads':>7s} {'shapes':>6s} {'warm-up s':>9s} {'XLA compiles':>12s} {'while serving':>13s} {'failed':>6s}")
+    heads = ("threads", "shapes", "warm-up s", "XLA compiles", "while serving", "failed")
+    print(" ".join(f"{h:>{w}s}" for h, w in zip(heads, (7, 6, 9, 12, 13, 6), strict=True)))
     for r in rows:
         print(f"{r['threads']:7d} {r['shapes']:6d} {r['warmup_s']:9.1f} {r['compiles_in_warmup']:12d} "
               f"{r['compiles_while_serving']:13d} {r['parallel_failures']:6d}")

@@ -73,7 +73,8 @@ def child(model_name: str, kv: str, batch: int, aot: bool = True) -> dict:
     stats = dev.memory_stats
     params = stats()["bytes_in_use"]
     shortest, per_short = short_blocks(plan)
-    eng = jkv.Engine(model, num_blocks=batch * per_short + 1, kv_dtype=kv, max_num_seqs=batch, attention="auto",
+    eng = jkv.Engine(model, num_blocks=batch * per_short + 1, kv_dtype=kv, attention="auto",
+                     max_num_seqs=max(batch, prefill_step(plan)[0]),  # room for the prefill's rows
                      max_num_batched_tokens=plan.workspaces[0].tokens)  # fmt: skip
     jax.block_until_ready(eng.pools)
     pool = stats()["bytes_in_use"] - params
@@ -111,7 +112,7 @@ def sweep_child(model_name: str, kv: str, batches: list[int]) -> dict:
     ahead of time in one process (nothing runs)."""
     _, dev, plan, model = load_row(model_name, kv, 24 * 10**9, 0.9)
     shortest, _ = short_blocks(plan)
-    eng = small_engine(model, kv, max(batches), plan.workspaces[0].tokens)
+    eng = small_engine(model, kv, max(*batches, prefill_step(plan)[0]), plan.workspaces[0].tokens)
     out = {"model": model_name, "kv_dtype": kv, "prefill": compiled_analysis(eng, *prefill_step(plan)), "decode": {}}
     out["prefill_step"] = prefill_step(plan)
     for b in batches:

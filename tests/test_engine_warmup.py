@@ -93,8 +93,8 @@ def test_parallel_compiles_are_the_ones_that_run(model, threads):
     # one XLA compilation per step shape, whether the threads compiled it or the run: the runs reused them
     # (plus a few small helper programs: the copy-on-write buckets, filling the token buffer)
     assert shapes <= len(events) <= shapes + 8
-    reqs = mixed_requests(model, 6, seed=threads)
-    assert serve(eng, [(p[:20], min(n, 20)) for p, n in reqs]) == reference(model, [(p[:20], min(n, 20)) for p, n in reqs])
+    reqs = [(p[:20], min(n, 20)) for p, n in mixed_requests(model, 6, seed=threads)]
+    assert serve(eng, reqs) == reference(model, reqs)
 
 
 def test_warmup_rejects_bad_threads(model):

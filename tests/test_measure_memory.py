@@ -2,6 +2,7 @@
 what one sequence costs the plan, and the parent's probe bookkeeping (the children need nvidia-smi and a GPU)."""
 
 import importlib.util
+import itertools
 import math
 import os
 import subprocess
@@ -91,6 +92,28 @@ def test_gallop_down_from_a_plan_that_over_promised(planned, t, width):
     check_consistent(r, t)
     if t == planned - 1:
         assert [b for b, _, _ in r.tries][:2] == [planned, planned - 1]  # one step down, no halving from 0
+
+
+@pytest.mark.parametrize("width", [1, 3])
+@pytest.mark.parametrize("planned, t", [(4176, 4177), (4176, 4181), (15427, 15430), (443, 444), (4176, 4300), (5, 5)])
+def test_gallop_up_from_a_calibrated_plan(planned, t, width):
+    f = threshold(t)
+    r = mm.search_max_batch(f, planned, first=planned + 1, width=width, growth=mm.ROW_GROWTH, gallop_up=True)
+    assert r.real_max == t and not r.cap_hit
+    check_consistent(r, t)
+    if t - planned <= 5:  # a few above the plan: found in a few tries, never a 1 % step above it
+        assert max(f.asked) <= planned + 8
+        assert len(r.tries) <= (7 if width == 1 else 8)
+        plain = mm.search_max_batch(threshold(t), planned, first=planned + 1, width=width, growth=mm.ROW_GROWTH)
+        assert len(r.tries) <= len(plain.tries)
+
+
+def test_gallop_up_grows_no_faster_than_the_growth_step():
+    r = mm.search_max_batch(threshold(10**6), 100, gallop_up=True, max_tries=20)
+    asked = [b for b, _, _ in r.tries]
+    assert asked[:8] == [100, 101, 102, 104, 108, 116, 132, 164]  # offsets 1, 2, 4, ..., 64
+    assert all(b2 <= max(b1 + 1, int(b1 * mm.GROWTH)) for b1, b2 in itertools.pairwise(asked) if b2 > b1)
+    assert all(ok for _, ok, _ in r.tries[:20])  # grew every time, capped by the 25 % step
 
 
 def test_nothing_fits():
@@ -365,11 +388,13 @@ def test_search_decode_rows_are_exactly_b_on_their_own_blocks():
 
 def test_search_prefill_is_the_plans_chunk():
     p = plan()
-    assert mm.prefill_step(p) == (1, 1024, 1024)  # the 2,048-token chunk is capped at gpt2's 1,024 positions
+    # the 2,048 padded positions of a 2,048-token budget, as two rows of gpt2's 1,024 (a step the scheduler makes:
+    # a 1,024-token chunk and any other chunk pad to [2, 1,024])
+    assert mm.prefill_step(p) == (2, 1024, 1024)
     eng = _fake_engine(3891 * 8 + 1)
     mm.run_step(eng, *mm.prefill_step(p))
     x, decode, _ = eng.runner.calls[0]
-    assert not decode and x.tokens.shape == (1, 1024) and x.query_lens.tolist() == [1024]
+    assert not decode and x.tokens.shape == (2, 1024) and x.query_lens.tolist() == [1024, 1024]
 
 
 # The parent's side of the search ----------------------------------------------------------------------------
@@ -403,17 +428,17 @@ def test_search_row_runs_one_probe_process_per_candidate(monkeypatch, capsys):
     dies counts as not fitting."""
     p = plan()
     t = p.max_num_seqs + 40
-    fake = fake_probes(t, crash_at=3)
+    fake = fake_probes(t, crash_at=4)
     monkeypatch.setattr(mm, "run_probes", fake)
     mb = mm.search_row("gpt2", "bfloat16", 24 * 10**9, 0.9, 650, 24, {"X": "1"}, None)
     calls = fake.calls
     assert calls[0] == (p.max_num_seqs, 650)  # the plan's steps' footprint first
     assert calls[1][0] == mb["first_step"] == mm.first_step(p, mm.formula_max_batch(p))
-    assert [o for _, o in calls[1:]] == [701, 702, 702] + [700 + i for i in range(4, len(calls))]
-    crashed = mb["tries"][2]
+    assert [o for _, o in calls[1:]] == [701, 702, 703, 703] + [700 + i for i in range(5, len(calls))]
+    crashed = mb["tries"][3]
     assert not crashed["ok"] and crashed["error"].startswith("probe died: Fatal Python error") and not crashed["oom"]
     assert mb["non_oom_failures"] == 1
-    assert mb["real"] == (t if calls[2][0] > t else calls[2][0] - 1)
+    assert mb["real"] == (t if calls[3][0] > t else calls[3][0] - 1)
     assert mb["formula"] == mm.formula_max_batch(p) and mb["blocks_per_seq"] == 8 and mb["outside_start"] == 650
     assert mb["outside_max"] == 700 + len(calls) and mb["width"] == 1
     assert all("wall_seconds" in row for row in mb["tries"])
