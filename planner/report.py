@@ -56,7 +56,8 @@ def plan_to_dict(plan: Plan) -> dict:
         "max_seq_len": plan.max_seq_len,
         "sliding_window": c.sliding_window,
         "max_num_seqs": plan.max_num_seqs,
-        "prefill_chunk": plan.workspaces[0].tokens,
+        "prefill_chunk": plan.options.prefill_chunk,  # the prefill token budget asked for
+        "prefill_step_positions": plan.workspaces[0].tokens,  # what the plan prices: the padded prefill step
         "max_batch_by_seq_len": {str(x.seq_len): x.paged for x in plan.by_seq_len},
         "static_max_batch_by_seq_len": {str(x.seq_len): x.static for x in plan.by_seq_len},
         "fragmentation_by_seq_len": {str(x.seq_len): x.fragmentation for x in plan.by_seq_len},

@@ -33,6 +33,12 @@ def test_json_matches_hand_calculation():
     assert d["num_blocks"] == left // d["bytes_per_block"]
     assert d["kv_pool_bytes"] == d["num_blocks"] * d["bytes_per_block"]
     assert d["max_batch_by_seq_len"]["1024"] == min(d["max_num_seqs"], (d["num_blocks"] - 1) // 32)
+    assert d["prefill_chunk"] == 2048 and d["prefill_step_positions"] == 2048  # the default budget, padded
+
+
+def test_json_prefill_positions_round_the_budget_up():
+    d = json.loads(run_plan("--hbm", "24GB", "--prefill-chunk", "1000", "--json").stdout)
+    assert (d["prefill_chunk"], d["prefill_step_positions"]) == (1000, 1024)
 
 
 def test_tp_json():
