@@ -448,6 +448,12 @@ class Engine:
         for n in range(1, max_seqs + 1):
             first_n.setdefault(self._rows_bucket(n), n)
         widths = sorted({self._width_bucket(t) for t in range(1, self.max_seq_len + 1)})
+        first_len = {}  # chunk bucket -> the shortest chunk that makes it
+        for n in range(1, min(budget, self.max_seq_len) + 1):
+            first_len.setdefault(bucket(n, MIN_CHUNK), n)
+        prefill = [(b, c, w) for c, n_min in first_len.items() for b, k_min in first_n.items()
+                   if n_min + (k_min - 1) <= budget and b * c <= self.scheduler.max_padded
+                   for w in sorted({self._prefill_width(t) for t in range(n_min, self.max_seq_len + 1)})]  # fmt: skip
         shapes = []
         for g in modes:
             for b in first_n:
@@ -455,15 +461,7 @@ class Engine:
                     shapes.append(("decode", g, (b, 1, w)))
                     if self.decode_steps > 1:
                         shapes.append(("steps", g, (b, 1, w)))
-            first_len = {}  # chunk bucket -> the shortest chunk that makes it
-            for n in range(1, min(budget, self.max_seq_len) + 1):
-                first_len.setdefault(bucket(n, MIN_CHUNK), n)
-            for c, n_min in first_len.items():
-                for b, k_min in first_n.items():
-                    if n_min + (k_min - 1) > budget or b * c > self.scheduler.max_padded:
-                        continue
-                    for w in sorted({self._prefill_width(t) for t in range(n_min, self.max_seq_len + 1)}):
-                        shapes.append(("prefill", g, (b, c, w)))
+            shapes += [("prefill", g, shape) for shape in prefill]
         return shapes
 
     def warmup(self, greedy: bool | None = None, threads: int | None = None) -> dict:
