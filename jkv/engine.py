@@ -490,21 +490,19 @@ class Engine:
         t0 = time.perf_counter()
         before = len(self.runner.compiled)
         r, buf = self.runner, self._tokens
-        todo = []
+        todo = []  # (inputs, how to call the runner: decode, greedy, num_steps) of each shape still to compile
         for kind, g, (b, c, w) in self.step_shapes(greedy):
             x = build_inputs([], block_size=self.block_size, chunk=c, width=w, batch=b)
             steps = self.decode_steps if kind == "steps" else None
-            if r.is_compiled(x, decode=kind == "decode", greedy=g, num_steps=steps):
-                continue
-            todo.append((kind, g, x))
+            call = {"decode": kind != "prefill", "greedy": g, "num_steps": steps}
+            if not r.is_compiled(x, **call):
+                todo.append((x, call))
         if threads is None:  # XLA's CPU compiler already spreads one compilation over the cores
             threads = min(8, os.cpu_count() or 1) if jax.default_backend() == "gpu" else 1
         failures = 0
         if threads > 1 and len(todo) > 1:
             # the jitted functions are made here, on this thread; the threads only trace, lower and compile
-            jobs = [(r.function(x, decode=kind == "decode", greedy=g,
-                                num_steps=self.decode_steps if kind == "steps" else None), pack(x))
-                    for kind, g, x in todo]  # fmt: skip
+            jobs = [(r.function(x, **call), pack(x)) for x, call in todo]
 
             def compile_one(job) -> bool:
                 fn, (ints, floats) = job
@@ -516,11 +514,12 @@ class Engine:
 
             with ThreadPoolExecutor(threads) as pool:
                 failures = sum(not ok for ok in pool.map(compile_one, jobs))
-        for kind, g, x in todo:
-            if kind == "steps":
-                _, self.pools, buf = r.run_decode_steps(self.pools, x, buf, num_steps=self.decode_steps, greedy=g)
+        for x, call in todo:
+            if call["num_steps"] is not None:
+                _, self.pools, buf = r.run_decode_steps(self.pools, x, buf, num_steps=call["num_steps"],
+                                                        greedy=call["greedy"])  # fmt: skip
             else:
-                _, _, self.pools, buf = r.run_step(self.pools, x, buf, decode=kind == "decode", greedy=g)
+                _, _, self.pools, buf = r.run_step(self.pools, x, buf, decode=call["decode"], greedy=call["greedy"])
         self._tokens = buf
         for n in sorted({bucket(n) for n in range(1, self.scheduler.max_num_seqs + 1)}):
             self._copy_blocks([0] * n, [0] * n)

@@ -302,13 +302,18 @@ class StepRunner:
             self.backend = backend
             self._fns.clear()
 
+    def _compiled_key(self, decode: bool, greedy: bool, shape: tuple[int, int, int], num_steps: int | None) -> tuple:
+        """The entry of `compiled` for a step (num_steps: the multi-step decode) on the current backend."""
+        if num_steps is not None:
+            return (self.backend, "steps", greedy, shape, num_steps)
+        return (self.backend, decode, greedy, shape)
+
     def _fn(self, decode: bool, greedy: bool, shape: tuple[int, int, int]):
-        key = (decode, greedy, shape)
-        fn_key = (*key, self.fuse_decode_write)
+        fn_key = (decode, greedy, shape, self.fuse_decode_write)
         if fn_key not in self._fns:
             self._fns[fn_key] = _jitted_step(self.config, self.backend, decode, greedy, shape, self.window,
                                              self.fuse_decode_write)
-            self.compiled.add((self.backend, *key))
+            self.compiled.add(self._compiled_key(decode, greedy, shape, None))
         return self._fns[fn_key]
 
     @staticmethod
@@ -348,7 +353,7 @@ class StepRunner:
         if key not in self._fns:
             self._fns[key] = _jitted_decode_steps(self.config, self.backend, greedy, shape, self.window,
                                                   self.fuse_decode_write, num_steps, self.block_size)  # fmt: skip
-            self.compiled.add((self.backend, "steps", greedy, shape, num_steps))
+            self.compiled.add(self._compiled_key(True, greedy, shape, num_steps))
         return self._fns[key]
 
     def run_decode_steps(self, pools: KVPools, inputs: StepInputs, prev_tokens: jax.Array | None, *,
@@ -362,9 +367,7 @@ class StepRunner:
 
     def is_compiled(self, inputs: StepInputs, *, decode: bool, greedy: bool, num_steps: int | None = None) -> bool:
         """Whether this runner already runs the step (or the multi-step decode, num_steps) of `inputs`' shape."""
-        shape = self._shape(inputs)
-        key = ("steps", greedy, shape, num_steps) if num_steps is not None else (decode, greedy, shape)
-        return (self.backend, *key) in self.compiled
+        return self._compiled_key(decode, greedy, self._shape(inputs), num_steps) in self.compiled
 
     def function(self, inputs: StepInputs, *, decode: bool, greedy: bool, num_steps: int | None = None):
         """The jitted step (num_steps: the multi-step decode) for `inputs`' shape, made on first use; called as

@@ -128,8 +128,6 @@ def drive_online(eng, reqs, arrivals) -> dict:
             **{f"online_{k}": v for k, v in latency_stats(final, ids).items()}}  # fmt: skip
 
 
-
-
 def poisson_arrivals(n: int, rate: float, seed: int = 1) -> list[float]:
     """Arrival offsets (s) of n requests at `rate` per second, exponential gaps, seeded."""
     return np.cumsum(np.random.default_rng(seed).exponential(1 / rate, n)).tolist()

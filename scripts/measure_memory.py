@@ -9,37 +9,36 @@ For each (model, KV dtype, budget) a child process caps JAX's allocator at the p
 region, so the allocator cannot fragment by growing; `full` = the whole card), builds the engine's
 pools from the plan, and runs the largest steps the plan promises on the engine's own jitted step functions:
 the plan's prefill step (its padded positions, in rows of up to max_seq_len tokens) and decode steps at the
-planned maximum batch (at 128 tokens and at the maximum length), with the sampling path on (the sampler's sort is the widest workspace). It reads
-`memory_stats()` after each stage and the card's used memory (nvidia-smi) at the end.
+planned maximum batch (at 128 tokens and at the maximum length), with the sampling path on (the sampler's sort
+is the widest workspace). It reads `memory_stats()` after each stage and the card's used memory (nvidia-smi) at the end.
 
-Measured terms: parameters = bytes_in_use after loading; KV pool = growth when the pools are allocated;
-activation = peak_bytes_in_use - parameters - pool; outside JAX's pool = the process's device memory
-(nvidia-smi) - the allocator's pool (CUDA context, loaded kernels, cuBLAS/cuDNN handles). Measured peak =
-peak_bytes_in_use + outside-pool bytes: everything the process used on the card. (With a preallocated pool,
-nvidia-smi alone always shows the cap, whatever the process really uses.) The measured activation reads above what
-the steps need: XLA's GEMM autotuner takes free memory opportunistically while it compiles (an H200 run: +1,722 MiB
-with the card free for a step that compiled and ran with 1,580 MiB free under the cap); `measure_workspace.py --free` measures the need,
+Measured terms: parameters = bytes_in_use after loading; KV pool = growth when the pools are allocated; activation =
+peak_bytes_in_use - parameters - pool; outside JAX's pool = the process's device memory (nvidia-smi) - the
+allocator's pool (CUDA context, loaded kernels, cuBLAS/cuDNN handles). Measured peak = peak_bytes_in_use +
+outside-pool bytes: everything the process used on the card. (With a preallocated pool, nvidia-smi alone always
+shows the cap, whatever the process really uses.) The measured activation reads above what the steps need: XLA's
+GEMM autotuner takes free memory opportunistically while it compiles (an H200 run: +1,722 MiB with the card free for
+a step that compiled and ran with 1,580 MiB free under the cap); `measure_workspace.py --free` measures the need,
 and the real-maximum search below is the test that counts.
 
 Real maximum batch. The plan's maximum batch (`plan.max_num_seqs`) is the largest decode batch B whose own step
 workspace still leaves room for a KV pool of B sequences at the shortest listed length (`per_short` blocks each,
-plus the null block). The search measures exactly that. A candidate B runs in a fresh process under the same cap:
-an engine of exactly B * per_short + 1 blocks and max_num_seqs=B, a decode step of B rows (exactly B, not bucketed:
-the engine pads to min(bucket(rows), max_num_seqs)) at the shortest length with sampling on, each row on its own
-blocks, then the plan's prefill chunk. B fits when both compile and run; any exception counts as not fitting and is
-recorded (type and first 200 characters; `oom` says whether it reads as running out of memory). Starting at the
-plan's B (which must fit), the next candidate is `first_step` (one sequence above the plan's own arithmetic: the
-plan is calibrated to the card, so this failing proves it exact), then B gallops up from the plan (B + 2, B + 4,
-B + 8, ..., each step at most 1 %, ROW_GROWTH) until a candidate fails, then bisects to the exact largest B that fits; if the plan's B does not fit (the plan
-over-promised), it gallops down (B - 1, B - 2, B - 4, ...) to a fit and bisects. A candidate far above the
-threshold is slow to fail (the allocator waits on every allocation it refuses, and XLA's autotuner tries dozens:
-gpt2-xl at 1.25x the plan took 185 s on an H200), hence the small steps. At most
---max-tries candidates; the bounds are reported if the cap comes first. --parallel N runs up to N candidates side
-by side per round (as many as the card holds at the budget; N=1, the default, is the rule above): the plan with
-the first step, then N growth steps, then N points splitting the gap. `formula` is the largest B the plan's own
-arithmetic allows, computed here independently of make_plan's solve as a cross-check (they agree since the solve
-bisects; before that it settled below: 3,891 vs 3,924 for gpt2 at 24 GB), so real - planned is the memory model's
-margin alone.
+plus the null block). The search measures exactly that. A candidate B runs in a fresh process under the same cap: an
+engine of exactly B * per_short + 1 blocks and max_num_seqs=B, a decode step of B rows (exactly B, not bucketed: the
+engine pads to min(bucket(rows), max_num_seqs)) at the shortest length with sampling on, each row on its own blocks,
+then the plan's prefill step. B fits when both compile and run; any exception counts as not fitting and is recorded
+(type and first 200 characters; `oom` says whether it reads as running out of memory). Starting at the plan's B
+(which must fit), the next candidate is `first_step` (one sequence above the plan's own arithmetic: the plan is
+calibrated to the card, so this failing proves it exact), then B gallops up from the plan (B + 2, B + 4, B + 8, ...,
+each step at most 1 %, ROW_GROWTH) until a candidate fails, then bisects to the exact largest B that fits; if the
+plan's B does not fit (the plan over-promised), it gallops down (B - 1, B - 2, B - 4, ...) to a fit and bisects. A
+candidate far above the threshold is slow to fail (the allocator waits on every allocation it refuses, and XLA's
+autotuner tries dozens: gpt2-xl at 1.25x the plan took 185 s on an H200), hence the small steps. At most --max-tries
+candidates; the bounds are reported if the cap comes first. --parallel N runs up to N candidates side by side per
+round (as many as the card holds at the budget; N=1, the default, is the rule above): the plan with the first step,
+then N growth steps, then N points splitting the gap. `formula` is the largest B the plan's own arithmetic allows,
+computed here independently of make_plan's solve as a cross-check (they agree since the solve bisects; before that
+it settled below: 3,891 vs 3,924 for gpt2 at 24 GB), so real - planned is the memory model's margin alone.
 
 Why a process per candidate: a step that runs out of memory mid-execution leaves its buffers allocated inside
 XLA (on an H200, bytes_in_use stayed a logits buffer higher after gc and jax.clear_caches), and XLA's autotuner
@@ -656,8 +655,8 @@ def main() -> None:
                 print(f"{model:12s} {kv:9s} {budget:5s} peak plan {p['peak'] / 2**30:6.2f} GiB meas "
                       f"{q['peak'] / 2**30:6.2f} GiB ({100 * (p['peak'] / q['peak'] - 1):+.1f}%)  "
                       f"[{time.time() - t0:.0f}s]", flush=True)  # fmt: skip
-                print(f"  this machine's reserve: plan.py --reserve {math.ceil(measured_reserve(q['reserve']) / 2**20)}MiB",
-                      flush=True)  # fmt: skip
+                mib = math.ceil(measured_reserve(q["reserve"]) / 2**20)
+                print(f"  this machine's reserve: plan.py --reserve {mib}MiB", flush=True)
                 if args.max_tries < 1:
                     continue
                 width = parallel_width(args.parallel, hbm * args.utilization, total)
