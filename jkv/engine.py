@@ -36,7 +36,9 @@ from planner.kv_layout import blocks_for_tokens, kv_dtype as planner_kv_dtype, k
 from planner.memory import PREFILL_MIN_CHUNK, padded_prefill_tokens
 
 MIN_CHUNK = PREFILL_MIN_CHUNK  # smallest prefill chunk bucket
-GENERATE_DECODE_STEPS = 8  # `generate()`'s default multi-step decode (H200, gpt2 batch 32: ~2x per decode step)
+# `generate()`'s default multi-step decode: 16 steps per round kept the GPU < 2 % idle on every host measured (gpt2
+# batch 32, 5 hosts), where 8 steps left 12-17 % idle on the slower hosts (docs/benchmarks.md).
+GENERATE_DECODE_STEPS = 16
 
 
 @dataclass
@@ -911,7 +913,7 @@ def generate(model, prompts: Seq[str | Seq[int]], sampling: SamplingParams | Non
 
     A prompt that is bad input (empty, too long, can never fit) gets an output with `.error` set and no tokens;
     the other prompts are served normally. Offline generation wants throughput, not per-token latency, so the
-    engine runs multi-step decode (`decode_steps=8`) unless `engine_options` say otherwise.
+    engine runs multi-step decode (`decode_steps=16`) unless `engine_options` say otherwise.
     """
     sampling = sampling or SamplingParams()
     engine = Engine(model, **({"decode_steps": GENERATE_DECODE_STEPS} | engine_options))

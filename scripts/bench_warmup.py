@@ -2,9 +2,12 @@
 """How long `Engine.warmup()` takes, compiling one shape at a time against several at once; a fresh process each.
 
     python scripts/bench_warmup.py [--model gpt2] [--batch 4] [--max-seq-len 256] [--decode-steps 8] [--threads 8,1]
+        [--compile-cache DIR]
 
 Each --threads value runs in its own process, so nothing is compiled before its warm-up (JAX's persistent cache
-is off). The child builds a random-weight bfloat16 engine (max_num_seqs=--batch, contexts up to --max-seq-len),
+is off). With --compile-cache, every child passes `Engine(compile_cache_dir=DIR)`: the first child fills the
+cache and the later ones measure a restart that loads the compiled steps from disk (`--threads 8,8`); each row
+counts the executables loaded from the cache. The child builds a random-weight bfloat16 engine (max_num_seqs=--batch, contexts up to --max-seq-len),
 times `warmup(greedy=True, threads=N)`, then serves a seeded mixed workload (3 x --batch requests, arriving two
 engine steps apart, so the batch varies) and counts the XLA compilations made while serving: 0 means the warm-up
 covered every shape. The children's greedy tokens must agree (parallel compilation must not change a result).
@@ -25,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 
 
 def child(args) -> dict:
@@ -40,13 +44,16 @@ def child(args) -> dict:
     bs = 16
     eng = jkv.Engine(model, num_blocks=args.batch * -(-args.max_seq_len // bs) + 1, block_size=bs,
                      max_num_seqs=args.batch, max_seq_len=args.max_seq_len, max_num_batched_tokens=2048,
-                     enable_prefix_caching=False, decode_steps=args.decode_steps)  # fmt: skip
+                     enable_prefix_caching=False, decode_steps=args.decode_steps,
+                     compile_cache_dir=args.compile_cache)  # fmt: skip
     compiles: list[float] = []
+    hits: list[str] = []
     jax.monitoring.register_event_duration_secs_listener(
         lambda event, duration, **_: compiles.append(duration) if event == COMPILE_EVENT else None
     )
+    jax.monitoring.register_event_listener(lambda event, **_: hits.append(event) if event == CACHE_HIT_EVENT else None)
     report = eng.warmup(greedy=True, threads=args.child)
-    warm_compiles = len(compiles)
+    warm_compiles, warm_hits = len(compiles), len(hits)
     rng = np.random.default_rng(0)
     reqs = []
     for _ in range(3 * args.batch):
@@ -62,9 +69,12 @@ def child(args) -> dict:
                 final[out.request_id] = out.token_ids
         step += 1
     digest = hashlib.sha256(json.dumps([final[f"r{i}"] for i in range(len(reqs))]).encode()).hexdigest()[:16]
+    # JAX reports a compile event for an executable loaded from the persistent cache too: those are not compiles.
     return {"threads": args.child, "shapes": report["shapes"], "warmup_s": report["seconds"],
-            "parallel_failures": report["parallel_failures"], "compiles_in_warmup": warm_compiles,
-            "compiles_while_serving": len(compiles) - warm_compiles, "serve_s": time.perf_counter() - t0,
+            "parallel_failures": report["parallel_failures"], "compiles_in_warmup": warm_compiles - warm_hits,
+            "compiles_while_serving": len(compiles) - warm_compiles - (len(hits) - warm_hits),
+            "serve_s": time.perf_counter() - t0,
+            "cache_loads_in_warmup": warm_hits, "compile_cache": args.compile_cache,
             "tokens_sha256": digest, "device": jax.devices()[0].device_kind, "jax": jax.__version__}  # fmt: skip
 
 
@@ -75,6 +85,9 @@ def main() -> None:
     ap.add_argument("--max-seq-len", type=int, default=256)
     ap.add_argument("--decode-steps", type=int, default=8)
     ap.add_argument("--threads", default="8,1", help="a comma list; each runs in a fresh process")
+    ap.add_argument("--compile-cache", default=None, metavar="DIR",
+                    help="every child keeps its compiled steps in JAX's persistent cache here (rows after the first "
+                         "measure a restart)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -90,6 +103,8 @@ def main() -> None:
     rows = []
     base = [sys.executable, __file__, "--model", args.model, "--batch", str(args.batch), "--max-seq-len",
             str(args.max_seq_len), "--decode-steps", str(args.decode_steps)]  # fmt: skip
+    if args.compile_cache:
+        base += ["--compile-cache", args.compile_cache]
     for t in counts:
         proc = subprocess.run([*base, "--child", str(t)], capture_output=True, text=True, env=dict(os.environ),
                               check=False)  # fmt: skip
@@ -103,12 +118,13 @@ def main() -> None:
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
     print(f"{rows[0]['device']}, JAX {rows[0]['jax']}: {args.model}, batch {args.batch}, contexts <= "
-          f"{args.max_seq_len}, decode_steps {args.decode_steps}; tokens equal across rows")
-    heads = ("threads", "shapes", "warm-up s", "XLA compiles", "while serving", "failed")
-    print(" ".join(f"{h:>{w}s}" for h, w in zip(heads, (7, 6, 9, 12, 13, 6), strict=True)))
+          f"{args.max_seq_len}, decode_steps {args.decode_steps}; tokens equal across rows"
+          + (f"; persistent compilation cache {args.compile_cache}" if args.compile_cache else ""))
+    heads = ("threads", "shapes", "warm-up s", "XLA compiles", "cache loads", "while serving", "failed")
+    print(" ".join(f"{h:>{w}s}" for h, w in zip(heads, (7, 6, 9, 12, 11, 13, 6), strict=True)))
     for r in rows:
         print(f"{r['threads']:7d} {r['shapes']:6d} {r['warmup_s']:9.1f} {r['compiles_in_warmup']:12d} "
-              f"{r['compiles_while_serving']:13d} {r['parallel_failures']:6d}")
+              f"{r['cache_loads_in_warmup']:11d} {r['compiles_while_serving']:13d} {r['parallel_failures']:6d}")
 
 
 if __name__ == "__main__":

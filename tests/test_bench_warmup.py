@@ -32,3 +32,17 @@ def test_bad_thread_list_is_one_clear_line():
                           env={"JAX_PLATFORMS": "cpu", "PATH": ""}, timeout=120, check=False)  # fmt: skip
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1] == "--threads 8,x: give positive integers, e.g. 8,1."
+
+
+def test_compile_cache_row_loads_every_step_instead_of_compiling(tmp_path):
+    # the first child fills the persistent cache; the second, a fresh process, loads each executable from it
+    out, cache = tmp_path / "rows.json", tmp_path / "xla-cache"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--model", str(TINY), "--batch", "2", "--max-seq-len", "32",
+                           "--decode-steps", "2", "--threads", "2,2", "--compile-cache", str(cache), "--out", str(out)],
+                          capture_output=True, text=True, env={"JAX_PLATFORMS": "cpu", "PATH": ""}, timeout=600,
+                          check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cold, warm = json.loads(out.read_text())
+    assert cold["cache_loads_in_warmup"] == 0 and cold["compiles_in_warmup"] >= cold["shapes"]
+    assert warm["compiles_in_warmup"] == 0 and warm["cache_loads_in_warmup"] == cold["compiles_in_warmup"]
+    assert warm["compiles_while_serving"] == 0 and warm["tokens_sha256"] == cold["tokens_sha256"]

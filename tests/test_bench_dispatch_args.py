@@ -1,0 +1,37 @@
+"""scripts/bench_dispatch_args.py on the CPU: one row per (arguments, donated) pair, each result checked first."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "bench_dispatch_args.py"
+
+
+def test_rows_per_argument_count_and_donation():
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--counts", "1,8", "--donate", "0,4", "--calls", "5"],
+                          capture_output=True, text=True, env={"JAX_PLATFORMS": "cpu", "PATH": ""}, timeout=300,
+                          check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [ln.split() for ln in proc.stdout.splitlines()[2:]]
+    # the donated count is capped at the argument count: (1, 0), (1, 1), (8, 0), (8, 4)
+    assert [(int(r[0]), int(r[1])) for r in rows] == [(1, 0), (1, 1), (8, 0), (8, 4)]
+    assert all(float(r[2]) > 0 for r in rows)
+
+
+def test_wrong_sum_is_caught(monkeypatch):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_dispatch_args as bda
+
+    def broken(n, donate):  # a function that drops its last array: the check before timing must refuse it
+        import jax
+
+        return jax.jit(lambda *a: (sum(x[0] for x in a[:-1]), tuple(x + 1.0 for x in a[:donate])))
+
+    monkeypatch.setattr(bda, "make_fn", broken)
+    try:
+        bda.time_dispatch(3, 0, 2)
+    except SystemExit as e:
+        assert "wrong result" in str(e)
+    else:
+        raise AssertionError("a wrong result was timed")
