@@ -20,9 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import numpy as np
 
 
 def make_fn(n: int, donate: int):
@@ -58,10 +57,14 @@ def time_dispatch(n: int, donate: int, calls: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--counts", default="1,24,172,344", help="argument counts to time")
-    ap.add_argument("--donate", default="0,24", help="how many of the arguments are donated (capped at the count)")
+    ap.add_argument(
+        "--donate", default="0,24", help="how many of the arguments are donated (capped at the count)"
+    )
     ap.add_argument("--calls", type=int, default=200)
     args = ap.parse_args()
-    print(f"{jax.devices()[0].device_kind}, JAX {jax.__version__}: median time a call holds the calling thread")
+    print(
+        f"{jax.devices()[0].device_kind}, JAX {jax.__version__}: median time a call holds the calling thread"
+    )
     print(f"{'arguments':>9s} {'donated':>7s} {'us per call':>11s} {'us per argument':>15s}")
     for n in (int(c) for c in args.counts.split(",")):
         for d in sorted({min(int(x), n) for x in args.donate.split(",")}):
