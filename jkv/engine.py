@@ -36,8 +36,8 @@ from planner.kv_layout import blocks_for_tokens, kv_dtype as planner_kv_dtype, k
 from planner.memory import PREFILL_MIN_CHUNK, padded_prefill_tokens
 
 MIN_CHUNK = PREFILL_MIN_CHUNK  # smallest prefill chunk bucket
-# `generate()`'s default multi-step decode: 16 steps per round kept the GPU < 2 % idle on every host measured (gpt2
-# batch 32, 5 hosts), where 8 steps left 12-17 % idle on the slower hosts (docs/benchmarks.md).
+# `generate()`'s default multi-step decode: 16 steps per round kept the GPU < 2 % idle on the three hosts where it
+# was measured (gpt2 batch 32), where 8 steps left 12-17 % idle on three slower hosts of five (docs/benchmarks.md).
 GENERATE_DECODE_STEPS = 16
 
 
