@@ -5,12 +5,14 @@
         [--compile-cache DIR]
 
 Each --threads value runs in its own process, so nothing is compiled before its warm-up (JAX's persistent cache
-is off). With --compile-cache, every child passes `Engine(compile_cache_dir=DIR)`: the first child fills the
-cache and the later ones measure a restart that loads the compiled steps from disk (`--threads 8,8`); each row
-counts the executables loaded from the cache. The child builds a random-weight bfloat16 engine (max_num_seqs=--batch, contexts up to --max-seq-len),
+is off). The child builds a random-weight bfloat16 engine (max_num_seqs=--batch, contexts up to --max-seq-len),
 times `warmup(greedy=True, threads=N)`, then serves a seeded mixed workload (3 x --batch requests, arriving two
 engine steps apart, so the batch varies) and counts the XLA compilations made while serving: 0 means the warm-up
 covered every shape. The children's greedy tokens must agree (parallel compilation must not change a result).
+
+With --compile-cache DIR every child passes `Engine(compile_cache_dir=DIR)`: the first child fills the cache and
+the later ones measure a restart that loads the compiled steps from disk (`--threads 8,8`); each row counts the
+executables loaded from the cache.
 Prints one row per thread count; --out writes the rows as JSON.
 """
 
