@@ -294,9 +294,9 @@ def main() -> None:
     ap.add_argument("--skip-memory-matched", action="store_true", help="only the paged run at --batch")
     ap.add_argument("--fixed-lengths", default=None, metavar="PROMPT,OUTPUT",
                     help="all requests this long instead of the log-normal mix (few compiled shapes: large models)")
-    ap.add_argument("--decode-steps", default="8",
-                    help="decode steps per device call (Engine(decode_steps=...)); a comma list times each at "
-                         "--batch (the first also runs the memory-matched row)")  # fmt: skip
+    ap.add_argument("--decode-steps", default=str(jkv.engine.GENERATE_DECODE_STEPS),
+                    help="decode steps per device call (Engine(decode_steps=...); default: jkv.generate's); a comma "
+                         "list times each at --batch (the first also runs the memory-matched row)")  # fmt: skip
     ap.add_argument("--single-step-row", action="store_true",
                     help="also time the paged engine at --batch with one decode step per device call")
     ap.add_argument("--unfused-row", action="store_true",
