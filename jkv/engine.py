@@ -36,6 +36,7 @@ from planner.kv_layout import blocks_for_tokens, kv_dtype as planner_kv_dtype, k
 from planner.memory import PREFILL_MIN_CHUNK, padded_prefill_tokens
 
 MIN_CHUNK = PREFILL_MIN_CHUNK  # smallest prefill chunk bucket
+SWAP_STAGING_BYTES = 64 * 2**20  # most KV bytes one swap call gathers or scatters on the device
 # `generate()`'s default multi-step decode: 16 steps per round kept the GPU < 2 % idle on the three hosts where it
 # was measured (gpt2 batch 32), where 8 steps left 12-17 % idle on three slower hosts of five (docs/benchmarks.md).
 GENERATE_DECODE_STEPS = 16
@@ -232,6 +233,9 @@ class Engine:
         self.host_pools: KVPools | None = None  # swap space in host memory, laid out like the pools
         if swap_blocks:
             self.host_pools = jax.tree.map(lambda a: np.zeros((swap_blocks, *a.shape[1:]), a.dtype), self.pools)
+        # blocks per swap call: a power of two, at most one longest sequence's blocks and SWAP_STAGING_BYTES
+        self.swap_chunk = min(bucket(blocks_for_tokens(self.max_seq_len, block_size)),
+                              1 << max(0, (SWAP_STAGING_BYTES // self.bytes_per_block).bit_length() - 1))  # fmt: skip
         self.tokenizer = tokenizer if tokenizer is not None else self._default_tokenizer()
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
@@ -390,18 +394,38 @@ class Engine:
             if kind == "cow":
                 self._copy_blocks([s for s, _ in arg], [d for _, d in arg])
             elif kind == "swap_out":
-                dev = list(arg.keys())
-                host = list(arg.values())
-                data = jax.device_get(gather_blocks(self.pools, jnp.asarray(dev, jnp.int32)))
-                for h_arr, d_arr in zip(jax.tree.leaves(self.host_pools), jax.tree.leaves(data)):
-                    h_arr[host] = d_arr
+                self._swap_out(list(arg.keys()), list(arg.values()))
             elif kind == "swap_in":
-                host = np.asarray(list(arg.keys()))
-                dev = list(arg.values())
-                contents = jax.tree.map(lambda a, idx=host: jnp.asarray(a[idx]), self.host_pools)
-                self.pools = scatter_blocks(self.pools, jnp.asarray(dev, jnp.int32), contents)
+                self._swap_in(list(arg.keys()), list(arg.values()))
             else:  # pragma: no cover - internal
                 raise AssertionError(kind)
+
+    # Swapping moves blocks in calls of at most swap_chunk blocks, each padded to a power of two with the null
+    # block (one compiled shape per bucket, which warmup() covers; a call's staging copy on the device stays
+    # within SWAP_STAGING_BYTES, whatever a request holds).
+    def _swap_pieces(self, n: int) -> Iterator[tuple[int, int, int]]:
+        """(start, stop, padded size) of each swap call moving n blocks."""
+        for start in range(0, n, self.swap_chunk):
+            stop = min(n, start + self.swap_chunk)
+            yield start, stop, bucket(stop - start)
+
+    def _swap_out(self, dev: list[int], host: list[int]) -> None:
+        """Copy device blocks `dev` to host blocks `host` (same order)."""
+        leaves = jax.tree.leaves(self.host_pools)
+        for start, stop, size in self._swap_pieces(len(dev)):
+            ids = dev[start:stop] + [0] * (size - (stop - start))
+            data = jax.device_get(gather_blocks(self.pools, jnp.asarray(ids, jnp.int32)))
+            for h_arr, d_arr in zip(leaves, jax.tree.leaves(data)):
+                h_arr[host[start:stop]] = d_arr[: stop - start]
+
+    def _swap_in(self, host: list[int], dev: list[int]) -> None:
+        """Copy host blocks `host` back to device blocks `dev` (same order); padding writes the null block."""
+        for start, stop, size in self._swap_pieces(len(dev)):
+            pad = size - (stop - start)
+            idx = np.asarray(host[start:stop] + [host[start]] * pad)
+            contents = jax.tree.map(lambda a, idx=idx: jnp.asarray(a[idx]), self.host_pools)
+            ids = jnp.asarray(dev[start:stop] + [0] * pad, jnp.int32)
+            self.pools = scatter_blocks(self.pools, ids, contents)
 
     def _copy_blocks(self, src: list[int], dst: list[int]) -> None:
         """Copy-on-write copies, padded to a power of two with null-block-to-itself copies (one compiled shape
@@ -473,10 +497,10 @@ class Engine:
 
         Each shape runs once on padding rows only: they attend over nothing and write only the null block, so
         the pools' contents are untouched, and XLA compiles and autotunes the step exactly as a real one would.
-        Copy-on-write copies are warmed for every bucket up to max_num_seqs. Shapes already compiled are
-        skipped. greedy: None warms both the greedy and the sampling variants. Swapping (preemption to host
-        memory) still compiles on first use. With `compile_cache_dir` set, a later process loads the
-        executables from disk instead.
+        Copy-on-write copies are warmed for every bucket up to max_num_seqs, and with swap space
+        (`swap_blocks`) the swap-out and swap-in calls for every bucket up to `swap_chunk` blocks. Shapes
+        already compiled are skipped. greedy: None warms both the greedy and the sampling variants. With
+        `compile_cache_dir` set, a later process loads the executables from disk instead.
 
         threads: compile this many shapes at a time first (default on a GPU: up to 8, one per CPU core; 1
         elsewhere); XLA compiles on the calling thread, so one thread per shape overlaps their compilations.
@@ -525,6 +549,10 @@ class Engine:
         self._tokens = buf
         for n in sorted({bucket(n) for n in range(1, self.scheduler.max_num_seqs + 1)}):
             self._copy_blocks([0] * n, [0] * n)
+        if self.host_pools is not None:  # every swap call size: the null block to host block 0 (idle: nothing
+            for n in sorted({bucket(n) for n in range(1, self.swap_chunk + 1)}):  # is swapped out) and back
+                self._swap_out([0] * n, [0] * n)
+                self._swap_in([0] * n, [0] * n)
         jax.block_until_ready(self.pools)
         return {"shapes": len(self.runner.compiled) - before, "seconds": time.perf_counter() - t0,
                 "parallel_failures": failures}  # fmt: skip

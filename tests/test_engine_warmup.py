@@ -160,3 +160,50 @@ def test_pallas_prefill_takes_one_width(model):
     assert len({shape[2] for kind, _, shape in ref.step_shapes() if kind == "prefill"}) > 1
     decode_widths = {shape[2] for kind, _, shape in eng.step_shapes() if kind == "decode"}
     assert decode_widths == {1, 2, 4, 8}  # decode keeps tight widths: its kernel splits work by them
+
+
+def swap_workload(model):
+    """Requests that outgrow a small pool: the engine swaps sequences out and back in, with varying block counts."""
+    rng = np.random.default_rng(1)  # with 18 blocks: swaps of 3 and 5 blocks (not powers of two)
+    return [(rng.integers(0, model.config.vocab_size, int(rng.integers(3, 40))).tolist(), int(rng.integers(8, 24)))
+            for _ in range(10)]  # fmt: skip
+
+
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_swapping_is_warmed_and_chunked(model, chunk):
+    # after warmup() a swap-heavy workload compiles nothing (any block count moves in power-of-two calls of at
+    # most swap_chunk blocks), and the tokens are the dense reference's; chunk 2 splits every swap into pieces
+    # (the 3- and 5-block swaps into 2 + 1 and 2 + 2 + 1)
+    opts = SMALL | {"num_blocks": 18, "max_num_seqs": 4, "preemption_mode": "swap", "swap_blocks": 64}
+    eng = jkv.Engine(model, **opts)
+    if chunk:
+        eng.swap_chunk = chunk
+    eng.warmup(greedy=True)
+    reqs = swap_workload(model)
+    events, stop = backend_compiles()
+    try:
+        got = serve(eng, reqs, arrive_every=1)
+    finally:
+        stop()
+    stats = eng.stats()
+    assert stats.preemptions_swap > 0 and stats.swap_bytes > 0
+    assert events == [], f"{len(events)} compilations while serving"
+    assert got == reference(model, reqs)
+    assert stats.blocks_used == 0
+
+
+def test_swap_chunk_is_a_bounded_power_of_two(model):
+    eng = jkv.Engine(model, **(SMALL | {"preemption_mode": "swap", "swap_blocks": 8}))
+    per_seq = -(-SMALL["max_seq_len"] // SMALL["block_size"])  # 8 blocks hold the longest sequence
+    assert eng.swap_chunk == per_seq
+    from jkv import engine as engine_mod
+
+    # the staging bound: larger blocks (or a smaller bound) leave room for fewer blocks per call
+
+    assert eng.swap_chunk * eng.bytes_per_block <= engine_mod.SWAP_STAGING_BYTES
+    old = engine_mod.SWAP_STAGING_BYTES
+    try:
+        engine_mod.SWAP_STAGING_BYTES = 3 * eng.bytes_per_block
+        assert jkv.Engine(model, **(SMALL | {"preemption_mode": "swap", "swap_blocks": 8})).swap_chunk == 2
+    finally:
+        engine_mod.SWAP_STAGING_BYTES = old
