@@ -17,7 +17,7 @@ import dataclasses
 import itertools
 import os
 import time
-from collections.abc import Iterator, Sequence as Seq
+from collections.abc import Callable, Iterator, Sequence as Seq
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -490,7 +490,8 @@ class Engine:
             shapes += [("prefill", g, shape) for shape in prefill]
         return shapes
 
-    def warmup(self, greedy: bool | None = None, threads: int | None = None) -> dict:
+    def warmup(self, greedy: bool | None = None, threads: int | None = None,
+               progress: Callable[[int, int], None] | None = None) -> dict:  # fmt: skip
         """Compile every step shape this engine can meet (`step_shapes`) before serving, so that no request
         waits while XLA compiles a new batch shape (seconds per shape on a GPU: an online stream meets new
         shapes for a long time, as arrivals vary the batch).
@@ -507,12 +508,18 @@ class Engine:
         The runs that follow find the executables compiled. A shape whose compilation fails in parallel (say,
         the GEMM autotuner found no free memory beside the others) compiles again alone in its run, as it
         would without threads.
+        progress: called as progress(done, total) on the calling thread each time a shape is compiled (with
+        threads, as each thread's compilation comes back, in the list's order), so a caller can show how far a
+        warm-up of minutes has got.
         Returns {"shapes": steps compiled now, "seconds": wall time, "parallel_failures": that count}.
         """
         if self.has_unfinished():
             raise RuntimeError("warmup() runs on an idle engine: call it before adding requests or after they finish.")
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise ValueError(f"threads={threads!r} must be a positive integer (1: compile one shape at a time).")
+        if progress is not None and not callable(progress):
+            raise ValueError(f"progress={progress!r} must be a function of (done, total) or None.")
+        report = progress or (lambda done, total: None)
         t0 = time.perf_counter()
         before = len(self.runner.compiled)
         r, buf = self.runner, self._tokens
@@ -539,13 +546,18 @@ class Engine:
                     return False
 
             with ThreadPoolExecutor(threads) as pool:
-                failures = sum(not ok for ok in pool.map(compile_one, jobs))
-        for x, call in todo:
+                for i, ok in enumerate(pool.map(compile_one, jobs)):
+                    failures += not ok
+                    report(i + 1, len(todo))
+        serial = threads <= 1 or len(todo) <= 1
+        for i, (x, call) in enumerate(todo):
             if call["num_steps"] is not None:
                 _, self.pools, buf = r.run_decode_steps(self.pools, x, buf, num_steps=call["num_steps"],
                                                         greedy=call["greedy"])  # fmt: skip
             else:
                 _, _, self.pools, buf = r.run_step(self.pools, x, buf, decode=call["decode"], greedy=call["greedy"])
+            if serial:
+                report(i + 1, len(todo))
         self._tokens = buf
         for n in sorted({bucket(n) for n in range(1, self.scheduler.max_num_seqs + 1)}):
             self._copy_blocks([0] * n, [0] * n)

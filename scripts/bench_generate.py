@@ -283,6 +283,12 @@ def check_correct(model, block_size):
         raise SystemExit(f"paged engine disagrees with the dense reference: {ok}")
 
 
+def warmup_progress(done: int, total: int) -> None:
+    """Engine.warmup()'s progress on stderr, about every tenth of the shapes (a warm-up can take minutes)."""
+    if done % max(1, total // 10) == 0 or done == total:
+        print(f"  warm-up: {done}/{total} step shapes compiled", file=sys.stderr, flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="gpt2")
@@ -361,7 +367,8 @@ def main() -> None:
     for name, cap, fused, ksteps in configs:
         eng = run_paged(model, max_num_seqs=cap, num_blocks=blocks, block_size=bs, decode_steps=ksteps, history=True,
                         fused_write=fused)  # fmt: skip
-        warmed = eng.warmup(greedy=True)  # every step shape compiled before anything is timed (online included)
+        # every step shape compiled before anything is timed (online included)
+        warmed = eng.warmup(greedy=True, progress=warmup_progress)
         drive(eng, warm)
         eng.history.clear()
         wall, steps, drows, dsteps, final, _ = drive(eng, reqs)

@@ -207,3 +207,22 @@ def test_swap_chunk_is_a_bounded_power_of_two(model):
         assert jkv.Engine(model, **(SMALL | {"preemption_mode": "swap", "swap_blocks": 8})).swap_chunk == 2
     finally:
         engine_mod.SWAP_STAGING_BYTES = old
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_progress_reports_every_shape_in_order(model, threads):
+    eng = jkv.Engine(model, decode_steps=2, **(SMALL | {"num_blocks": 35 + threads}))
+    seen = []
+    report = eng.warmup(greedy=True, threads=threads, progress=lambda done, total: seen.append((done, total)))
+    total = report["shapes"]
+    assert total > 10 and seen == [(i, total) for i in range(1, total + 1)]
+    seen.clear()
+    eng.warmup(greedy=True, progress=lambda done, total: seen.append((done, total)))
+    assert seen == []  # nothing left to compile, nothing reported
+
+
+def test_warmup_rejects_a_progress_that_is_not_callable(model):
+    eng = jkv.Engine(model, **SMALL)
+    with pytest.raises(ValueError, match="function of \\(done, total\\)"):
+        eng.warmup(progress=5)
+    assert eng.runner.compiled == set()  # refused before compiling anything
