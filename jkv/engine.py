@@ -359,11 +359,14 @@ class Engine:
         jax.effects_barrier()
 
     # The step ---------------------------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self, finished_only: bool = False) -> list[RequestOutput]:
         """Run one scheduling round and model step; returns the requests that produced tokens or finished.
 
         With async scheduling, the tokens a step samples are read (and reported) during the next call, after
-        that call has dispatched its own step; see the class docstring.
+        that call has dispatched its own step; see the class docstring. finished_only: report only the
+        requests that finished (or failed) in this step, for callers that do not stream (`run()`, offline
+        benchmarks): the others' outputs, a copy of every token so far per request and step, are not built.
+        Their metrics are stamped all the same (a first token's time is the step that first reads it).
         """
         sched = self.scheduler.schedule()
         self._run_ops(sched)
@@ -387,7 +390,13 @@ class Engine:
         self._step += 1
         if self.record_history:
             self.history.append(self._snapshot())
-        return [self._output(req) for req in sorted(touched.values(), key=lambda r: r.arrival)]
+        reqs = sorted(touched.values(), key=lambda r: r.arrival)
+        if finished_only:
+            for req in reqs:
+                if not req.finished and req.first_token_time is None and req.seqs and req.seqs[0].has_output():
+                    req.first_token_time = time.monotonic()  # as _metrics stamps it in a reported output
+            return [self._output(req) for req in reqs if req.finished]
+        return [self._output(req) for req in reqs]
 
     def _run_ops(self, sched: SchedulerOutput) -> None:
         for kind, arg in sched.ops:
@@ -940,9 +949,10 @@ class Engine:
             yield from self.step()
 
     def run(self) -> dict[str, RequestOutput]:
+        """Step until every request is done; each request's final output, by id (nothing streamed on the way)."""
         final: dict[str, RequestOutput] = {}
-        for out in self.stream():
-            if out.finished:
+        while self.has_unfinished():
+            for out in self.step(finished_only=True):
                 final[out.request_id] = out
         return final
 

@@ -61,6 +61,16 @@ class Sequence:
             out.append(self.pending)
         return out
 
+    def has_output(self) -> bool:
+        """Whether output_ids() would be non-empty, without building it (at least one generated token is known)."""
+        if self.pending is not None:
+            return True
+        toks = self.tokens
+        for i in range(self.num_prompt, len(toks)):  # placeholders trail: this returns at the first output token
+            if toks[i] != UNKNOWN_TOKEN:
+                return True
+        return False
+
     def drop_placeholders(self) -> None:
         """Forget the trailing slots of tokens still on the device (an aborted sequence keeps what it has)."""
         while len(self.tokens) > self.num_prompt and self.tokens[-1] == UNKNOWN_TOKEN:

@@ -86,7 +86,7 @@ def drive(eng, reqs, window: tuple[int, int] | None = None, trace: str | None = 
                 jax.profiler.start_trace(trace)
             w0 = time.perf_counter()
         s0 = time.perf_counter()
-        for out in eng.step():
+        for out in eng.step(finished_only=True):
             if out.finished:
                 final[out.request_id] = out
         step_times.append(time.perf_counter() - s0)
@@ -119,7 +119,7 @@ def drive_online(eng, reqs, arrivals) -> dict:
         if not eng.has_unfinished():
             time.sleep(max(0.0, due[nxt] - time.monotonic()))
             continue
-        for out in eng.step():
+        for out in eng.step(finished_only=True):
             if out.finished:
                 final[out.request_id] = out
     wall = time.monotonic() - t0

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Where the engine's host time goes: a cProfile of the engine loop on a model whose device work is tiny.
 
-    python scripts/profile_host.py [--layers 12] [--rows 32] [--requests 96] [--top 20] [--decode-steps K]
+    python scripts/profile_host.py [--layers 12] [--rows 32] [--requests 96] [--top 20] [--decode-steps K] [--outputs finished|all]
 
 The model has GPT-2's structure and argument count (12 layers: 148 parameter arrays, 24 pool arrays) but a width
 of 64 and a 512-token vocabulary, so the device side of a step is small and the host side (scheduling, block
@@ -35,13 +35,13 @@ from jkv.weights import random_params  # noqa: E402
 from planner.config import ModelConfig  # noqa: E402
 
 
-def drive(eng: jkv.Engine, reqs: list[tuple[list[int], int]]) -> int:
-    """Run the workload to the end; returns the number of engine steps."""
+def drive(eng: jkv.Engine, reqs: list[tuple[list[int], int]], finished_only: bool = True) -> int:
+    """Run the workload to the end (`step(finished_only=...)`); returns the number of engine steps."""
     for prompt, out_len in reqs:
         eng.add_request(prompt, jkv.SamplingParams(max_tokens=out_len, ignore_eos=True))
     steps = 0
     while eng.has_unfinished():
-        eng.step()
+        eng.step(finished_only=finished_only)
         steps += 1
     return steps
 
@@ -54,6 +54,9 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=20)
     ap.add_argument("--async-scheduling", choices=("on", "off"), default="on")
     ap.add_argument("--decode-steps", type=int, default=1, help="Engine(decode_steps=...): multi-step decode")
+    ap.add_argument("--outputs", choices=("finished", "all"), default="finished",
+                    help="step(finished_only=True) as run() and the benchmarks drive it, or every request's output "
+                         "each step (streaming)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore", message=".*random.*")
 
@@ -65,18 +68,19 @@ def main() -> None:
     eng = jkv.Engine(model, num_blocks=args.rows * 64 + 1, block_size=16, max_num_seqs=args.rows,
                      max_num_batched_tokens=2048, enable_prefix_caching=False,
                      async_scheduling=args.async_scheduling == "on", decode_steps=args.decode_steps)  # fmt: skip
-    drive(eng, reqs)  # compiles every step shape
+    fin = args.outputs == "finished"
+    drive(eng, reqs, fin)  # compiles every step shape
     t0 = time.perf_counter()
-    steps = drive(eng, reqs)
+    steps = drive(eng, reqs, fin)
     per_step = (time.perf_counter() - t0) / steps
     prof = cProfile.Profile()
     prof.enable()
-    drive(eng, reqs)
+    drive(eng, reqs, fin)
     prof.disable()
 
     tokens = sum(o for _, o in reqs)
     print(f"{jax.devices()[0].device_kind}: {args.layers} layers, <= {args.rows} rows, {args.requests} requests, "
-          f"async {args.async_scheduling}, decode_steps {args.decode_steps}: {steps} steps, "
+          f"async {args.async_scheduling}, decode_steps {args.decode_steps}, outputs {args.outputs}: {steps} steps, "
           f"{1e3 * per_step:.3f} ms per step, {1e6 * per_step * steps / tokens:.1f} us per output token (untraced)")  # fmt: skip
     stats = pstats.Stats(prof)
     rows = []

@@ -75,3 +75,34 @@ def test_generate_returns_metrics(model):
         m = o.metrics
         assert m.num_output_tokens == 3
         assert t0 <= m.arrival_time <= m.first_token_time <= m.finish_time <= time.monotonic()
+
+
+@pytest.mark.parametrize("decode_steps", [1, 4])
+def test_finished_only_steps_give_the_same_results_and_first_token_times(decode_steps):
+    # step(finished_only=True) (what run() uses) reports only finished requests, yet their tokens are the full
+    # outputs, and every request's first-token time is stamped in the step that first read its token
+    model = jkv.load_model(FIXTURE, dtype="float32")
+    rng = np.random.default_rng(5)
+    reqs = [(rng.integers(0, model.config.vocab_size, int(rng.integers(2, 20))).tolist(), int(rng.integers(2, 12)))
+            for _ in range(6)]  # fmt: skip
+    runs = {}
+    for finished_only in (False, True):
+        eng = jkv.Engine(model, num_blocks=64, block_size=4, max_num_seqs=3, decode_steps=decode_steps)
+        ids = [eng.add_request(p, jkv.SamplingParams(max_tokens=n)) for p, n in reqs]
+        final, first_step, reported, step = {}, {}, [], 0
+        while eng.has_unfinished():
+            outs = eng.step(finished_only=finished_only)
+            reported += [o.finished for o in outs]
+            for rid in ids:
+                req = eng.requests.get(rid)
+                if req is not None and req.first_token_time is not None:
+                    first_step.setdefault(rid, step)
+            for o in outs:
+                if o.finished:
+                    final[o.request_id] = o
+            step += 1
+        runs[finished_only] = ([final[r].token_ids for r in ids], [first_step[r] for r in ids], reported)
+        assert all(final[r].metrics.time_to_first_token is not None for r in ids)
+    (tok_all, first_all, rep_all), (tok_fin, first_fin, rep_fin) = runs[False], runs[True]
+    assert tok_all == tok_fin and first_all == first_fin
+    assert all(rep_fin) and len(rep_fin) == len(reqs) and not all(rep_all)  # only finished outputs were built
