@@ -393,8 +393,8 @@ class Engine:
         reqs = sorted(touched.values(), key=lambda r: r.arrival)
         if finished_only:
             for req in reqs:
-                if not req.finished and req.first_token_time is None and req.seqs and req.seqs[0].has_output():
-                    req.first_token_time = time.monotonic()  # as _metrics stamps it in a reported output
+                if not req.finished and req.first_token_time is None:
+                    self._stamp(req, bool(req.seqs) and req.seqs[0].has_output(), False)
             return [self._output(req) for req in reqs if req.finished]
         return [self._output(req) for req in reqs]
 
@@ -900,13 +900,19 @@ class Engine:
                              samples, metrics=self._metrics(req, len(head.token_ids), finished))  # fmt: skip
 
     @staticmethod
-    def _metrics(req: Request, num_output: int, finished: bool) -> RequestMetrics:
-        """Stamp the first report of a first token and of the finish, then the request's latency so far."""
+    def _stamp(req: Request, has_output: bool, finished: bool) -> None:
+        """Stamp the first report of a first token and of the finish (a report: an output, or the step that read
+        the token when step(finished_only=True) builds none)."""
         now = time.monotonic()
-        if num_output and req.first_token_time is None:
+        if has_output and req.first_token_time is None:
             req.first_token_time = now
         if finished and req.finish_time is None:
             req.finish_time = now
+
+    @classmethod
+    def _metrics(cls, req: Request, num_output: int, finished: bool) -> RequestMetrics:
+        """Stamp the request's times (`_stamp`), then its latency so far."""
+        cls._stamp(req, num_output > 0, finished)
         return RequestMetrics(req.arrival_time, req.first_token_time, req.finish_time, num_output)
 
     def stats(self) -> EngineStats:
