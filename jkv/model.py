@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from planner.config import ModelConfig
+from kvspec.config import ModelConfig
 
 Params = dict[str, Any]
 AttentionFn = Callable[[int, jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
@@ -239,7 +239,7 @@ _forward_jit = jax.jit(forward, static_argnums=(1, 5))
 
 
 class Model:
-    """A loaded GPT-2: `.config` (planner.config.ModelConfig), `.params` (pytree), `.dtype`, `.source`.
+    """A loaded GPT-2: `.config` (kvspec.ModelConfig), `.params` (pytree), `.dtype`, `.source`.
 
     Made by `jkv.load_model`; `source` is the preset name or checkpoint directory it came from (the tokenizer
     getter takes the same string).

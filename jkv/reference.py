@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jkv.model import Model, attend_no_cache, forward, masked_attention
-from planner.config import ModelConfig
+from kvspec.config import ModelConfig
 
 
 class DenseCache(NamedTuple):

@@ -17,7 +17,7 @@ from pathlib import Path
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors
 
-from planner.config import PRESETS
+from kvspec.config import PRESETS
 
 EOS_TOKEN = "<|endoftext|>"
 

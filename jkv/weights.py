@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jkv.model import Model, Params
-from planner.config import PRESETS, ModelConfig, config_from_hf
+from kvspec.config import PRESETS, ModelConfig, config_from_hf
 
 DTYPES = ("float32", "bfloat16", "float16")
 ORBAX_DIR = "params"  # jkv's converted checkpoints: DIR/config.json + DIR/params/ (orbax)

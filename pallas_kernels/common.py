@@ -1,6 +1,6 @@
 """What the paged-attention kernels share: input validation, the pool's dtypes, dequantization, GPU facts.
 
-The pool layout (per layer; see `planner/kv_layout.py`):
+The pool layout (per layer; see `kvspec/layout.py`):
 
     k_pages, v_pages: [num_blocks, kv_heads, block_size, head_dim]   bf16 / f16 / f32, or int8 / float8_e4m3fn
     k_scales, v_scales: [num_blocks, kv_heads, block_size] float16   quantized pages only: value = data * scale
@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental.pallas import triton as plgpu
 
-from planner.kv_layout import INT4_GROUP
+from kvspec.layout import INT4_GROUP
 
 FLOAT_PAGE_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 QUANT_PAGE_DTYPES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from planner.config import ModelConfig
-from planner.kv_layout import kv_heads_per_device
+from kvspec.config import ModelConfig
+from kvspec.layout import kv_heads_per_device
 
 F32 = 4
 MiB = 2**20

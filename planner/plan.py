@@ -16,9 +16,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from planner.config import ModelConfig, PlanError
-from planner.kv_layout import BlockLayout, blocks_for_tokens, check_block_size, kv_dtype, weight_dtype_bytes
+from kvspec.config import ConfigError, ModelConfig
+from kvspec.layout import BlockLayout, blocks_for_tokens, check_block_size, kv_dtype, weight_dtype_bytes
 from planner.memory import StepWorkspace, padded_prefill_tokens, param_bytes, runtime_reserve, step_workspace
+
+# The planner's name for kvspec's error: the same class, not a subclass, so `except PlanError` (scripts/plan.py's
+# one-line exit 2) also catches what kvspec raises for an unknown model, KV dtype or block size.
+PlanError = ConfigError
 
 SEQ_LENS = (128, 256, 512, 1024)
 BATCH_SIZES = (1, 8, 32, 128)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 
-from planner.config import PlanError
+from planner.plan import PlanError
 
 _UNITS = {
     "": 1, "b": 1,

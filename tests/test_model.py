@@ -7,7 +7,7 @@ import pytest
 
 from jkv.model import GPT2, LayerNorm, Model, attend_no_cache, forward, masked_attention
 from jkv.weights import random_params
-from planner.config import ModelConfig
+from kvspec.config import ModelConfig
 
 
 def tiny_model(n_kv_head: int | None = None, dtype: str = "float32", seed: int = 0) -> Model:

@@ -10,7 +10,7 @@ import pytest
 from jkv.model import Model, attend_no_cache, forward
 from jkv.reference import dense_attend, init_dense_cache, reference_generate
 from jkv.weights import load_model, random_params
-from planner.config import ModelConfig
+from kvspec.config import ModelConfig
 
 FIXTURE = Path(__file__).parent / "fixtures" / "hf_tiny_gpt2"
 PROMPTS = [[11, 400, 7], [900, 3, 3, 52, 17, 999, 0, 40, 41], [5]]

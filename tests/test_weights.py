@@ -26,7 +26,7 @@ from jkv.weights import (
     save_orbax,
     save_safetensors,
 )
-from planner.config import ModelConfig
+from kvspec.config import ModelConfig
 
 FIXTURE = Path(__file__).parent / "fixtures" / "hf_tiny_gpt2"
 EXPECTED = json.loads((FIXTURE / "expected.json").read_text())
