@@ -8,8 +8,10 @@ Lifecycle of one sequence (ids are the caller's ints):
 
     alloc = m.allocate_prompt(seq_id, prompt)   # table + prefix hit: K/V of prompt[:alloc.num_cached_tokens]
                                                 # already sit in the table's first blocks; compute the rest
-    m.mark_computed(seq_id, n)                  # after a model step: K/V of the first n tokens are written
-    cow = m.append_slots(seq_id, [tok])         # a sampled token gets a slot (all earlier ones are computed)
+    m.mark_computed(seq_id, n, tokens)          # after a model step: K/V of tokens[:n] are written
+    cow = m.append_slots(seq_id, 1, advance_tokens=tokens)   # a sampled token gets a slot; every earlier
+                                                # token is computed (equivalently: mark_computed first, then
+                                                # append_slots(seq_id, 1))
     m.fork(seq_id, child_id)                    # n > 1 / beam search: the child shares every block
     host_of = m.swap_out(seq_id); dev_of = m.swap_in(seq_id)   # preemption by swapping
     m.free(seq_id)                              # finished, aborted, or preempted by recomputation
@@ -25,11 +27,20 @@ by one call may be handed out again by the next, and only call order guarantees 
 it is overwritten. The usual round (preempt running sequences, resume swapped ones, then admit new ones)
 satisfies this.
 
+Counts, not tokens. The scheduler owns each sequence's token ids; the manager keeps only counts (tokens,
+computed tokens), the block table, the hash chain of the leading full blocks, and swap state. Token ids come
+in where hashing needs them: the prompt in `allocate_prompt` (prefix lookup) and the sequence's token list in
+`mark_computed` / `append_slots(advance_tokens=...)`, of which only the blocks becoming full and computed are
+read. The caller must pass the same tokens every time (a computed token never changes): the manager cannot
+check them against a copy it does not keep.
+
 Computed tokens. The manager records, per sequence, how many leading tokens have K/V in the cache. Only full,
 computed blocks enter the prefix cache (so a prefix hit never reads K/V still being written), a sliding window
 drops blocks by computed position, and `fork` needs the parent fully computed (a shared block never has a slot
 still to be written). The count advances through `mark_computed` (after each step; needed for chunked prefill)
-and implicitly through `append_slots` (a new token is sampled only after every earlier token was computed).
+and through `append_slots(..., advance_tokens=tokens)` (a new token is sampled only after every earlier token
+was computed). Slots appended without `advance_tokens` stay uncomputed (multi-step decode, async scheduling:
+their tokens are not sampled yet), so nothing is hashed before its token is known.
 
 Sliding window W: a query at position p attends to keys p - W + 1 .. p. Once a block lies wholly before the
 first position any future query needs, it is freed and its table entry becomes the null block 0, so table
@@ -165,7 +176,9 @@ class BlockManagerStats:
 
 @dataclass(slots=True)
 class _Sequence:
-    token_ids: list[int]
+    """The manager's record of one sequence: counts and tables, never token ids (the scheduler owns those)."""
+
+    num_tokens: int  # tokens with a slot
     block_table: list[int]  # device block per block index (NULL_BLOCK where the window dropped it)
     extra_keys: tuple[Hashable, ...]
     num_computed: int = 0  # leading tokens whose K/V are in the cache
@@ -176,7 +189,7 @@ class _Sequence:
 
     def copy(self) -> _Sequence:
         return _Sequence(
-            list(self.token_ids), list(self.block_table), self.extra_keys, self.num_computed,
+            self.num_tokens, list(self.block_table), self.extra_keys, self.num_computed,
             list(self.block_hashes), self.num_registered, self.num_dropped, None,
         )  # fmt: skip
 
@@ -274,13 +287,11 @@ class BlockManager:
         return len(self._seqs)
 
     def num_tokens(self, seq_id: int) -> int:
-        return len(self._get(seq_id).token_ids)
+        """Tokens of a sequence that have a slot (computed or not)."""
+        return self._get(seq_id).num_tokens
 
     def num_computed_tokens(self, seq_id: int) -> int:
         return self._get(seq_id).num_computed
-
-    def token_ids(self, seq_id: int) -> tuple[int, ...]:
-        return tuple(self._get(seq_id).token_ids)
 
     def is_swapped(self, seq_id: int) -> bool:
         return self._get(seq_id).host_table is not None
@@ -306,9 +317,9 @@ class BlockManager:
     def slot_mapping(self, seq_id: int, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Flat cache slots `block * block_size + offset` of positions [start, stop) of a sequence."""
         seq = self._resident(seq_id, "map slots of")
-        stop = len(seq.token_ids) if stop is None else stop
-        if not 0 <= start <= stop <= len(seq.token_ids):
-            raise ValueError(f"positions [{start}, {stop}) must lie within the {len(seq.token_ids)} tokens.")
+        stop = seq.num_tokens if stop is None else stop
+        if not 0 <= start <= stop <= seq.num_tokens:
+            raise ValueError(f"positions [{start}, {stop}) must lie within the {seq.num_tokens} tokens.")
         pos = np.arange(start, stop)
         blocks = np.asarray(seq.block_table, dtype=np.int64)[pos // self.block_size]
         if np.any(blocks == NULL_BLOCK):
@@ -371,7 +382,8 @@ class BlockManager:
         """Give a new sequence blocks for its whole prompt, reusing the blocks of its longest cached prefix.
 
         The prefix hit covers whole blocks and at most `len(token_ids) - 1` tokens: the last prompt token is
-        always computed so the engine gets its logits. Raises `NoFreeBlocksError` (changing nothing) when the
+        always computed so the engine gets its logits. The manager keeps no copy of the tokens, only their
+        count and the block hashes the lookup computed. Raises `NoFreeBlocksError` (changing nothing) when the
         pool cannot hold the prompt even below the watermark.
         """
         if seq_id in self._seqs:
@@ -395,53 +407,59 @@ class BlockManager:
         for i, b in enumerate(new, start=len(hits)):
             self._set_fill(b, min(bs, len(tokens) - i * bs))
         num_cached = len(hits) * bs
-        seq = _Sequence(tokens, hits + new, extra_keys, num_cached, hashes, num_registered=len(hits))
+        seq = _Sequence(len(tokens), hits + new, extra_keys, num_cached, hashes, num_registered=len(hits))
         self._seqs[seq_id] = seq
         if self.enable_prefix_caching:
             self._prefix_query_tokens += len(tokens)
             self._prefix_hit_tokens += num_cached
-        self._advance(seq, num_cached)  # the window may already drop leading hit blocks
+        self._advance(seq, num_cached, tokens)  # the window may already drop leading hit blocks
         return PromptAllocation(seq_id, tuple(seq.block_table), len(tokens), num_cached, tuple(new))
 
     # Growth -------------------------------------------------------------------------------------------------
     def num_blocks_to_append(self, seq_id: int, num_new_tokens: int = 1) -> int:
         """Free blocks `append_slots` would take for `num_new_tokens` more tokens (copy-on-write included)."""
         seq = self._resident(seq_id, "append to")
-        n = len(seq.token_ids)
+        n = seq.num_tokens
         cow = n % self.block_size != 0 and self._pool.ref_count(seq.block_table[-1]) > 1
         return int(cow) + _cdiv(n + num_new_tokens, self.block_size) - len(seq.block_table)
 
     def can_append_slots(self, seq_id: int, num_new_tokens: int = 1) -> bool:
         return self.num_blocks_to_append(seq_id, num_new_tokens) <= self._pool.num_free_blocks
 
-    def append_slots(self, seq_id: int, new_token_ids: Sequence[int], *, advance: bool = True
-                     ) -> list[tuple[int, int]]:  # fmt: skip
-        """Append tokens (normally one sampled token) and give them slots; returns copy-on-write pairs.
+    def append_slots(
+        self, seq_id: int, num_new_tokens: int = 1, *, advance_tokens: Sequence[int] | None = None
+    ) -> list[tuple[int, int]]:
+        """Give slots to `num_new_tokens` more tokens (normally one sampled token); returns copy-on-writes.
 
-        First declares every token already in the sequence computed (see the module docstring); `advance=False`
-        leaves the computed count alone, for a caller that marks it itself because earlier tokens may still be
-        placeholders (multi-step decode: the slots of tokens the device has not sampled yet). If the last
-        block is partly filled and shared with another sequence (after `fork`), this sequence gets a private
-        copy: the result holds that one `(src_block, dst_block)` pair, and the shared block itself is left
-        untouched. Raises `NoFreeBlocksError` when the pool is short (tokens not appended; check
-        `can_append_slots`).
+        With `advance_tokens` (the sequence's token list so far, at least `num_tokens(seq_id)` long) every
+        token already in the sequence is first declared computed, as `mark_computed(seq_id,
+        num_tokens(seq_id), advance_tokens)` would (see the module docstring); this stays in effect even if
+        the append then fails. Without it the computed count is left alone, for a caller that marks it
+        itself because earlier tokens may still be placeholders (multi-step decode: the slots of tokens the
+        device has not sampled yet). If the last block is partly filled and shared with another sequence
+        (after `fork`), this sequence gets a private copy: the result holds that one `(src_block,
+        dst_block)` pair, and the shared block itself is left untouched. Raises `NoFreeBlocksError` when the
+        pool is short (no slots added; check `can_append_slots`).
         """
         seq = self._resident(seq_id, "append to")
-        new = [int(t) for t in new_token_ids]
-        if advance:
-            self._advance(seq, len(seq.token_ids))
-        if not new:
+        if not isinstance(num_new_tokens, int) or num_new_tokens < 0:
+            raise ValueError(f"num_new_tokens={num_new_tokens!r} must be a non-negative int.")
+        if advance_tokens is not None:
+            self._check_tokens(seq_id, advance_tokens, seq.num_tokens)
+            self._advance(seq, seq.num_tokens, advance_tokens)
+        if not num_new_tokens:
             return []
         bs, pool, table = self.block_size, self._pool, seq.block_table
-        n_old = len(seq.token_ids)
-        n_new = n_old + len(new)
+        n_old = seq.num_tokens
+        n_new = n_old + num_new_tokens
         partial = n_old % bs
         cow = partial != 0 and pool.ref_count(table[-1]) > 1
         num_new_blocks = _cdiv(n_new, bs) - len(table)
         if int(cow) + num_new_blocks > pool.num_free_blocks:
             raise NoFreeBlocksError(
-                f"sequence {seq_id} needs {int(cow) + num_new_blocks} free KV blocks to append {len(new)} "
-                f"token(s) but only {pool.num_free_blocks} are free; check can_append_slots() and preempt."
+                f"sequence {seq_id} needs {int(cow) + num_new_blocks} free KV blocks to append "
+                f"{num_new_tokens} token(s) but only {pool.num_free_blocks} are free; check "
+                "can_append_slots() and preempt."
             )
         copies = []
         if partial:
@@ -456,62 +474,48 @@ class BlockManager:
                 copies.append((src, dst))
                 self._num_cow_copies += 1
             assert table[-1] != NULL_BLOCK, "the window never drops the block holding the last token"
-            grow = min(len(new), bs - partial)
+            grow = min(num_new_tokens, bs - partial)
             self._fill[table[-1]] += grow
             self._filled_slots += grow
         for i, b in enumerate(pool.allocate(num_new_blocks), start=len(table)):
             self._set_fill(b, min(bs, n_new - i * bs))
             table.append(b)
-        seq.token_ids.extend(new)
+        seq.num_tokens = n_new
         return copies
 
-    def set_tokens(self, seq_id: int, start: int, token_ids: Sequence[int]) -> None:
-        """Replace tokens `start, start + 1, ...` of a sequence (resident or swapped out) that are not marked
-        computed yet.
+    def mark_computed(self, seq_id: int, num_computed_tokens: int, token_ids: Sequence[int]) -> None:
+        """Record that K/V of the first `num_computed_tokens` tokens are written to the cache.
 
-        Async scheduling appends a slot for a token the device sampled before the host has read it (a
-        placeholder id), and multi-step decode appends slots for the tokens its later steps will sample; the
-        values arrive after the slots were handed out. Only uncomputed tokens can change: computed ones may
-        already be hashed into the prefix cache.
-        """
-        seq = self._get(seq_id)
-        new = [int(t) for t in token_ids]
-        if start < seq.num_computed or start + len(new) > len(seq.token_ids):
-            raise SequenceStateError(
-                f"cannot set tokens {start}..{start + len(new) - 1} of sequence {seq_id}: only its uncomputed "
-                f"tokens {seq.num_computed}..{len(seq.token_ids) - 1} can change."
-            )
-        seq.token_ids[start : start + len(new)] = new
-
-    def mark_computed(self, seq_id: int, num_computed_tokens: int | None = None) -> None:
-        """Record that K/V of the first `num_computed_tokens` tokens (default: all) are written to the cache.
-
+        `token_ids` is the sequence's token list, at least `num_computed_tokens` long; only the tokens of
+        blocks that become full and computed here are read, to extend the hash chain (prefix caching on).
         Full computed blocks enter the prefix cache; with a sliding window, blocks no future query reaches are
         freed. The count never goes back.
         """
         seq = self._resident(seq_id, "mark computed tokens of")
-        n = len(seq.token_ids) if num_computed_tokens is None else num_computed_tokens
-        if not seq.num_computed <= n <= len(seq.token_ids):
+        n = num_computed_tokens
+        if not seq.num_computed <= n <= seq.num_tokens:
             raise ValueError(
                 f"num_computed_tokens={n} for sequence {seq_id} must lie between its current count "
-                f"{seq.num_computed} and its {len(seq.token_ids)} tokens."
+                f"{seq.num_computed} and its {seq.num_tokens} tokens."
             )
-        self._advance(seq, n)
+        self._check_tokens(seq_id, token_ids, n)
+        self._advance(seq, n, token_ids)
 
     def fork(self, parent_seq_id: int, child_seq_id: int) -> None:
-        """A new sequence sharing all of the parent's blocks and tokens (parallel sampling, beam search).
+        """A new sequence sharing all of the parent's blocks (parallel sampling, beam search).
 
-        No device work: reference counts go up, and the first append to a shared partial block copies it. The
+        The child copies the parent's counts, table and hash chain; its tokens are the caller's to copy. No
+        device work: reference counts go up, and the first append to a shared partial block copies it. The
         parent must be fully computed (call `mark_computed` after the step, then fork, then append the sampled
         tokens), so no shared block still has a slot to be written.
         """
         parent = self._resident(parent_seq_id, "fork")
         if child_seq_id in self._seqs:
             raise SequenceStateError(f"cannot fork into sequence {child_seq_id}: that id already exists.")
-        if parent.num_computed != len(parent.token_ids):
+        if parent.num_computed != parent.num_tokens:
             raise SequenceStateError(
                 f"cannot fork sequence {parent_seq_id}: only {parent.num_computed} of its "
-                f"{len(parent.token_ids)} tokens are computed; fork after mark_computed() and before "
+                f"{parent.num_tokens} tokens are computed; fork after mark_computed() and before "
                 "append_slots()."
             )
         self._seqs[child_seq_id] = parent.copy()
@@ -584,7 +588,7 @@ class BlockManager:
             seq.block_table = [mapping[s] if s != NULL_SLOT else NULL_BLOCK for s in seq.host_table]
             for i, b in enumerate(seq.block_table):
                 if b != NULL_BLOCK and b not in filled:  # sharers agree on a shared block's fill
-                    self._set_fill(b, min(bs, len(seq.token_ids) - i * bs))
+                    self._set_fill(b, min(bs, seq.num_tokens - i * bs))
                     filled.add(b)
             self._swap.free(s for s in reversed(seq.host_table) if s != NULL_SLOT)
             seq.host_table = None
@@ -655,11 +659,21 @@ class BlockManager:
         for b in self._pool.free(b for b in blocks if b != NULL_BLOCK):
             self._filled_slots -= self._fill[b]
 
-    def _extend_hashes(self, seq: _Sequence, num_full: int) -> None:
-        hashes, tokens, bs = seq.block_hashes, seq.token_ids, self.block_size
+    @staticmethod
+    def _check_tokens(seq_id: int, token_ids: Sequence[int], needed: int) -> None:
+        if len(token_ids) < needed:
+            raise ValueError(
+                f"sequence {seq_id} was given {len(token_ids)} token ids but {needed} are to be computed: "
+                "pass the sequence's whole token list."
+            )
+
+    def _extend_hashes(self, seq: _Sequence, num_full: int, tokens: Sequence[int]) -> None:
+        """Hash blocks len(block_hashes) .. num_full - 1, reading only their tokens."""
+        hashes, bs = seq.block_hashes, self.block_size
         for i in range(len(hashes), num_full):
             parent = hashes[-1] if hashes else None
-            hashes.append(hash_block_tokens(parent, tokens[i * bs : (i + 1) * bs], seq.extra_keys))
+            block = [int(t) for t in tokens[i * bs : (i + 1) * bs]]
+            hashes.append(hash_block_tokens(parent, block, seq.extra_keys))
 
     def _lookup_prefix(self, tokens: list[int], extra_keys: tuple) -> tuple[list[BlockHash], list[int]]:
         """Hashes computed on the way and the cached blocks of the longest hit (< len(tokens) tokens)."""
@@ -675,14 +689,18 @@ class BlockManager:
             hits.append(block)
         return hashes, hits
 
-    def _advance(self, seq: _Sequence, num_computed: int) -> None:
-        """Set the computed count; cache newly full computed blocks; let the window drop blocks behind it."""
-        assert seq.host_table is None and seq.num_computed <= num_computed <= len(seq.token_ids)
+    def _advance(self, seq: _Sequence, num_computed: int, tokens: Sequence[int]) -> None:
+        """Set the computed count; cache newly full computed blocks; let the window drop blocks behind it.
+
+        `tokens` holds at least the sequence's first `num_computed` token ids; only those of blocks becoming
+        full and computed are read.
+        """
+        assert seq.host_table is None and seq.num_computed <= num_computed <= seq.num_tokens
         seq.num_computed = num_computed
         bs = self.block_size
         num_full = num_computed // bs
         if self.enable_prefix_caching and num_full > seq.num_registered:
-            self._extend_hashes(seq, num_full)
+            self._extend_hashes(seq, num_full, tokens)
             for i in range(seq.num_registered, num_full):
                 if seq.block_table[i] != NULL_BLOCK:
                     self._pool.cache_block(seq.block_table[i], seq.block_hashes[i])

@@ -1,5 +1,9 @@
 """Block manager: hand-built scenarios with known numbers, then a stateful property test of its invariants."""
 
+import gc
+import weakref
+from collections.abc import Sequence
+
 import pytest
 from hypothesis import event, settings
 from hypothesis import strategies as st
@@ -14,30 +18,101 @@ from jkv.block_manager import (
     SequenceStateError,
     UnknownSequenceError,
 )
+from jkv.block_pool import hash_block_tokens
 from planner import PRESETS
 from planner.kv_layout import BlockLayout, kv_dtype
 
 # Hand-built scenarios ---------------------------------------------------------------------------------------
 
 
-def test_placeholder_slots_are_not_cached_until_set_and_computed():
-    """Multi-step decode: slots appended ahead with advance=False stay uncomputed (never hashed into the prefix
-    cache) until their tokens are set; computed tokens cannot be changed."""
+def test_placeholder_slots_are_not_cached_until_computed():
+    """Multi-step decode: slots appended ahead without advance_tokens stay uncomputed (never hashed into the
+    prefix cache) until mark_computed hands over their real tokens; the placeholders are never hashed."""
     m = BlockManager(num_blocks=16, block_size=4)
-    m.allocate_prompt(1, range(6))
-    m.mark_computed(1)
-    m.append_slots(1, [-1], advance=False)  # the round's input token (in flight)
-    m.append_slots(1, [-1, -1, -1], advance=False)  # its later steps' tokens
+    tokens = list(range(6))  # the scheduler's token list: the manager keeps only its length
+    m.allocate_prompt(1, tokens)
+    m.mark_computed(1, 6, tokens)
+    m.append_slots(1, 1)  # the round's input token (in flight)
+    m.append_slots(1, 3)  # its later steps' tokens
+    tokens += [-1, -1, -1, -1]  # placeholders until the device's samples arrive
     assert m.num_computed_tokens(1) == 6 and m.num_tokens(1) == 10
     assert m.cached_prefix_tokens(list(range(6)) + [7, 8, 9, 10, 0]) == 4  # only the prompt's full block
-    with pytest.raises(SequenceStateError, match="only its uncomputed tokens 6..9 can change"):
-        m.set_tokens(1, 5, [0, 0])
-    m.set_tokens(1, 6, [7, 8, 9, 10])
-    m.mark_computed(1)
-    assert m.token_ids(1) == (0, 1, 2, 3, 4, 5, 7, 8, 9, 10)
-    assert m.cached_prefix_tokens(list(range(6)) + [7, 8, 9, 10, 0]) == 8  # the block [4, 5, 7, 8] is cached now
-    with pytest.raises(SequenceStateError, match="only its uncomputed tokens 10..9 can change"):
-        m.set_tokens(1, 9, [3])
+    tokens[6:] = [7, 8, 9, 10]
+    m.mark_computed(1, 10, tokens)
+    assert m.cached_prefix_tokens(list(range(6)) + [7, 8, 9, 10, 0]) == 8  # block [4, 5, 7, 8] is cached now
+    assert m.cached_prefix_tokens(list(range(6)) + [-1, -1, -1, -1, 0]) == 4  # placeholders never hashed
+
+
+class _RecordingTokens(Sequence):
+    """A token list that records which slices the manager reads."""
+
+    def __init__(self, tokens):
+        self.tokens, self.reads = list(tokens), []
+
+    def __len__(self):
+        return len(self.tokens)
+
+    def __getitem__(self, index):
+        self.reads.append((index.start, index.stop) if isinstance(index, slice) else index)
+        return self.tokens[index]
+
+
+def test_mark_computed_hashes_exactly_the_tokens_it_is_given():
+    """Two sequences with the same counts but different tokens cache different blocks; only the blocks that
+    become full and computed are read."""
+    m = BlockManager(num_blocks=16, block_size=4)
+    a, b = [0, 1, 2, 3, 4, 5, 6, 7], [0, 1, 2, 3, 9, 9, 9, 9]
+    for sid in (1, 2):
+        m.allocate_prompt(sid, [0, 1])  # same prompt, then 6 slots each whose tokens differ
+        m.append_slots(sid, 6)
+    assert m.num_tokens(1) == m.num_tokens(2) == 8
+    m.mark_computed(1, 8, a)
+    # Only a's blocks are cached: b shares its first block's tokens [0, 1, 2, 3], not its second.
+    assert m.cached_prefix_tokens(a + [0]) == 8 and m.cached_prefix_tokens(b + [0]) == 4
+    m.mark_computed(2, 8, b)
+    assert m.cached_prefix_tokens(b + [0]) == 8
+    # Each prompt hits the blocks of the sequence whose tokens it repeats.
+    assert m.allocate_prompt(3, a + [0]).block_table[1] == m.block_table(1)[1]
+    assert m.allocate_prompt(4, b + [0]).block_table[1] == m.block_table(2)[1]
+    assert m.block_table(1)[1] != m.block_table(2)[1]
+
+    rec = _RecordingTokens(range(9))
+    m.allocate_prompt(5, [0])
+    m.append_slots(5, 8)
+    m.mark_computed(5, 5, rec)  # block 0 becomes full and computed
+    m.mark_computed(5, 7, rec)  # no block completes: nothing read
+    m.append_slots(5, 0, advance_tokens=rec)  # all 9 computed: block 1 completes
+    assert rec.reads == [(0, 4), (4, 8)]
+
+
+def test_manager_keeps_no_tokens():
+    """The per-sequence record holds counts, the table and the hash chain; no token list, and no reference to
+    the caller's."""
+    m = BlockManager(num_blocks=300, block_size=4)
+
+    class Tokens(list):  # a list one can hold a weak reference to
+        pass
+
+    tokens = Tokens(range(10))
+    ref = weakref.ref(tokens)
+    m.allocate_prompt(1, tokens)
+    m.mark_computed(1, 10, tokens)
+    m.append_slots(1, 990, advance_tokens=tokens)
+    tokens.extend(range(990))
+    m.mark_computed(1, 1000, tokens)
+    m.fork(1, 2)
+    del tokens
+    gc.collect()
+    assert ref() is None
+    assert m.num_tokens(1) == m.num_tokens(2) == 1000
+    assert not hasattr(m, "token_ids") and not hasattr(m, "set_tokens")
+    for sid in (1, 2):
+        record = m._seqs[sid]
+        assert not any("token_ids" in name for name in type(record).__slots__)
+        # Nothing grows per token: lists are per block (250 of them), the hash chain per full computed block.
+        fields = {name: getattr(record, name) for name in type(record).__slots__}
+        sizes = {name: len(v) for name, v in fields.items() if isinstance(v, list | tuple)}
+        assert sizes == {"block_table": 250, "extra_keys": 0, "block_hashes": 250}
 
 
 def test_blocks_and_fragmentation_of_two_prompts():
@@ -53,10 +128,10 @@ def test_blocks_and_fragmentation_of_two_prompts():
     assert s.internal_fragmentation == pytest.approx(4 / 20)
     assert s.blocks_saved_by_sharing == 0
     # Two more tokens for sequence 1 fill its third block: 18 tokens in 20 slots.
-    assert m.append_slots(1, [10, 11]) == []
+    assert m.append_slots(1, 2) == []
     assert m.stats.num_used_blocks == 5 and m.stats.internal_fragmentation == pytest.approx(2 / 20)
     # One more opens a fourth block: 19 tokens in 24 slots.
-    m.append_slots(1, [12])
+    m.append_slots(1, 1)
     assert m.stats.num_used_blocks == 6 and m.stats.internal_fragmentation == pytest.approx(5 / 24)
     m.free(1)
     m.free(2)
@@ -68,7 +143,7 @@ def test_two_requests_sharing_an_eight_token_prefix():
     m = BlockManager(num_blocks=16, block_size=4, bytes_per_block=1000)
     prefix = [5, 6, 7, 8, 9, 10, 11, 12]
     a = m.allocate_prompt(1, prefix + [1, 2])  # 10 tokens, 3 blocks
-    m.mark_computed(1)  # the prefill step wrote all 10 tokens: its 2 full blocks enter the prefix cache
+    m.mark_computed(1, 10, prefix + [1, 2])  # the prefill wrote all 10 tokens: 2 full blocks enter the cache
     b = m.allocate_prompt(2, prefix + [3, 4, 13])  # 11 tokens: the 2 prefix blocks are reused
     assert b.num_cached_tokens == 8 and b.num_new_tokens == 3
     assert b.block_table[:2] == a.block_table[:2] and len(b.new_block_ids) == 1
@@ -85,7 +160,7 @@ def test_two_requests_sharing_an_eight_token_prefix():
 def test_prefix_hit_never_covers_the_whole_prompt():
     m = BlockManager(num_blocks=16, block_size=4)
     m.allocate_prompt(1, range(8))
-    m.mark_computed(1)
+    m.mark_computed(1, 8, range(8))
     # The same 8 tokens again: both blocks are cached, but the last token must be computed for its logits,
     # so only the first block (4 tokens) is reused and block 2 is recomputed into a fresh block.
     again = m.allocate_prompt(2, range(8))
@@ -98,16 +173,16 @@ def test_only_computed_blocks_are_cached():
     m = BlockManager(num_blocks=16, block_size=4)
     m.allocate_prompt(1, range(12))
     assert m.cached_prefix_tokens(range(13)) == 0  # nothing computed yet: no hit on unwritten K/V
-    m.mark_computed(1, 6)  # chunked prefill: first chunk of 6 tokens -> one full block
+    m.mark_computed(1, 6, range(12))  # chunked prefill: first chunk of 6 tokens -> one full block
     assert m.cached_prefix_tokens(range(13)) == 4
-    m.append_slots(1, [99])  # sampling a token means all 12 prompt tokens were computed
+    m.append_slots(1, 1, advance_tokens=range(12))  # a sampled token means all 12 prompt tokens were computed
     assert m.cached_prefix_tokens(range(13)) == 12 and m.num_computed_tokens(1) == 12
 
 
 def test_freed_prefix_stays_cached_and_its_tail_is_evicted_first():
     m = BlockManager(num_blocks=5, block_size=2)  # 4 usable blocks
     m.allocate_prompt(1, [1, 2, 3, 4, 5, 6, 7])  # 4 blocks, 3 full
-    m.mark_computed(1)
+    m.mark_computed(1, 7, [1, 2, 3, 4, 5, 6, 7])
     m.free(1)
     s = m.stats
     assert (s.num_used_blocks, s.num_free_blocks, s.num_cached_blocks) == (0, 4, 3)
@@ -127,7 +202,7 @@ def test_freed_prefix_stays_cached_and_its_tail_is_evicted_first():
 def test_extra_keys_separate_caches():
     m = BlockManager(num_blocks=16, block_size=2)
     m.allocate_prompt(1, [1, 2, 3], extra_keys=("adapter-a",))
-    m.mark_computed(1)
+    m.mark_computed(1, 3, [1, 2, 3])
     assert m.cached_prefix_tokens([1, 2, 3]) == 0
     assert m.cached_prefix_tokens([1, 2, 3], extra_keys=("adapter-b",)) == 0
     assert m.cached_prefix_tokens([1, 2, 3], extra_keys=("adapter-a",)) == 2
@@ -136,7 +211,7 @@ def test_extra_keys_separate_caches():
 def test_prefix_caching_off():
     m = BlockManager(num_blocks=16, block_size=4, enable_prefix_caching=False)
     m.allocate_prompt(1, range(10))
-    m.mark_computed(1)
+    m.mark_computed(1, 10, range(10))
     assert m.allocate_prompt(2, range(10)).num_cached_tokens == 0
     assert m.stats.prefix_query_tokens == 0 and m.stats.prefix_hit_rate == 0.0
     m.free(1)
@@ -146,17 +221,17 @@ def test_prefix_caching_off():
 def test_fork_then_append_copies_the_shared_block_once():
     m = BlockManager(num_blocks=16, block_size=4)
     m.allocate_prompt(1, range(6))  # blocks [p0 full, p1 with 2 of 4 tokens]
-    m.mark_computed(1)
+    m.mark_computed(1, 6, range(6))
     m.fork(1, 2)
     p0, p1 = m.block_table(1)
     assert m.block_table(2) == [p0, p1] and m.pool.ref_count(p1) == 2
     assert m.stats.blocks_saved_by_sharing == 2  # 4 references, 2 blocks
-    cow = m.append_slots(2, [100])
+    cow = m.append_slots(2, 1)
     assert len(cow) == 1 and cow[0][0] == p1
     dst = cow[0][1]
     assert m.block_table(2) == [p0, dst] and m.block_table(1) == [p0, p1]  # the parent's block is untouched
     assert m.pool.ref_count(p1) == 1 and m.pool.ref_count(p0) == 2
-    assert m.append_slots(1, [200]) == []  # p1 is private again: written in place
+    assert m.append_slots(1, 1) == []  # p1 is private again: written in place
     assert m.stats.num_cow_copies == 1 and m.stats.blocks_saved_by_sharing == 1
     # Filled slots: p0 4 + p1 3 + dst 3 = 10 of 12.
     assert m.stats.filled_slots == 10
@@ -165,9 +240,9 @@ def test_fork_then_append_copies_the_shared_block_once():
 def test_fork_of_a_full_last_block_needs_no_copy():
     m = BlockManager(num_blocks=16, block_size=4)
     m.allocate_prompt(1, range(8))
-    m.mark_computed(1)
+    m.mark_computed(1, 8, range(8))
     m.fork(1, 2)
-    assert m.append_slots(2, [1]) == [] and m.append_slots(1, [2]) == []
+    assert m.append_slots(2, 1) == [] and m.append_slots(1, 1) == []
     assert m.block_table(1)[:2] == m.block_table(2)[:2] and m.block_table(1)[2] != m.block_table(2)[2]
 
 
@@ -176,10 +251,10 @@ def test_parallel_sampling_n4_saves_the_prompt_blocks():
     # prompt blocks exist once and the partial one (6 tokens) is copied for 3 of the 4 samples.
     m = BlockManager(num_blocks=64, block_size=8)
     m.allocate_prompt(0, range(30))
-    m.mark_computed(0)
+    m.mark_computed(0, 30, range(30))
     for child in (1, 2, 3):
         m.fork(0, child)
-    copies = [m.append_slots(s, [1000 + s]) for s in range(4)]
+    copies = [m.append_slots(s, 1) for s in range(4)]
     assert sum(len(c) for c in copies) == 3
     s = m.stats
     assert (s.num_references, s.num_used_blocks, s.blocks_saved_by_sharing) == (16, 7, 9)
@@ -190,7 +265,7 @@ def test_fork_requires_a_computed_parent_and_new_child_id():
     m.allocate_prompt(1, range(5))
     with pytest.raises(SequenceStateError, match="only 0 of its 5 tokens are computed"):
         m.fork(1, 2)
-    m.mark_computed(1)
+    m.mark_computed(1, 5, range(5))
     m.allocate_prompt(3, [1])
     with pytest.raises(SequenceStateError, match="already exists"):
         m.fork(1, 3)
@@ -215,7 +290,7 @@ def test_admission_watermark_and_never():
 def test_admission_counts_a_prefix_hit():
     m = BlockManager(num_blocks=6, block_size=4)  # 5 usable
     m.allocate_prompt(1, range(12))
-    m.mark_computed(1)
+    m.mark_computed(1, 12, range(12))
     # 13 tokens need 4 blocks; 3 are cached in use, so one new block suffices (2 are free).
     assert m.can_allocate(range(13)) and not m.can_allocate(13)
     m.free(1)  # the 3 cached blocks are free now; reusing them takes them out of the free count
@@ -227,19 +302,20 @@ def test_append_needs_blocks_and_fails_cleanly():
     m = BlockManager(num_blocks=3, block_size=2)  # 2 usable
     m.allocate_prompt(1, [1, 2, 3])
     assert m.num_blocks_to_append(1, 1) == 0 and m.num_blocks_to_append(1, 2) == 1
-    m.append_slots(1, [4])
+    m.append_slots(1, 1)
     assert not m.can_append_slots(1, 3)
+    before, table = m.stats, m.block_table(1)
     with pytest.raises(NoFreeBlocksError, match="check can_append_slots"):
-        m.append_slots(1, [5, 6, 7])
-    assert m.num_tokens(1) == 4 and m.token_ids(1) == (1, 2, 3, 4)
+        m.append_slots(1, 3)
+    assert m.num_tokens(1) == 4 and m.block_table(1) == table and m.stats == before
 
 
 def test_swap_out_and_in_of_a_forked_group():
     m = BlockManager(num_blocks=16, block_size=4, num_swap_blocks=8, bytes_per_block=100)
     m.allocate_prompt(1, range(6))
-    m.mark_computed(1)
+    m.mark_computed(1, 6, range(6))
     m.fork(1, 2)
-    m.append_slots(2, [9])  # 2 now owns a copy of the partial block; block 0 stays shared
+    m.append_slots(2, 1)  # 2 now owns a copy of the partial block; block 0 stays shared
     shared, p1 = m.block_table(1)
     c1 = m.block_table(2)[1]
     assert m.can_swap_out(1, 2)
@@ -247,7 +323,7 @@ def test_swap_out_and_in_of_a_forked_group():
     assert set(out) == {shared, p1, c1} and len(set(out.values())) == 3  # the shared block: one host slot
     assert m.is_swapped(1) and m.stats.num_used_blocks == 0 and m.stats.num_used_swap_slots == 3
     with pytest.raises(SequenceStateError, match="swapped out"):
-        m.append_slots(1, [1])
+        m.append_slots(1, 1)
     back = m.swap_in(1, 2)
     assert set(back) == set(out.values())
     t1, t2 = m.block_table(1), m.block_table(2)
@@ -282,13 +358,13 @@ def test_sliding_window_drops_blocks_behind_the_window():
     m = BlockManager(num_blocks=16, block_size=4, sliding_window=4)
     a = m.allocate_prompt(1, range(10))
     assert NULL_BLOCK not in a.block_table
-    m.mark_computed(1)
+    m.mark_computed(1, 10, range(10))
     # The next query is at position 10 and sees keys 7..10: block 0 (positions 0-3) is dropped, block 1
     # (4-7) is kept for key 7.
     assert m.block_table(1) == [NULL_BLOCK, *a.block_table[1:]] and m.stats.num_used_blocks == 2
-    m.append_slots(1, [10, 11])  # 12 tokens, 10 computed: first needed key 7, block 1 still needed
+    m.append_slots(1, 2)  # 12 tokens, 10 computed: first needed key 7, block 1 still needed
     assert m.block_table(1)[1] == a.block_table[1]
-    m.mark_computed(1)  # first needed key 12 - 4 + 1 = 9: block 1 goes too
+    m.mark_computed(1, 12, range(12))  # first needed key 12 - 4 + 1 = 9: block 1 goes too
     assert m.block_table(1)[:2] == [NULL_BLOCK, NULL_BLOCK] and m.stats.num_used_blocks == 1
     with pytest.raises(ValueError, match="behind the window"):
         m.slot_mapping(1, 0, 12)
@@ -324,9 +400,16 @@ def test_user_errors_are_clear_exceptions():
         m.swap_in(1)
     with pytest.raises(ValueError, match="distinct"):
         m.swap_out(1, 1)
-    m.mark_computed(1, 1)
+    m.mark_computed(1, 1, [1, 2])
     with pytest.raises(ValueError, match="between its current count 1 and its 2 tokens"):
-        m.mark_computed(1, 0)
+        m.mark_computed(1, 0, [1, 2])
+    with pytest.raises(ValueError, match="given 1 token ids but 2 are to be computed"):
+        m.mark_computed(1, 2, [1])
+    with pytest.raises(ValueError, match="given 1 token ids but 2 are to be computed"):
+        m.append_slots(1, 1, advance_tokens=[1])
+    with pytest.raises(ValueError, match="non-negative int"):
+        m.append_slots(1, -1)
+    assert (m.num_tokens(1), m.num_computed_tokens(1)) == (2, 1)
     m.free(1)
     with pytest.raises(UnknownSequenceError):
         m.free(1)
@@ -350,10 +433,12 @@ VOCAB = st.integers(0, 2)  # tiny vocabulary: prompts collide, so prefix hits ar
 class BlockManagerMachine(RuleBasedStateMachine):
     """Random operation sequences against a model of device and host memory.
 
-    The model plays the engine: it writes each token into its slot when the token is computed, performs the
-    copy-on-write, swap-out and swap-in copies it is handed (in call order), and fills freshly allocated
-    blocks with None (stale K/V). A sequence's blocks must then always reproduce its computed tokens, and
-    every write must land in a block no other sequence references.
+    The model plays the scheduler and the engine: it owns each sequence's token list (the manager keeps only
+    counts and hashes) and passes it wherever the manager hashes; it writes each token into its slot when
+    the token is computed, performs the copy-on-write, swap-out and swap-in copies it is handed (in call
+    order), and fills freshly allocated blocks with None (stale K/V). A sequence's blocks must then always
+    reproduce its computed tokens, its hash chain must be that of its tokens, and every write must land in a
+    block no other sequence references.
     """
 
     @initialize(
@@ -400,14 +485,18 @@ class BlockManagerMachine(RuleBasedStateMachine):
         mine = set(table_of(first)) - {null}
         return [first] + [s for s in candidates if s != first and mine & set(table_of(s))]
 
-    def compute(self, sid, upto):
-        """The engine's step: write K/V of tokens [computed, upto) into their slots, then report it."""
+    def write(self, sid, upto):
+        """The engine's step: write K/V of tokens [computed, upto) into their slots."""
         table = self.m.block_table(sid)
         for p in range(self.computed[sid], upto):
             b = table[p // self.bs]
             assert b != NULL_BLOCK and self.m.pool.ref_count(b) == 1, "a write into a shared or null block"
             self.device[b][p % self.bs] = self.tokens[sid][p]
-        self.m.mark_computed(sid, upto)
+
+    def compute(self, sid, upto):
+        """A step, then reporting it with mark_computed."""
+        self.write(sid, upto)
+        self.m.mark_computed(sid, upto, self.tokens[sid])
         self.computed[sid] = upto
 
     # rules
@@ -453,25 +542,39 @@ class BlockManagerMachine(RuleBasedStateMachine):
         sid = data.draw(st.sampled_from(pending))
         self.compute(sid, data.draw(st.integers(self.computed[sid], len(self.tokens[sid]))))
 
-    @rule(data=st.data(), new=st.lists(VOCAB, min_size=1, max_size=3))
-    def append(self, data, new):
+    @rule(
+        data=st.data(),
+        new=st.lists(VOCAB, min_size=1, max_size=3),
+        mode=st.sampled_from(["mark", "advance", "ahead"]),
+    )
+    def append(self, data, new, mode):
         if not self.resident():
             return self.add_prompt(data)
-        self.append_tokens(data.draw(st.sampled_from(self.resident())), new)
+        self.append_tokens(data.draw(st.sampled_from(self.resident())), new, mode)
 
-    def append_tokens(self, sid, new):
-        self.compute(
-            sid, len(self.tokens[sid])
-        )  # a token is sampled only after the whole sequence is computed
-        can = self.m.can_append_slots(sid, len(new))
+    def append_tokens(self, sid, new, mode="mark"):
+        """Slots for sampled tokens. A token is sampled only after the whole sequence is computed: "mark"
+        reports that with mark_computed first, "advance" through append_slots' advance_tokens. "ahead" appends
+        slots for tokens not sampled yet (multi-step decode), leaving the computed count alone."""
+        n = len(self.tokens[sid])
+        if mode == "mark":
+            self.compute(sid, n)
+        elif mode == "advance":
+            self.write(sid, n)
+        can = self.m.can_append_slots(sid, len(new))  # "advance": the window may free blocks, so may succeed
         old_table = self.m.block_table(sid)
+        advance_tokens = self.tokens[sid] if mode == "advance" else None
         try:
-            cow = self.m.append_slots(sid, new)
+            cow = self.m.append_slots(sid, len(new), advance_tokens=advance_tokens)
         except NoFreeBlocksError:
-            assert not can and self.m.num_tokens(sid) == len(self.tokens[sid])
+            assert not can and self.m.num_tokens(sid) == n
             event("append: out of blocks")
             return
-        assert can and len(cow) <= 1
+        finally:
+            if mode == "advance":
+                self.computed[sid] = n
+        assert (can or mode == "advance") and len(cow) <= 1
+        event(f"append: {mode}" + ("" if can else ", room made by the window"))
         table = self.m.block_table(sid)
         for src, dst in cow:  # copy-on-write of the partial last block
             assert (
@@ -579,10 +682,15 @@ class BlockManagerMachine(RuleBasedStateMachine):
     @invariant()
     def blocks_reproduce_tokens(self):
         for sid, tokens in self.tokens.items():
-            assert (
-                self.m.token_ids(sid) == tuple(tokens)
-                and self.m.num_computed_tokens(sid) == self.computed[sid]
-            )
+            assert self.m.num_tokens(sid) == len(tokens)
+            assert self.m.num_computed_tokens(sid) == self.computed[sid]
+            # The hash chain is that of the model's tokens (prompt blocks hashed by the lookup, later blocks
+            # only once computed), and is never longer than the full blocks.
+            hashes, parent = self.m._seqs[sid].block_hashes, None
+            assert len(hashes) <= len(tokens) // self.bs
+            for i, h in enumerate(hashes):
+                parent = hash_block_tokens(parent, tokens[i * self.bs : (i + 1) * self.bs])
+                assert h == parent
             if self.m.is_swapped(sid):
                 table, memory, null = self.m._seqs[sid].host_table, self.host, -1
             else:
