@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jkv.model import Model, attend_no_cache, forward, masked_attention
+from jkv.prompts import as_prompt_list, as_token_ids
 from kvspec.config import ModelConfig
 
 
@@ -105,6 +106,10 @@ def reference_generate(
 ) -> list[list[int]]:
     """Generate `max_tokens` tokens for each prompt (generated tokens only), batched over ragged prompts.
 
+    `prompt_ids` are read as `jkv.generate` reads prompts (`jkv.prompts.as_prompt_list`: a flat list of ids is
+    one prompt, a 2-D int array one prompt per row), then each by `as_token_ids`: TypeError for a string or
+    float/bool ids, ValueError for an empty prompt or an id outside the vocabulary.
+
     temperature 0 is greedy. use_cache=True prefills a `DenseCache` and decodes one token per step;
     use_cache=False recomputes the full sequence every step (the check on the cache). With `eos_token_id`, a
     row stops after emitting it (the eos token is included in its output).
@@ -114,9 +119,10 @@ def reference_generate(
         raise ValueError(f"max_tokens={max_tokens} must be >= 0.")
     if temperature < 0:
         raise ValueError(f"temperature={temperature} must be >= 0 (0 is greedy).")
-    if not prompt_ids:
+    vocab = config.vocab_size
+    prompts = [as_token_ids(p, vocab, what=f"prompt {i}") for i, p in enumerate(as_prompt_list(prompt_ids))]
+    if not prompts:
         return []
-    prompts = [model.check_tokens(p, what=f"prompt {i}") for i, p in enumerate(prompt_ids)]
     lens = np.array([len(p) for p in prompts], np.int32)
     b, t_max = len(prompts), int(lens.max())
     s_max = t_max + max_tokens

@@ -7,11 +7,50 @@ request samples do not depend on which other requests share its batch, nor on pr
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+SEED_LIMIT = 2**32  # seeds are folded into uint32 sampler keys: seeds s and s + 2**32 would draw the same tokens
+
+
+def _as_int(name: str, value: Any) -> int:
+    """value (a Python or numpy integer, not a bool) as a Python int; TypeError otherwise."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        return int(value)
+    raise TypeError(f"{name}={value!r} is a {type(value).__name__}: pass an integer.")
+
+
+def _as_float(name: str, value: Any, what: str) -> float:
+    """value (a finite Python or numpy int/float, not a bool) as a Python float; `what` says the allowed range."""
+    if not isinstance(value, (int, float, np.integer, np.floating)) or isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}={value!r} is a {type(value).__name__}: pass {what}.")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}={value!r} is not finite: pass {what}.")
+    return float(value)
+
+
+def _as_stop_ids(value: Any) -> tuple[int, ...]:
+    """One token id or any iterable of them as a tuple of non-negative Python ints."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        value = (value,)
+    elif isinstance(value, (str, bytes, bytearray)) or not isinstance(value, Iterable):
+        raise TypeError(f"stop_token_ids={value!r} is a {type(value).__name__}: pass a token id or a list of them.")
+    try:
+        ids = tuple(value)
+    except TypeError:  # e.g. a 0-d numpy array: Iterable by type, not iterable
+        raise TypeError(f"stop_token_ids={value!r} is not iterable: pass a token id or a list of them.") from None
+    for t in ids:
+        if not isinstance(t, (int, np.integer)) or isinstance(t, (bool, np.bool_)):
+            raise TypeError(f"stop_token_ids holds {t!r} ({type(t).__name__}): pass integer token ids.")
+        if t < 0:
+            raise ValueError(f"stop_token_ids holds {t}: token ids are >= 0.")
+    return tuple(int(t) for t in ids)
 
 
 @dataclass(frozen=True)
@@ -19,10 +58,16 @@ class SamplingParams:
     """How to pick each request's next tokens.
 
     max_tokens: tokens to generate. temperature 0 is greedy. top_k 0 and top_p 1 turn those filters off.
-    seed: per-request seed (None: derived from the request id). stop_token_ids: generation ends after one of
-    them (it is included in the output). n: independent samples sharing the prompt's KV blocks.
-    beam_width > 1: beam search (deterministic; temperature, top_k, top_p are ignored).
+    seed: per-request seed in [0, 2**32) (None: derived from the request id). stop_token_ids: one id or an
+    iterable of ids; generation ends after one of them (it is included in the output). n: independent samples
+    sharing the prompt's KV blocks. beam_width > 1: beam search (deterministic; temperature, top_k, top_p are
+    ignored); length_penalty: a finished beam scores log-prob / length**length_penalty.
     ignore_eos: keep going past stop tokens (benchmarks).
+
+    Numpy integer and float scalars are accepted where Python ints and floats are, and stored as Python ints and
+    floats (stop_token_ids as a tuple of ints). A value of the wrong type raises TypeError (bools are not
+    integers here); a value out of range raises ValueError. The vocabulary is the engine's: it calls
+    `check_vocab` when a request is added.
     """
 
     max_tokens: int = 16
@@ -37,29 +82,46 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens={self.max_tokens!r} must be a positive integer.")
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)) or self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature!r} must be a finite number >= 0 (0 means greedy).")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k!r} must be an integer >= 0 (0 turns it off).")
-        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
-            raise ValueError(f"top_p={self.top_p!r} must be in (0, 1] (1 turns it off).")
-        if not isinstance(self.n, int) or self.n < 1:
-            raise ValueError(f"n={self.n!r} must be a positive integer.")
-        if not isinstance(self.beam_width, int) or self.beam_width < 1:
-            raise ValueError(f"beam_width={self.beam_width!r} must be a positive integer.")
+        def store(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        for name in ("max_tokens", "n", "beam_width"):
+            store(name, _as_int(name, getattr(self, name)))
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be a positive integer.")
+        store("top_k", _as_int("top_k", self.top_k))
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k} must be an integer >= 0 (0 turns it off).")
+        store("temperature", _as_float("temperature", self.temperature, "a finite number >= 0 (0 means greedy)"))
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature} must be a finite number >= 0 (0 means greedy).")
+        store("top_p", _as_float("top_p", self.top_p, "a number in (0, 1] (1 turns it off)"))
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1] (1 turns it off).")
+        store("length_penalty", _as_float("length_penalty", self.length_penalty, "a finite number (1 is neutral)"))
         if self.beam_width > 1 and self.n > self.beam_width:
             raise ValueError(f"n={self.n} must not exceed beam_width={self.beam_width} in beam search.")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise ValueError(f"seed={self.seed!r} must be an integer or None.")
-        if any(not isinstance(t, (int, np.integer)) or t < 0 for t in self.stop_token_ids):
-            raise ValueError(f"stop_token_ids={self.stop_token_ids!r} must be non-negative token ids.")
+        if self.seed is not None:
+            store("seed", _as_int("seed", self.seed))
+            if not 0 <= self.seed < SEED_LIMIT:
+                raise ValueError(f"seed={self.seed} must be in [0, 2**32) (or None to derive it from the request id).")
+        store("stop_token_ids", _as_stop_ids(self.stop_token_ids))
+        if not isinstance(self.ignore_eos, (bool, np.bool_)):
+            kind = type(self.ignore_eos).__name__
+            raise TypeError(f"ignore_eos={self.ignore_eos!r} is a {kind}: pass True or False.")
+        store("ignore_eos", bool(self.ignore_eos))
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.beam_width > 1
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raise ValueError if a stop token id is outside [0, vocab_size) (the engine calls this at add_request)."""
+        for t in self.stop_token_ids:
+            if t >= vocab_size:
+                raise ValueError(
+                    f"stop_token_ids holds {t}, outside the vocabulary [0, {vocab_size}): pass ids below {vocab_size}."
+                )
 
 
 from planner.memory import SAMPLER_ROWS  # rows sampled at a time: the sort's workspace stays ~SAMPLER_ROWS x V

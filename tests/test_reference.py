@@ -120,7 +120,7 @@ def test_eos_stops_a_row_and_edge_lengths(model):
 @pytest.mark.parametrize(
     "kwargs, match",
     [({"prompt_ids": [[1] * 100], "max_tokens": 29}, "exceeds the model's 128 positions"),
-     ({"prompt_ids": [[1], []], "max_tokens": 3}, "prompt 1 must be a non-empty"),
+     ({"prompt_ids": [[1], []], "max_tokens": 3}, "prompt 1 is empty"),
      ({"prompt_ids": [[1, 1000]], "max_tokens": 3}, "outside"),
      ({"prompt_ids": [[1]], "max_tokens": -1}, "max_tokens"),
      ({"prompt_ids": [[1]], "max_tokens": 2, "temperature": -0.5}, "temperature")],
@@ -136,3 +136,19 @@ def test_logits_of_generated_sequence_are_consistent(model):
     gen = reference_generate(model, [prompt], 6)[0]
     logits = model.logits(prompt + gen[:-1])
     assert list(np.argmax(logits[len(prompt) - 1 :], axis=-1)) == gen
+
+
+def test_prompts_follow_the_shared_rule(model):
+    # jkv.prompts.as_prompt_list / as_token_ids: a flat list is one prompt, a 2-D int array one prompt per row,
+    # numpy ids are fine; floats and strings are rejected rather than truncated or iterated.
+    want = reference_generate(model, PROMPTS[:1], 4)
+    assert reference_generate(model, PROMPTS[0], 4) == want
+    assert reference_generate(model, np.array(PROMPTS[0], np.int64), 4) == want
+    rows = np.random.default_rng(5).integers(1, 1000, (2, 6))
+    assert reference_generate(model, rows, 3) == reference_generate(model, rows.tolist(), 3)
+    with pytest.raises(TypeError, match="dtype float32"):
+        reference_generate(model, rows.astype(np.float32), 3)
+    with pytest.raises(TypeError, match=r"holds 1\.5 \(float\)"):
+        reference_generate(model, [[1, 1.5]], 3)
+    with pytest.raises(TypeError, match="prompt 0 is a string"):
+        reference_generate(model, "Hello", 3)
