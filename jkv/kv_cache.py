@@ -189,3 +189,88 @@ def scatter_blocks(pools: KVPools, blocks: jax.Array, contents: KVPools) -> KVPo
 
 def to_host(tree: KVPools) -> KVPools:
     return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+SWAP_STAGING_BYTES = 64 * 2**20  # most KV bytes one swap call gathers or scatters on the device
+
+
+class KVCache:
+    """The engine's KV storage: the device pools, host swap space laid out like them, and the block copies.
+
+    Every copy call is padded to a power of two of blocks with null-block entries, so each bucket compiles once
+    (`warm` compiles them all). Swapping moves blocks in calls of at most `swap_chunk` blocks: at most one longest
+    sequence's blocks and SWAP_STAGING_BYTES of device staging, whatever a request holds.
+    """
+
+    def __init__(self, config: ModelConfig, *, num_blocks: int, block_size: int, kv_dtype: str, swap_blocks: int = 0,
+                 max_seq_len: int) -> None:  # fmt: skip
+        from kvspec.shapes import bucket, cdiv
+
+        self.pools: KVPools = allocate_pools(config, num_blocks, block_size, kv_dtype)
+        self.host_pools: KVPools | None = None
+        if swap_blocks:
+            self.host_pools = jax.tree.map(lambda a: np.zeros((swap_blocks, *a.shape[1:]), a.dtype), self.pools)
+        self.bytes_per_block = sum(a.nbytes // a.shape[0] for a in jax.tree.leaves(self.pools))
+        self.swap_chunk = min(bucket(cdiv(max_seq_len, block_size)),
+                              1 << max(0, (SWAP_STAGING_BYTES // self.bytes_per_block).bit_length() - 1))  # fmt: skip
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pools.num_blocks
+
+    def copy(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy-on-write: block dst = block src for each (src, dst), padded with null-block-to-itself copies."""
+        from kvspec.shapes import bucket
+
+        pad = [0] * (bucket(len(pairs)) - len(pairs))
+        src = jnp.asarray([s for s, _ in pairs] + pad, jnp.int32)
+        dst = jnp.asarray([d for _, d in pairs] + pad, jnp.int32)
+        self.pools = copy_blocks(self.pools, src, dst)
+
+    def _pieces(self, n: int):
+        """(start, stop, padded size) of each swap call moving n blocks."""
+        from kvspec.shapes import bucket
+
+        for start in range(0, n, self.swap_chunk):
+            stop = min(n, start + self.swap_chunk)
+            yield start, stop, bucket(stop - start)
+
+    def swap_out(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy device blocks to host slots, for each (device block, host slot) in order."""
+        dev, host = [d for d, _ in pairs], [h for _, h in pairs]
+        leaves = jax.tree.leaves(self.host_pools)
+        for start, stop, size in self._pieces(len(dev)):
+            ids = dev[start:stop] + [0] * (size - (stop - start))
+            data = jax.device_get(gather_blocks(self.pools, jnp.asarray(ids, jnp.int32)))
+            for h_arr, d_arr in zip(leaves, jax.tree.leaves(data)):
+                h_arr[host[start:stop]] = d_arr[: stop - start]
+
+    def swap_in(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy host slots back to device blocks, for each (host slot, device block); padding writes block 0."""
+        host, dev = [h for h, _ in pairs], [d for _, d in pairs]
+        for start, stop, size in self._pieces(len(dev)):
+            pad = size - (stop - start)
+            idx = np.asarray(host[start:stop] + [host[start]] * pad)
+            contents = jax.tree.map(lambda a, idx=idx: jnp.asarray(a[idx]), self.host_pools)
+            ids = jnp.asarray(dev[start:stop] + [0] * pad, jnp.int32)
+            self.pools = scatter_blocks(self.pools, ids, contents)
+
+    def warm(self, copy_sizes: list[int]) -> None:
+        """Compile every copy call size (the null block onto itself) and, with swap space, every swap call size
+        (the null block to host slot 0 and back): nothing is moved that any sequence holds."""
+        from kvspec.shapes import bucket
+
+        for n in copy_sizes:
+            self.copy([(0, 0)] * n)
+        if self.host_pools is not None:
+            for n in sorted({bucket(n) for n in range(1, self.swap_chunk + 1)}):
+                self.swap_out([(0, 0)] * n)
+                self.swap_in([(0, 0)] * n)
+        jax.block_until_ready(self.pools)
+
+    def close(self) -> None:
+        """Free the device pools now (the cache is unusable afterwards)."""
+        for a in jax.tree.leaves(self.pools):
+            if not a.is_deleted():
+                a.delete()
+        self.host_pools = None

@@ -34,7 +34,7 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     num_computed: int = 0
     pending: int | None = None  # a sampled token not yet given a slot (appended at the next schedule)
-    inflight: int | None = None  # async: a sampled, unread token sits at this row of the last step's buffer
+    inflight: bool = False  # a step that samples this sequence's next token(s) is dispatched and not read yet
     cum_logprob: float = 0.0  # beam search score
     finish_reason: str | None = None
 
@@ -78,7 +78,7 @@ class Sequence:
 
     @property
     def prefilling(self) -> bool:
-        return self.pending is None and self.inflight is None and self.num_computed < len(self.tokens)
+        return self.pending is None and not self.inflight and self.num_computed < len(self.tokens)
 
 
 @dataclass(eq=False)
@@ -108,7 +108,7 @@ class Request:
     def finished(self) -> bool:
         """No sequence runs or waits, and none has a token still to be read from the device."""
         return self.error is not None or (
-            bool(self.seqs) and all(s.status is SeqStatus.FINISHED and s.inflight is None for s in self.seqs)
+            bool(self.seqs) and all(s.status is SeqStatus.FINISHED and not s.inflight for s in self.seqs)
         )
 
 

@@ -12,9 +12,9 @@ decode steps in one call (multi-step decode: a `fori_loop` over the step, sample
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import NamedTuple
 from dataclasses import dataclass
 from functools import partial
 
@@ -25,12 +25,39 @@ import numpy as np
 from jkv.kv_cache import KVPools, write_tokens
 from jkv.model import forward
 from jkv.sampling import sample_tokens
+from kvspec.shapes import bucket  # noqa: F401 - re-exported for callers of the runner
 from planner.config import ModelConfig
 
 
-def bucket(n: int, minimum: int = 1) -> int:
-    """Smallest power of two >= max(n, minimum)."""
-    return 1 << max(0, math.ceil(math.log2(max(n, minimum, 1))))
+_compilations = 0  # XLA backend compilations in this process (jax.monitoring), for per-engine counts
+
+
+def _count_compilation(event: str, duration_secs: float, **kwargs) -> None:
+    global _compilations
+    if event == "/jax/core/compile/backend_compile_duration":
+        _compilations += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compilation)
+
+
+def compilations() -> int:
+    """XLA compilations so far in this process (a caller takes differences around its own calls)."""
+    return _compilations
+
+
+class StepRow(NamedTuple):
+    """One row of a step: its new tokens, the tokens already cached before them, its block table, and the
+    sampling parameters of the token it samples (its seed, and its index among the request's output tokens)."""
+
+    tokens: list[int]
+    context_len: int
+    block_table: list[int]
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+    counter: int
 
 
 @jax.tree_util.register_dataclass
@@ -385,7 +412,7 @@ class StepRunner:
 
 
 def build_inputs(
-    rows: list[tuple[list[int], int, list[int], float, int, float, int, int]],
+    rows: Sequence[StepRow],
     *,
     block_size: int,
     chunk: int,
@@ -393,7 +420,7 @@ def build_inputs(
     batch: int,
     src_rows: Sequence[int] | None = None,
 ) -> StepInputs:
-    """Pack rows (new tokens, context_len, block table, temperature, top_k, top_p, seed, counter) into arrays.
+    """Pack `StepRow`s into arrays.
 
     `chunk`, `width` and `batch` are the bucketed C, M and B; padding goes to the null block 0. Rows of one token
     each (decode) take a column-wise path: one NumPy conversion per field instead of several per row.

@@ -1,83 +1,187 @@
-"""Continuous-batching scheduler: which sequences run in the next step, and what blocks move first.
+"""Continuous-batching scheduler: the only writer of request, sequence and block state.
+
+An engine step is `schedule()` -> the model executor runs the `SchedulerOutput` -> `update_after_dispatch()` ->
+`update_from_output()` with the tokens the executor read back. The scheduler talks to the `BlockManager`; the
+executor only reads what the output names and hands back a `ModelRunnerOutput`.
 
 Each round, in priority order (earlier arrival first):
 
-1. Running requests whose sequences hold a sampled token get a slot for it (`append_slots`). When the pool is
-   short, the lowest-priority running request is preempted -- by recomputation (its blocks are freed and it
-   goes back to the front of the waiting queue) or by swapping (its blocks move to host memory) -- until the
+1. Running requests whose sequences hold a sampled token (or one still on the device) get a slot for it. When the
+   pool is short, the lowest-priority running request is preempted -- by recomputation (its blocks are freed and
+   it goes back to the front of the waiting queue) or by swapping (its blocks move to host memory) -- until the
    append fits; if the request itself is the lowest, it is the one preempted.
-2. If nothing was preempted, swapped requests come back (`swap_in`) while blocks above the watermark allow.
+2. If nothing was preempted, swapped requests come back while blocks above the watermark allow.
 3. Prefill: running sequences part-way through a chunked prefill continue, then waiting requests are admitted
    (FCFS, while blocks above the watermark and the token budget last); a long prompt is split into chunks of at
    most the step's prefill token budget, so prefill chunks run beside the decodes of the same step. A request
    counts its full width (n samples, beams) against max_num_seqs from admission on, though it forks later.
-   Given the engine's padding rule (`padded_size`), chunks are added only while the padded prefill step
-   (rows x longest chunk, rounded up) stays within `max_padded` positions: without it, one long chunk beside many
-   short ones made a step of up to rows x longest positions, far beyond the budget the planner sized the
-   workspace for.
+   Chunks are added only while the padded prefill step (the shape policy's rows x chunk) stays within the
+   positions the planner priced.
+4. Multi-step decode (`decode_steps` K > 1): the decode rows get the slots of their next K - 1 tokens as
+   lookahead placeholders, when no row is a beam and the pool has the blocks; else the round runs one step.
 
-The scheduler only talks to the `BlockManager`; the device copies it implies come back as an ordered op list
-(swap-outs, swap-ins, copy-on-writes) that the engine performs before the model step.
+Async scheduling: a sequence whose token the device sampled but the host has not read gets its slot anyway (a
+placeholder id, `UNKNOWN_TOKEN`); the executor feeds the row that token from the previous step's device buffer.
+A step whose tokens the host needs before the next schedule (beam search; the first token of an `n > 1` request,
+whose samples fork from its logits) is read within the same engine step (`SchedulerOutput.read_now`).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from jkv import forks
 from jkv.block_manager import AllocStatus, BlockManager
+from jkv.forks import BeamCandidates
 from jkv.request import UNKNOWN_TOKEN, Request, Sequence, SeqStatus
+from jkv.sampling import SamplingParams
+from kvspec.shapes import ShapePolicy
+
+
+@dataclass(frozen=True)
+class BlockCopies:
+    """Device copies a round needs before its model step, applied in this order: swap-outs (device block -> host
+    slot), swap-ins (host slot -> device block), copy-on-writes (source block -> destination block).
+
+    NOTE: the block manager allows per-kind batching only when a round runs all swap-outs, then all swap-ins, then
+    all copy-on-writes, and swaps out no sequence it appended to or swapped in the same round; `schedule` keeps
+    that: victims are taken from the back of the running queue before their turn to append, and swap-ins run only
+    in rounds that preempted nothing.
+    """
+
+    swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device block, host slot)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)  # (host slot, device block)
+    cow: list[tuple[int, int]] = field(default_factory=list)  # (source block, destination block)
+
+    def __bool__(self) -> bool:
+        return bool(self.swap_out or self.swap_in or self.cow)
+
+
+@dataclass(frozen=True)
+class DecodeRow:
+    """A decode row: `seq`'s tokens from index `start` are sampled this round (`num_steps` of them, 1 unless the
+    round is multi-step); its input token is `seq.tokens[start - 1]`."""
+
+    seq: Sequence
+    start: int
+    num_steps: int = 1
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    """Tokens [start, start + num_tokens) of `seq` computed this round; `samples`: the chunk completes the prompt
+    and its last row samples the first token; `forks`: that token is the first of an `n > 1` request."""
+
+    seq: Sequence
+    start: int
+    num_tokens: int
+    samples: bool
+    forks: bool = False
 
 
 @dataclass
 class SchedulerOutput:
-    decode: list[Sequence] = field(default_factory=list)
-    prefill: list[tuple[Sequence, int, int]] = field(default_factory=list)  # (seq, start, num_tokens)
-    ops: list[tuple[str, object]] = field(default_factory=list)  # ("swap_out", {dev: host}), ("swap_in", ...), ("cow", [(s, d)])
+    """What one round runs: decode rows, prefill chunks, the block copies before them, and what it reports."""
+
+    step: int
+    decode: list[DecodeRow] = field(default_factory=list)
+    prefill: list[PrefillChunk] = field(default_factory=list)
+    copies: BlockCopies = field(default_factory=BlockCopies)
+    multi_step: bool = False  # the decode rows run a multi-step round (DecodeRow.num_steps)
+    read_now: bool = False  # the host needs this round's tokens before the next schedule
     preempted: list[Request] = field(default_factory=list)
+    finished: list[Request] = field(default_factory=list)  # rejected or aborted since the last round
 
     @property
     def empty(self) -> bool:
         return not self.decode and not self.prefill
 
 
+@dataclass(frozen=True)
+class SampledRow:
+    """Tokens a row sampled, which belong at `seq.tokens[start:]`; `fork_tokens`: the first tokens of the other
+    n - 1 samples of an `n > 1` request (sampled from the same logits)."""
+
+    seq: Sequence
+    start: int
+    tokens: list[int]
+    fork_tokens: list[int] | None = None
+
+
+@dataclass(frozen=True)
+class ModelRunnerOutput:
+    """What the executor read back from one dispatched round."""
+
+    step: int
+    rows: list[SampledRow] = field(default_factory=list)
+    beams: list[BeamCandidates] = field(default_factory=list)
+
+
+def check_stop(token: int, num_output: int, sampling: SamplingParams) -> str | None:
+    """Why a sequence ends with `token` as its `num_output`-th output token: 'stop', 'length', or None."""
+    if not sampling.ignore_eos and token in sampling.stop_token_ids:
+        return "stop"
+    if num_output >= sampling.max_tokens:
+        return "length"
+    return None
+
+
 class Scheduler:
     def __init__(
         self,
         manager: BlockManager,
+        shapes: ShapePolicy,
         *,
-        max_num_seqs: int,
-        max_num_batched_tokens: int,
         preemption_mode: str = "recompute",
-        padded_size: Callable[[int, int], int] | None = None,
-        max_padded: int | None = None,
+        async_scheduling: bool = True,
     ) -> None:
-        """padded_size(rows, longest chunk) -> the query positions the engine's prefill step of that many rows
-        computes after padding; with it, a round's prefill takes chunks only while that stays within max_padded
-        (a chunk is cut short to fit; the first chunk always fits when max_padded >= padded_size(1, budget))."""
         if preemption_mode not in ("recompute", "swap"):
             raise ValueError(f"preemption_mode={preemption_mode!r} must be 'recompute' or 'swap'.")
         if preemption_mode == "swap" and manager.swap_space.num_free_slots == 0:
             raise ValueError("preemption_mode='swap' needs swap space: pass swap_blocks > 0.")
         self.manager = manager
-        self.max_num_seqs = max_num_seqs
-        self.max_num_batched_tokens = max_num_batched_tokens
+        self.shapes = shapes
+        self.max_num_seqs = shapes.max_num_seqs
+        self.max_num_batched_tokens = shapes.max_num_batched_tokens
         self.preemption_mode = preemption_mode
-        if (padded_size is None) != (max_padded is None):
-            raise ValueError("padded_size and max_padded go together: pass both or neither.")
-        self.padded_size = padded_size
-        self.max_padded = max_padded
+        self.async_scheduling = async_scheduling
+        self.requests: dict[str, Request] = {}  # unfinished requests by id
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.swapped: list[Request] = []
         self.num_preempt_recompute = 0
         self.num_preempt_swap = 0
-        self.rejected: list[Request] = []  # found never admissible this round; the engine reports them
+        self.num_generated_tokens = 0
+        self._finished: list[Request] = []  # rejected or aborted outside a round: the next round reports them
+        self.num_rounds = 0
+        self._arrivals = itertools.count()
+        self._seq_ids = itertools.count(1)
 
-    # Queue management -------------------------------------------------------------------------------------
-    def add(self, request: Request) -> None:
-        self.waiting.append(request)
+    # Requests ---------------------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: list[int], sampling: SamplingParams) -> Request:
+        """Queue a checked request (the engine validated the prompt and sampling)."""
+        req = Request(request_id, prompt, sampling, next(self._arrivals))
+        req.seqs.append(Sequence(self._new_seq_id(), req, list(prompt), len(prompt)))
+        self.requests[request_id] = req
+        self.waiting.append(req)
+        return req
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request: its blocks come back now, tokens still on the device are dropped, and the next round
+        reports it finished ('aborted'). False when no unfinished request has that id."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return False
+        for s in req.seqs:
+            if s.status is not SeqStatus.FINISHED or s.inflight:
+                s.finish_reason = "aborted"
+                s.inflight = False  # a token still in flight is dropped
+                s.drop_placeholders()  # and so are the slots of a multi-step round in flight
+        self.remove(req)
+        self._finished.append(req)
+        return True
 
     def remove(self, request: Request) -> None:
         """Drop a request from every queue and free its sequences' blocks (finished or aborted)."""
@@ -87,9 +191,9 @@ class Scheduler:
         if request in self.waiting:
             self.waiting.remove(request)
         for s in request.seqs:
-            if s.status in (SeqStatus.RUNNING, SeqStatus.SWAPPED):
-                self.manager.free(s.seq_id)
-            s.status = SeqStatus.FINISHED if s.status is not SeqStatus.FINISHED else s.status
+            self.release_seq(s)
+        if self.requests.get(request.request_id) is request:
+            del self.requests[request.request_id]
 
     def release_seq(self, seq: Sequence) -> None:
         """A finished or dropped sequence gives its blocks back; the request stays while others run."""
@@ -97,9 +201,12 @@ class Scheduler:
             self.manager.free(seq.seq_id)
         seq.status = SeqStatus.FINISHED
 
+    def _new_seq_id(self) -> int:
+        return next(self._seq_ids)
+
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.swapped)
+        return bool(self.waiting or self.running or self.swapped or self._finished)
 
     def num_running_seqs(self) -> int:
         return sum(1 for r in self.running for s in r.seqs if s.status is SeqStatus.RUNNING)
@@ -117,21 +224,21 @@ class Scheduler:
         return sum(self._seats(r) for r in self.running)
 
     # Preemption -------------------------------------------------------------------------------------------
-    def _preempt(self, request: Request, out: SchedulerOutput) -> None:
+    def _preempt(self, request: Request, out: SchedulerOutput, swap_out: list[tuple[int, int]]) -> None:
         live = [s for s in request.seqs if s.status is SeqStatus.RUNNING]
         self.running.remove(request)
         request.num_preemptions += 1
         out.preempted.append(request)
         ids = [s.seq_id for s in live]
         if self.preemption_mode == "swap" and not any(s.prefilling for s in live) and self.manager.can_swap_out(*ids):
-            out.ops.append(("swap_out", self.manager.swap_out(*ids)))
+            swap_out += self.manager.swap_out(*ids).items()  # a block two victims share is copied for each
             for s in live:
                 s.status = SeqStatus.SWAPPED
             self.swapped.append(request)
             self.num_preempt_swap += 1
             return
         # Recompute: free the blocks; the sequence's tokens (with its pending one) become its new prompt. A
-        # token still in flight (async scheduling) joins them when the engine reads it; the request waits.
+        # token still in flight (async scheduling) joins them when it is read; the request waits for it.
         for s in live:
             self.manager.free(s.seq_id)
             if s.pending is not None:
@@ -144,60 +251,69 @@ class Scheduler:
 
     # Prefill step size -------------------------------------------------------------------------------------
     def _row_fits(self, out: SchedulerOutput) -> bool:
-        """Whether the round's prefill can take one more row (of one token) within max_padded."""
-        if self.padded_size is None or not out.prefill:
+        """Whether the round's prefill can take one more row (of one token) within the priced padded size."""
+        if not out.prefill:
             return True
-        longest = max(n for _, _, n in out.prefill)
-        return self.padded_size(len(out.prefill) + 1, longest) <= self.max_padded
+        longest = max(c.num_tokens for c in out.prefill)
+        return self.shapes.prefill_positions(len(out.prefill) + 1, longest) <= self.shapes.max_prefill_positions
 
     def _chunk(self, out: SchedulerOutput, n: int) -> int:
-        """The longest chunk of at most n tokens the round's prefill can add as a row within max_padded (call
-        after _row_fits: a chunk no longer than the round's longest always fits, so the result is >= 1)."""
-        if self.padded_size is None or not out.prefill:
+        """The longest chunk of at most n tokens the round's prefill can add as a row within the priced size
+        (call after _row_fits: a chunk no longer than the round's longest always fits, so the result is >= 1)."""
+        if not out.prefill:
             return n
-        rows, longest = len(out.prefill) + 1, max(m for _, _, m in out.prefill)
+        rows, longest = len(out.prefill) + 1, max(c.num_tokens for c in out.prefill)
         lo, hi = min(n, longest), n  # lo fits; find the largest fitting length in [lo, hi]
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if self.padded_size(rows, mid) <= self.max_padded else (lo, mid - 1)
+            fits = self.shapes.prefill_positions(rows, mid) <= self.shapes.max_prefill_positions
+            lo, hi = (mid, hi) if fits else (lo, mid - 1)
         return lo
+
+    def _add_chunk(self, out: SchedulerOutput, s: Sequence, budget: int) -> int:
+        """Add s's next prefill chunk to the round; returns the tokens it takes from the budget."""
+        n = self._chunk(out, min(len(s.tokens) - s.num_computed, budget))
+        samples = s.num_computed + n == len(s.tokens)
+        req = s.request
+        fork = samples and req.sampling.n > 1 and len(req.seqs) == 1 and s.num_output == 0
+        out.prefill.append(PrefillChunk(s, s.num_computed, n, samples, fork))
+        return n
 
     # One round --------------------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
+        out = SchedulerOutput(self.num_rounds, finished=self._finished)
+        self._finished = []
+        self.num_rounds += 1
         m = self.manager
         budget = self.max_num_batched_tokens
+        swap_out: list[tuple[int, int]] = []
+        swap_in: list[tuple[int, int]] = []
+        cow: list[tuple[int, int]] = []
+        decode: list[Sequence] = []
 
         # 1. slots for the sampled tokens of running requests, preempting from the back when short
         self.running.sort(key=lambda r: r.arrival)
-        done: list[Request] = []
         i = 0
         while i < len(self.running):
             req = self.running[i]
-            seqs = [s for s in req.seqs if s.status is SeqStatus.RUNNING
-                    and (s.pending is not None or s.inflight is not None)]  # fmt: skip
+            seqs = [s for s in req.seqs if s.status is SeqStatus.RUNNING and (s.pending is not None or s.inflight)]
             need = sum(m.num_blocks_to_append(s.seq_id, 1) for s in seqs)
             preempted_self = False
             while need > m.num_free_blocks:
                 victim = self.running[-1]
-                self._preempt(victim, out)
+                self._preempt(victim, out, swap_out)
                 if victim is req:
                     preempted_self = True
                     break
             if preempted_self:
                 break
             for s in seqs:
-                # a token in flight gets its slot now and its value when the engine reads it
-                token = s.pending if s.pending is not None else UNKNOWN_TOKEN
-                # advance=False: the engine marks tokens computed once their values are known (a multi-step
-                # decode round still in flight leaves placeholders that must not enter the prefix cache)
-                cow = m.append_slots(s.seq_id, [token], advance=False)
-                if cow:
-                    out.ops.append(("cow", cow))
-                s.tokens.append(token)
+                # a token in flight gets its slot now and its value when it is read; its K/V are marked computed
+                # once the value is known (update_after_dispatch)
+                cow += m.append_slots(s.seq_id, 1)
+                s.tokens.append(s.pending if s.pending is not None else UNKNOWN_TOKEN)
                 s.pending = None
-                out.decode.append(s)
-            done.append(req)
+                decode.append(s)
             i += 1
 
         # 2. swapped requests come back when nothing had to be preempted
@@ -206,7 +322,7 @@ class Scheduler:
                 ids = [s.seq_id for s in req.seqs if s.status is SeqStatus.SWAPPED]
                 if self._seats_taken() + self._seats(req) > self.max_num_seqs or not m.can_swap_in(*ids):
                     break
-                out.ops.append(("swap_in", m.swap_in(*ids)))
+                swap_in += m.swap_in(*ids).items()
                 for s in req.seqs:
                     if s.status is SeqStatus.SWAPPED:
                         s.status = SeqStatus.RUNNING
@@ -214,33 +330,33 @@ class Scheduler:
                 self.running.append(req)
 
         # 3. prefill: continue chunked prefills, then admit waiting requests
-        decoding = {id(s) for s in out.decode}
+        decoding = {id(s) for s in decode}
         for req in list(self.running):
             for s in req.seqs:
                 if budget <= 0 or not self._row_fits(out):
                     break
                 if s.status is SeqStatus.RUNNING and s.prefilling and id(s) not in decoding:
-                    n = self._chunk(out, min(len(s.tokens) - s.num_computed, budget))
-                    out.prefill.append((s, s.num_computed, n))
-                    budget -= n
+                    budget -= self._add_chunk(out, s, budget)
         while self.waiting and budget > 0 and not self.swapped and self._row_fits(out):
             req = self.waiting[0]
             seqs = [s for s in req.seqs if s.status is SeqStatus.WAITING]
             if self._seats_taken() + self._seats(req) > self.max_num_seqs:
                 break
-            if any(s.inflight is not None for s in seqs):
-                break  # preempted this round with a token still in flight: its prompt is not complete yet
+            if any(s.inflight for s in seqs):
+                break  # preempted with a token still in flight: its prompt is not complete yet
             needed = sum(-(-len(s.tokens) // m.block_size) for s in seqs)
             # NOTE: each sequence's check sees the whole free pool; the forks of a request preempted by
             # recomputation are allocated together, so they must fit together (upper bound: no prefix hits).
             group_short = len(seqs) > 1 and needed > m.num_free_blocks - m.watermark_blocks
             if group_short or any(m.allocation_status(s.tokens) is not AllocStatus.OK for s in seqs):
-                if not self.running and not out.decode and needed > m.num_free_blocks:
+                if not self.running and not decode and needed > m.num_free_blocks:
                     # nothing running will free blocks: the request can never be admitted
                     req.error = (f"request {req.request_id} needs {needed} KV blocks but the pool has only "
-                                 f"{m.num_free_blocks} free: lower max_tokens or the prompt, or give the engine more blocks.")  # fmt: skip
+                                 f"{m.num_free_blocks} free: lower max_tokens or the prompt, or give the engine "
+                                 "more blocks.")  # fmt: skip
                     self.waiting.popleft()
-                    self.rejected.append(req)
+                    self.remove(req)
+                    out.finished.append(req)
                     continue
                 break
             self.waiting.popleft()
@@ -249,8 +365,147 @@ class Scheduler:
                 s.num_computed = alloc.num_cached_tokens
                 s.status = SeqStatus.RUNNING
                 if budget > 0 and self._row_fits(out):  # else its prefill starts in a later round
-                    n = self._chunk(out, min(len(s.tokens) - s.num_computed, budget))
-                    out.prefill.append((s, s.num_computed, n))
-                    budget -= n
+                    budget -= self._add_chunk(out, s, budget)
             self.running.append(req)
+
+        # 4. the decode rows' lookahead slots for a multi-step round
+        counts = self._lookahead(decode)
+        out.multi_step = counts is not None
+        for k, s in enumerate(decode):
+            n = counts[k] if counts else 1
+            out.decode.append(DecodeRow(s, len(s.tokens) - n + 1, n))
+        out.copies = BlockCopies(swap_out, swap_in, cow)
+        out.read_now = (not self.async_scheduling or any(s.request.beam for s in decode)
+                        or any(c.samples and (c.forks or c.seq.request.beam) for c in out.prefill))  # fmt: skip
         return out
+
+    def _lookahead(self, seqs: list[Sequence]) -> list[int] | None:
+        """Multi-step decode: tokens each decode row samples this round, after giving every row the slots of its
+        extra steps (placeholders); None for a single step (decode_steps 1, beam search, or too few free
+        blocks for the extra slots)."""
+        k = self.shapes.decode_steps
+        if k == 1 or not seqs or any(s.request.beam for s in seqs):
+            return None
+        m = self.manager
+        # the row's input token is already in s.tokens; it may sample up to max_tokens
+        counts = [min(k, s.request.sampling.max_tokens - s.num_output) for s in seqs]
+        need = sum(m.num_blocks_to_append(s.seq_id, n - 1) for s, n in zip(seqs, counts))
+        if max(counts) == 1 or need > m.num_free_blocks:
+            return None
+        for s, n in zip(seqs, counts):
+            if n > 1:
+                assert not m.append_slots(s.seq_id, n - 1), "the round's first slot already made the last block private"
+                s.tokens.extend([UNKNOWN_TOKEN] * (n - 1))
+        return counts
+
+    # After the executor ---------------------------------------------------------------------------------------
+    def update_after_dispatch(self, out: SchedulerOutput) -> None:
+        """The round is on the device (and the round before it was read): record what it computes, mark its
+        sampling rows in flight, and -- when its tokens are read later -- give back now the blocks of sequences
+        whose token in flight is their last (max_tokens), so the next schedule sees the blocks a synchronous
+        engine would."""
+        m = self.manager
+        for row in out.decode:
+            s = row.seq
+            if s.status is SeqStatus.FINISHED:  # stopped by the token the previous round sampled
+                continue
+            s.num_computed = len(s.tokens)
+            # the input token is known now (prefix-cache hashes need its value); a round's placeholders are not
+            m.mark_computed(s.seq_id, row.start, s.tokens)
+            s.inflight = True
+        for c in out.prefill:
+            s = c.seq
+            s.num_computed = c.start + c.num_tokens
+            m.mark_computed(s.seq_id, s.num_computed, s.tokens)
+            s.inflight = c.samples
+        if out.read_now:
+            return
+        for s in [r.seq for r in out.decode] + [c.seq for c in out.prefill if c.samples]:
+            if s.inflight and s.num_output + 1 >= s.request.sampling.max_tokens:
+                self.release_seq(s)
+                req = s.request
+                if all(q.status is SeqStatus.FINISHED for q in req.seqs):
+                    self.remove(req)
+
+    def update_from_output(self, result: ModelRunnerOutput | None) -> dict[str, Request]:
+        """Take the tokens a round sampled: place them, fork samples, pick beams, stop sequences, free finished
+        requests. Returns the requests concerned, by id."""
+        touched: dict[str, Request] = {}
+        if result is None:
+            return touched
+        ended: list[Request] = []
+        for row in result.rows:
+            s = row.seq
+            if not s.inflight:  # aborted, or stopped by an earlier token, since the round was dispatched
+                continue
+            s.inflight = False
+            req = s.request
+            touched[req.request_id] = req
+            if row.fork_tokens is not None:  # the samples fork from the placed first token, then each is checked
+                self._place(s, row.start, row.tokens[0])
+                for q in [s, *forks.fork_samples(self, s, row.fork_tokens)]:
+                    if self._take(q, len(q.tokens), [q.pending]):
+                        ended.append(req)
+            elif self._take(s, row.start, row.tokens):
+                ended.append(req)
+        for cand in result.beams:
+            live = [b for b in cand.beams if b.inflight]
+            if not live:
+                continue
+            assert len(live) == len(cand.beams), "a beam request's beams are read together"
+            for b in live:
+                b.inflight = False
+            touched[cand.request.request_id] = cand.request
+            self.num_generated_tokens += forks.beam_step(self, cand)
+            ended.append(cand.request)
+        for req in ended:
+            if req.finished:
+                self.remove(req)
+        return touched
+
+    def _place(self, s: Sequence, index: int, token: int) -> None:
+        """Put a sampled token where it belongs, by the sequence's state since the round was dispatched: into its
+        slot at `index` when it has one (the next round or a multi-step round already gave it one), else as the
+        pending token of a live sequence, else at the end (preempted by recomputation: its tokens become its
+        prompt; or released at max_tokens)."""
+        if index < len(s.tokens):
+            s.tokens[index] = token
+        elif s.status is SeqStatus.RUNNING or s.status is SeqStatus.SWAPPED:
+            s.pending = token  # gets a slot at the next schedule
+        else:
+            s.tokens.append(token)
+
+    def _take(self, s: Sequence, start: int, tokens: list[int]) -> bool:
+        """Place s's sampled tokens (index start on), counting each and stopping at a stop token or max_tokens;
+        the slots after a stop token are dropped. Returns whether s finished."""
+        sp = s.request.sampling
+        # The leading tokens that have slots and end nothing go in as one slice (a multi-step round's tokens into
+        # its placeholder slots: what the loop below does token by token); the loop takes the rest.
+        live = s.status is SeqStatus.RUNNING or s.status is SeqStatus.SWAPPED
+        m = min(len(tokens), len(s.tokens) - start) if live else 0
+        if (m > 1 and start + m - s.num_prompt < sp.max_tokens
+                and (sp.ignore_eos or not any(t in sp.stop_token_ids for t in tokens[:m]))):  # fmt: skip
+            s.tokens[start : start + m] = tokens[:m]
+            self.num_generated_tokens += m
+        else:
+            m = 0
+        for j in range(m, len(tokens)):
+            token, index = tokens[j], start + j
+            self._place(s, index, token)
+            self.num_generated_tokens += 1
+            why = check_stop(token, index + 1 - s.num_prompt, sp)
+            if s.status is SeqStatus.FINISHED:  # released ahead of its last token (by length)
+                if why == "stop" or j == len(tokens) - 1:
+                    del s.tokens[index + 1 :]
+                    s.finish_reason = "stop" if why == "stop" else "length"
+                    return True
+                continue
+            if why is not None:
+                if s.pending is not None:
+                    s.tokens.append(s.pending)
+                    s.pending = None
+                del s.tokens[index + 1 :]  # placeholders of steps past the stop (multi-step, async)
+                s.finish_reason = why
+                self.release_seq(s)
+                return True
+        return False

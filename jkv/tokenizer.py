@@ -77,6 +77,13 @@ def default_tokenizer() -> Tokenizer:
     return tok
 
 
+def has_tokenizer_files(name_or_dir: str | Path) -> bool:
+    """Whether a checkpoint directory carries its own tokenizer (tokenizer.json, or vocab.json + merges.txt)."""
+    path = Path(name_or_dir)
+    return path.is_dir() and ((path / "tokenizer.json").is_file()
+                              or ((path / "vocab.json").is_file() and (path / "merges.txt").is_file()))  # fmt: skip
+
+
 def get_tokenizer(name_or_dir: str | Path | None = None) -> Tokenizer:
     """The tokenizer for a model: a checkpoint directory's own files, else GPT-2's default.
 

@@ -1,0 +1,236 @@
+"""The model executor: runs what the scheduler decided on the device and hands back what the device sampled.
+
+It owns the device side of an engine: the KV cache (pools, swap space, block copies), the step runner (jitted
+steps) and the token buffer threaded through the steps. `execute(schedule)` performs the round's block copies,
+dispatches its decode and prefill calls without waiting for the device, then reads the round dispatched before it
+(async scheduling: the host's bookkeeping of round n - 1 overlaps the device's work on round n) and returns that
+one's `ModelRunnerOutput`; `wait()` reads the round just dispatched. It reads sequences and block tables and
+writes none of them: the scheduler is the only writer of that state.
+
+A decode row whose input token the host has not read yet (`UNKNOWN_TOKEN`) takes it on the device from the
+previous round's token buffer: decode rows sit at [0, B) of that buffer (a multi-step round leaves each row's
+last token there), prefill rows from token_slots / 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+
+from jkv.forks import BeamCandidates, beam_candidates, fork_first_tokens, mix_seed
+from jkv.kv_cache import KVCache
+from jkv.request import UNKNOWN_TOKEN, Sequence
+from jkv.runner import StepRow, StepRunner, build_inputs, pack
+from jkv.scheduler import ModelRunnerOutput, SampledRow, SchedulerOutput
+from kvspec.shapes import ShapePolicy, StepShape
+
+
+@dataclass
+class _Part:
+    """The rows of one device call (decode or prefill) that sample tokens."""
+
+    seqs: list[Sequence]
+    slots: list[int]  # each row's place in the round's token buffer
+    starts: list[int]  # per row: the index in seq.tokens its (first) sampled token belongs at
+    logits: jax.Array | None  # [B, V] on the device, row = slot - offset (None: the host needs no logits)
+    offset: int
+    steps: jax.Array | None = None  # multi-step decode: the sampled tokens [K, B]; row b's first counts[b]
+    counts: list[int] | None = None
+    forks: list[bool] | None = None  # prefill: rows whose token is the first of an `n > 1` request
+
+
+@dataclass
+class _Flight:
+    """A dispatched round: its token buffer on the device and the rows that sample into it."""
+
+    step: int
+    tokens: jax.Array  # int32 [token_slots]
+    parts: list[_Part]
+
+    def slot_of(self) -> dict[int, int]:
+        """Buffer slot of each sampling sequence's (last) token, by seq_id."""
+        return {s.seq_id: i for p in self.parts for s, i in zip(p.seqs, p.slots)}
+
+
+def _sampling(s: Sequence, at: int) -> tuple[float, int, float, int, int]:
+    """Sampling parameters of s's token at index `at`: temperature, top_k, top_p, seed, counter."""
+    sp = s.request.sampling
+    return float(sp.temperature), int(sp.top_k), float(sp.top_p), mix_seed(s.request.seed, s.sample_index), at - s.num_prompt
+
+
+class ModelExecutor:
+    """Dispatches scheduled rounds over one KV cache and step runner; see the module docstring."""
+
+    def __init__(self, runner: StepRunner, kv: KVCache, shapes: ShapePolicy, block_tables) -> None:
+        """block_tables(seq_id) -> the sequence's current block table (read only)."""
+        self.runner = runner
+        self.kv = kv
+        self.shapes = shapes
+        self._block_table = block_tables
+        self._tokens = runner.zero_tokens()  # the last dispatched round's token buffer (on the device)
+        self._flight: _Flight | None = None  # dispatched, not read yet
+        self.events: list[tuple[str, int]] | None = None  # a list: ("dispatch" | "read", step) logged there
+        self.last_decode_rows = 0
+        self.last_decode_steps = 0  # decode steps the last round ran on the device (K in a multi-step round)
+
+    @property
+    def busy(self) -> bool:
+        """Whether a dispatched round is still unread."""
+        return self._flight is not None
+
+    # One round ----------------------------------------------------------------------------------------------
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput | None:
+        """Copy the round's blocks, dispatch its steps, then read the previous round; that round's output."""
+        copies = sched.copies
+        if copies.swap_out:
+            self.kv.swap_out(copies.swap_out)
+        if copies.swap_in:
+            self.kv.swap_in(copies.swap_in)
+        if copies.cow:
+            self.kv.copy(copies.cow)
+        prev, self._flight = self._flight, None
+        self._flight = self._dispatch(sched, prev)
+        return self._land(prev) if prev is not None else None
+
+    def wait(self) -> ModelRunnerOutput | None:
+        """Read the round just dispatched (the host needs its tokens before the next schedule)."""
+        flight, self._flight = self._flight, None
+        return self._land(flight) if flight is not None else None
+
+    def _dispatch(self, sched: SchedulerOutput, prev: _Flight | None) -> _Flight | None:
+        bs, buf, parts, runner = self.shapes.block_size, self._tokens, [], self.runner
+        self.last_decode_rows = len(sched.decode)
+        self.last_decode_steps = max((r.num_steps for r in sched.decode), default=0)
+        if sched.decode:
+            seqs = [r.seq for r in sched.decode]
+            starts = [r.start for r in sched.decode]
+            b = self.shapes.rows(len(seqs))
+            rows = [StepRow([s.tokens[p - 1]], p - 1, self._block_table(s.seq_id), *_sampling(s, p))
+                    for s, p in zip(seqs, starts)]  # fmt: skip
+            slot = prev.slot_of() if prev is not None else {}
+            src = [-1 if s.tokens[p - 1] != UNKNOWN_TOKEN else slot[s.seq_id] for s, p in zip(seqs, starts)]
+            width = self.shapes.width(max(len(s.tokens) for s in seqs))
+            x = build_inputs(rows, block_size=bs, chunk=1, width=width, batch=b, src_rows=src)
+            greedy = all(s.request.sampling.greedy for s in seqs)
+            if sched.multi_step:
+                counts = [r.num_steps for r in sched.decode]
+                x = dataclasses.replace(x, query_lens=np.asarray(counts + [0] * (b - len(seqs)), np.int32))
+                steps, self.kv.pools, buf = runner.run_decode_steps(self.kv.pools, x, buf,
+                                                                    num_steps=self.shapes.decode_steps, greedy=greedy)  # fmt: skip
+                parts.append(_Part(seqs, list(range(len(seqs))), starts, None, 0, steps, counts))
+            else:
+                _, logits, self.kv.pools, buf = runner.run_step(self.kv.pools, x, buf, decode=True, greedy=greedy)
+                parts.append(_Part(seqs, list(range(len(seqs))), starts, logits, 0))
+        if sched.prefill:
+            chunks = sched.prefill
+            b = self.shapes.rows(len(chunks))
+            chunk = self.shapes.prefill_chunk(max(c.num_tokens for c in chunks))
+            width = self.shapes.prefill_width(max(c.start + c.num_tokens for c in chunks))
+            rows = [StepRow(c.seq.tokens[c.start : c.start + c.num_tokens], c.start,
+                            self._block_table(c.seq.seq_id)[:width], *_sampling(c.seq, len(c.seq.tokens)))
+                    for c in chunks]  # fmt: skip
+            x = build_inputs(rows, block_size=bs, chunk=chunk, width=width, batch=b)
+            greedy = all(c.seq.request.sampling.greedy for c in chunks)
+            _, logits, self.kv.pools, buf = runner.run_step(self.kv.pools, x, buf, decode=False, greedy=greedy)
+            half = runner.token_slots // 2
+            done = [(r, c) for r, c in enumerate(chunks) if c.samples]
+            if done:
+                parts.append(_Part([c.seq for _, c in done], [half + r for r, _ in done],
+                                   [len(c.seq.tokens) for _, c in done], logits, half,
+                                   forks=[c.forks for _, c in done]))  # fmt: skip
+        self._tokens = buf
+        if not parts:
+            return None
+        if self.events is not None:
+            self.events.append(("dispatch", sched.step))
+        if not sched.read_now:
+            for part in parts:
+                part.logits = None  # the host needs none: keep no [B, V] array alive for a round longer
+                if part.steps is not None:
+                    part.steps.copy_to_host_async()
+            buf.copy_to_host_async()  # queued right behind this round, not behind the next one
+        return _Flight(sched.step, buf, parts)
+
+    def _land(self, flight: _Flight) -> ModelRunnerOutput:
+        """Read a dispatched round's sampled tokens (one device->host copy per kind of part)."""
+        if self.events is not None:
+            self.events.append(("read", flight.step))
+        values = np.asarray(flight.tokens).tolist() if any(p.steps is None for p in flight.parts) else None
+        rows: list[SampledRow] = []
+        beams: dict[str, tuple[list[Sequence], list[int], _Part]] = {}
+        for part in flight.parts:
+            steps = np.asarray(part.steps).T.tolist() if part.steps is not None else None
+            for k, (s, i, start) in enumerate(zip(part.seqs, part.slots, part.starts)):
+                if not s.inflight:  # aborted or stopped since dispatch: nothing to read for it
+                    continue
+                req = s.request
+                if req.beam:
+                    beams.setdefault(req.request_id, ([], [], part))[0].append(s)
+                    beams[req.request_id][1].append(i - part.offset)
+                elif steps is not None:
+                    rows.append(SampledRow(s, start, steps[i][: part.counts[k]]))
+                elif part.forks is not None and part.forks[k]:
+                    logits_row = part.logits[i - part.offset]
+                    rows.append(SampledRow(s, start, [values[i]], fork_first_tokens(req, logits_row, values[i])))
+                else:
+                    rows.append(SampledRow(s, start, [values[i]]))
+        cands: list[BeamCandidates] = []
+        for seqs, idx, part in beams.values():
+            cands.append(beam_candidates(seqs[0].request, seqs, part.logits[np.asarray(idx)]))
+        return ModelRunnerOutput(flight.step, rows, cands)
+
+    # Padding-only steps (warm-up) --------------------------------------------------------------------------------
+    # A padding-only step attends over nothing and writes only the null block: the pools' contents are untouched,
+    # and XLA compiles and autotunes the step exactly as a real one of that shape.
+    def _padding(self, shape: StepShape):
+        x = build_inputs([], block_size=self.shapes.block_size, chunk=shape.chunk, width=shape.width, batch=shape.rows)
+        call = {"decode": shape.kind != "prefill", "greedy": shape.greedy,
+                "num_steps": self.shapes.decode_steps if shape.kind == "steps" else None}  # fmt: skip
+        return x, call
+
+    def is_compiled(self, shape: StepShape) -> bool:
+        x, call = self._padding(shape)
+        return self.runner.is_compiled(x, **call)
+
+    def compile_only(self, shape: StepShape) -> None:
+        """Trace, lower and compile the step of `shape` with the arguments a run passes (thread-safe: the jitted
+        function is made on the calling thread first, see `padding_compiler`)."""
+        fn, args = self.padding_compiler(shape)
+        fn.lower(*args).compile()
+
+    def padding_compiler(self, shape: StepShape):
+        """(jitted step, its arguments) of a padding-only step of `shape`, for `fn.lower(*args).compile()`."""
+        x, call = self._padding(shape)
+        ints, floats = pack(x)
+        return self.runner.function(x, **call), (self.runner.params, self.kv.pools, ints, floats, self._tokens)
+
+    def run_padding(self, shape: StepShape) -> None:
+        """Run a padding-only step of `shape` (compiling it if needed)."""
+        x, call = self._padding(shape)
+        r = self.runner
+        if call["num_steps"] is not None:
+            _, self.kv.pools, self._tokens = r.run_decode_steps(self.kv.pools, x, self._tokens,
+                                                                num_steps=call["num_steps"], greedy=call["greedy"])  # fmt: skip
+        else:
+            _, _, self.kv.pools, self._tokens = r.run_step(self.kv.pools, x, self._tokens, decode=call["decode"],
+                                                           greedy=call["greedy"])  # fmt: skip
+
+    # Lifecycle ----------------------------------------------------------------------------------------------
+    def synchronize(self) -> None:
+        """Block until nothing this executor launched is still running or copying on the device."""
+        arrays = [self.kv.pools]
+        if self._flight is not None:
+            arrays += [self._flight.tokens, *(p.steps for p in self._flight.parts if p.steps is not None)]
+        jax.block_until_ready(arrays)
+        jax.effects_barrier()
+
+    def close(self) -> None:
+        """Drop the round in flight and free the pools and the token buffer now."""
+        self._flight = None
+        self.kv.close()
+        if self._tokens is not None and not self._tokens.is_deleted():
+            self._tokens.delete()
+        self._tokens = None

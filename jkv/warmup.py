@@ -1,0 +1,72 @@
+"""Warm-up: compile every step an engine can meet before it serves, so no request waits while XLA compiles a new
+batch shape (seconds per shape on a GPU: an online stream meets new shapes for a long time, as arrivals vary the
+batch).
+
+The shapes come from the engine's `ShapePolicy` (the same rules the scheduler and the executor bucket with). Each
+runs once as a padding-only step; block copies and swaps are warmed for every call size they can take.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import jax
+
+from jkv.executor import ModelExecutor
+from kvspec.shapes import ShapePolicy
+
+
+def default_threads() -> int:
+    """Compilations at a time: on a GPU up to 8 (one per CPU core); 1 elsewhere (XLA's CPU compiler already spreads
+    one compilation over the cores)."""
+    return min(8, os.cpu_count() or 1) if jax.default_backend() == "gpu" else 1
+
+
+def warm_up(executor: ModelExecutor, shapes: ShapePolicy, *, greedy: bool | None = None, threads: int | None = None,
+            progress: Callable[[int, int], None] | None = None) -> dict:  # fmt: skip
+    """Compile every step shape of `shapes` not compiled yet (greedy None: both sampling variants), then every block
+    copy and swap call size.
+
+    threads: compile this many shapes at a time first; XLA compiles on the calling thread, so one thread per shape
+    overlaps their compilations, and the runs that follow find the executables compiled. A shape whose compilation
+    fails in parallel (say, the GEMM autotuner found no free memory beside the others) compiles again alone in its
+    run, as it would without threads. progress(done, total) is called on the calling thread as each shape is
+    compiled (with threads, as each thread's compilation comes back, in the list's order).
+    Returns {"shapes": steps compiled now, "seconds": wall time, "parallel_failures": that count}.
+    """
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise ValueError(f"threads={threads!r} must be a positive integer (1: compile one shape at a time).")
+    if progress is not None and not callable(progress):
+        raise ValueError(f"progress={progress!r} must be a function of (done, total) or None.")
+    report = progress or (lambda done, total: None)
+    t0 = time.perf_counter()
+    before = len(executor.runner.compiled)
+    todo = [shape for shape in shapes.all_shapes(greedy) if not executor.is_compiled(shape)]
+    threads = default_threads() if threads is None else threads
+    failures = 0
+    parallel = threads > 1 and len(todo) > 1
+    if parallel:
+        jobs = [executor.padding_compiler(shape) for shape in todo]  # the jitted functions are made on this thread
+
+        def compile_one(job) -> bool:
+            fn, args = job
+            try:
+                fn.lower(*args).compile()
+                return True
+            except Exception:  # noqa: BLE001 - any failure: the serial run below compiles it again
+                return False
+
+        with ThreadPoolExecutor(threads) as pool:
+            for i, ok in enumerate(pool.map(compile_one, jobs)):
+                failures += not ok
+                report(i + 1, len(todo))
+    for i, shape in enumerate(todo):
+        executor.run_padding(shape)
+        if not parallel:
+            report(i + 1, len(todo))
+    executor.kv.warm(shapes.copy_buckets())
+    return {"shapes": len(executor.runner.compiled) - before, "seconds": time.perf_counter() - t0,
+            "parallel_failures": failures}  # fmt: skip
