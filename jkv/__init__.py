@@ -20,8 +20,9 @@ __all__ = [
     "reference_generate",
 ]
 
-from jkv.engine import Engine, EngineStats, generate  # noqa: E402
+from jkv.engine import LLM, Engine, generate  # noqa: E402
+from jkv.outputs import EngineStats  # noqa: E402
 from jkv.request import RequestMetrics, RequestOutput, SampleOutput  # noqa: E402
 from jkv.sampling import SamplingParams  # noqa: E402
 
-__all__ += ["Engine", "EngineStats", "RequestMetrics", "RequestOutput", "SampleOutput", "SamplingParams", "generate"]
+__all__ += ["LLM", "Engine", "EngineStats", "RequestMetrics", "RequestOutput", "SampleOutput", "SamplingParams", "generate"]

@@ -361,6 +361,7 @@ class LLM:
         if engine.has_unfinished():
             raise RuntimeError("this LLM's engine still has requests: generate() runs on an idle engine.")
         sampling = sampling or SamplingParams()
+        sampling.check_vocab(engine.config.vocab_size)  # shared by every prompt: refused once, not per prompt
         ids: list[str | RequestOutput] = []
         for i, p in enumerate(as_prompt_list(prompts)):
             try:

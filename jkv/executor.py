@@ -195,12 +195,6 @@ class ModelExecutor:
         x, call = self._padding(shape)
         return self.runner.is_compiled(x, **call)
 
-    def compile_only(self, shape: StepShape) -> None:
-        """Trace, lower and compile the step of `shape` with the arguments a run passes (thread-safe: the jitted
-        function is made on the calling thread first, see `padding_compiler`)."""
-        fn, args = self.padding_compiler(shape)
-        fn.lower(*args).compile()
-
     def padding_compiler(self, shape: StepShape):
         """(jitted step, its arguments) of a padding-only step of `shape`, for `fn.lower(*args).compile()`."""
         x, call = self._padding(shape)
@@ -234,3 +228,4 @@ class ModelExecutor:
         if self._tokens is not None and not self._tokens.is_deleted():
             self._tokens.delete()
         self._tokens = None
+        self.runner.close()

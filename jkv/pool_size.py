@@ -72,11 +72,13 @@ def planned_blocks(config, *, hbm, weight_dtype: str, kv: str, block_size: int, 
             log.info("jkv: off the GPU the default KV pool is %d blocks (%s; %d full-length sequences); pass "
                      "num_blocks= or hbm= for more.", cap, human_bytes(cap * per_block), (cap - 1) // per_seq)
         return min(want, cap), None
+    # hbm=None budgets JAX's pool itself: what it has free plus the resident parameters, and no runtime reserve
+    # (that memory lies outside the pool)
     budget = parse_size(hbm) if hbm is not None else pool.free + params_bytes
     plan = make_plan(
         config,
         PlanOptions(hbm_bytes=budget, dtype=weight_dtype, kv_dtype=kv, block_size=block_size, max_seq_len=max_seq_len,
-                    max_num_seqs=max_num_seqs, prefill_chunk=prefill_chunk),
+                    max_num_seqs=max_num_seqs, prefill_chunk=prefill_chunk, reserve_bytes=None if hbm else 0),
     )  # fmt: skip
     if pool is not None:
         need = plan.peak_bytes - plan.reserve_bytes - params_bytes  # what the engine adds inside JAX's pool

@@ -354,6 +354,13 @@ class StepRunner:
             self._zero_tokens = jnp.zeros(self.token_slots, jnp.int32)
         return self._zero_tokens
 
+    def close(self) -> None:
+        """Free the runner's device buffer (its zero token buffer) and forget its jitted steps."""
+        if self._zero_tokens is not None and not self._zero_tokens.is_deleted():
+            self._zero_tokens.delete()
+        self._zero_tokens = None
+        self._fns.clear()
+
     def run(self, pools: KVPools, inputs: StepInputs, *, decode: bool, greedy: bool):
         """Run one step; returns (next tokens [B] int32, logits [B, V] float32, new pools), all on the device."""
         return self.run_step(pools, inputs, self.zero_tokens(), decode=decode, greedy=greedy)[:3]
