@@ -69,7 +69,7 @@ from jkv.block_pool import (
 )
 
 if TYPE_CHECKING:
-    from planner.kv_layout import BlockLayout
+    from kvspec.layout import BlockLayout
 
 __all__ = [
     "NULL_BLOCK",

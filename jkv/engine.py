@@ -31,7 +31,7 @@ from jkv.sampling import SamplingParams
 from jkv.scheduler import Scheduler
 from jkv.warmup import warm_up
 from kvspec.shapes import ShapePolicy, bucket
-from planner.kv_layout import blocks_for_tokens, kv_dtype as planner_kv_dtype
+from kvspec.layout import blocks_for_tokens, kv_dtype as planner_kv_dtype
 
 # `generate()`'s default multi-step decode: 16 steps per round kept the GPU < 2 % idle where it was measured
 # (docs/benchmarks.md, "generate() at K = 16").

@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.common import INT4_PAGE_DTYPE, dequantize_int4, int4_groups, quantize_int4
-from planner.config import ModelConfig
-from planner.kv_layout import BlockLayout
+from kvspec.config import ModelConfig
+from kvspec.layout import BlockLayout
 
 FLOAT_KV = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 QUANT_KV = {"int8": (jnp.int8, 127.0), "float8_e4m3fn": (jnp.float8_e4m3fn, 448.0)}
@@ -111,7 +111,7 @@ def kv_kind(storage_dtype) -> str:
 
 def layout_bytes(config: ModelConfig, num_blocks: int, block_size: int, kv_dtype: str) -> int:
     """Bytes the planner counts for these pools (tests check the real pools agree byte for byte)."""
-    from planner.kv_layout import kv_dtype as planner_kv_dtype
+    from kvspec.layout import kv_dtype as planner_kv_dtype
 
     return BlockLayout(config, planner_kv_dtype(kv_dtype), block_size, num_blocks).pool_bytes
 

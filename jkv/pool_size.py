@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import jax
 
 from planner import PlanOptions, make_plan, parse_size
-from planner.kv_layout import blocks_for_tokens, kv_bytes_per_token, kv_dtype
+from kvspec.layout import blocks_for_tokens, kv_bytes_per_token, kv_dtype
 from planner.units import human_bytes
 
 log = logging.getLogger("jkv")

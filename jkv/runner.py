@@ -26,7 +26,7 @@ from jkv.kv_cache import KVPools, write_tokens
 from jkv.model import forward
 from jkv.sampling import sample_tokens
 from kvspec.shapes import bucket  # noqa: F401 - re-exported for callers of the runner
-from planner.config import ModelConfig
+from kvspec.config import ModelConfig
 
 
 _compilations = 0  # XLA backend compilations in this process (jax.monitoring), for per-engine counts

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from kvspec.config import ModelConfig
 from kvspec.layout import kv_heads_per_device
+from kvspec.shapes import PREFILL_MIN_CHUNK, padded_prefill_tokens  # noqa: F401 - the planner prices these
 
 F32 = 4
 MiB = 2**20
@@ -52,16 +53,9 @@ REDZONE_BYTES = 8 * MiB
 AUTOTUNE_FLOOR_BYTES = 326 * MiB
 
 
-# A prefill step's shape: the engine pads its rows and its longest chunk to powers of two (chunks to at least
-# PREFILL_MIN_CHUNK tokens), and its scheduler admits prefill chunks only while rows x chunk stays within
-# `padded_prefill_tokens(prefill budget)`, so that is the most query positions a prefill step computes.
-PREFILL_MIN_CHUNK = 16
-
-
-def padded_prefill_tokens(prefill_chunk: int) -> int:
-    """The most query positions (padded rows x padded chunk) a prefill step of a `prefill_chunk`-token budget runs:
-    the budget rounded up to a power of two (and to at least PREFILL_MIN_CHUNK)."""
-    return 1 << max(0, (max(prefill_chunk, PREFILL_MIN_CHUNK) - 1).bit_length())
+# A prefill step's shape follows the engine's one shape policy (kvspec.shapes): its scheduler admits prefill chunks
+# only while padded rows x padded chunk stays within `padded_prefill_tokens(prefill budget)`, so that is the most
+# query positions a prefill step computes.
 
 
 def runtime_reserve(config: ModelConfig) -> int:
