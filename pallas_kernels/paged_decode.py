@@ -21,6 +21,8 @@ from pallas_kernels.common import (
     FLOAT_PAGE_DTYPES, INT4_PAGE_DTYPE, LOG2E, check_backend_support, compute_dtype, default_sm_scale, dot_precision,
     gather_pages_f32, int4_groups, load_int4_groups, silence_triton_deprecation, validate_inputs,
 )  # fmt: skip
+from pallas_kernels.tuning import DECODE_TUNING as TUNING  # noqa: F401  (kept importable from here)
+from pallas_kernels.tuning import decode_tuned_config as tuned_config
 
 silence_triton_deprecation()
 
@@ -30,50 +32,6 @@ TARGET_PROGRAMS = 4 * NUM_SMS  # enough programs in flight to keep every SM stre
 MIN_DOT_ROWS = 16  # Triton dot operands are at least 16 in every dimension: query groups are padded to this
 
 MIN_STEP_TOKENS = 32  # short contexts shrink tokens_per_step down to this to make room for context splits
-
-# Tuned (tokens_per_step, num_warps, num_stages, dots?), keyed by (page kind, grouped?, head_dim): page kind is
-# "16bit" (bf16/f16), "f32", "quant" (int8/fp8) or "int4" (packed uint8); grouped means several query heads share
-# a KV head (GQA/MQA).
-# dots: True runs QK and PV as tensor-core dots over a [16, D] query tile (rows beyond the group are padding);
-# False is the dot-free lane path (MHA only). tokens_per_step does not depend on the block size (a step gathers
-# tokens from as many blocks as it spans), so one row serves block sizes 8 to 64.
-# Measured rows (H100, scripts/bench_attention.py --tune, 2026-11-26; % of device-copy bandwidth):
-#   16bit MHA 64: dot T=256 w4 st2 93.8% at GPT-2 32x4k (lane path best 87.3%, T=64 w2; many configs < 60%)
-#   16bit GQA 128: T=128 w4 st3 92.2% at 32x4k, 100.4% at 64x8k (reads alone beat the read+write copy rate)
-#   quant MHA 64: lane T=64 w2 st4 66.6%; quant GQA 128: T=64 w4 st3 56.0% (of the copy rate, int8 bytes)
-# The other rows are set by analogy (the same bytes per step) and were not tuned. The "int4" rows copy the "quant"
-# rows (not tuned on a GPU, nor even run on one when written): an int4 step reads about half the bytes of an int8
-# step but does more per-element work (unpacking, a dot per 32-element scale group), and the lane path's [T, D]
-# float32 accumulator, not the bytes, caps tokens_per_step at 64 for 2 warps.
-TUNING: dict[tuple[str, bool, int], tuple[int, int, int, bool]] = {
-    ("16bit", False, 64): (256, 4, 2, True),
-    ("16bit", False, 128): (128, 4, 2, True),
-    ("16bit", True, 64): (128, 4, 3, True),
-    ("16bit", True, 128): (128, 4, 3, True),
-    ("f32", False, 64): (128, 4, 2, True),
-    ("f32", False, 128): (64, 4, 2, True),
-    ("f32", True, 64): (64, 4, 3, True),
-    ("f32", True, 128): (64, 4, 3, True),
-    ("quant", False, 64): (64, 2, 4, False),
-    ("quant", False, 128): (64, 2, 4, False),
-    ("quant", True, 64): (64, 4, 3, True),
-    ("quant", True, 128): (64, 4, 3, True),
-    ("int4", False, 64): (64, 2, 4, False),
-    ("int4", False, 128): (64, 2, 4, False),
-    ("int4", True, 64): (64, 4, 3, True),
-    ("int4", True, 128): (64, 4, 3, True),
-}
-
-
-def tuned_config(page_dtype: jnp.dtype, group: int, head_dim: int) -> tuple[int, int, int, bool]:
-    dt = jnp.dtype(page_dtype)
-    if dt in (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn)):
-        kind = "quant"
-    elif dt == INT4_PAGE_DTYPE:
-        kind = "int4"
-    else:
-        kind = "f32" if dt == jnp.dtype(jnp.float32) else "16bit"
-    return TUNING[(kind, group > 1, head_dim)]
 
 
 def choose_splits(batch: int, kv_heads: int, max_tokens: int, tokens_per_step: int) -> int:

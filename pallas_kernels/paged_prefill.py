@@ -19,35 +19,16 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common import (
-    INT4_PAGE_DTYPE, LOG2E, check_backend_support, compute_dtype, default_sm_scale, dot_precision,
-    gather_pages_f32, int4_groups, load_int4_groups, silence_triton_deprecation, validate_inputs,
+    LOG2E, check_backend_support, compute_dtype, default_sm_scale, dot_precision, gather_pages_f32, int4_groups,
+    load_int4_groups, silence_triton_deprecation, validate_inputs,
 )  # fmt: skip
+from pallas_kernels.tuning import PREFILL_TUNING as TUNING  # noqa: F401  (kept importable from here)
+from pallas_kernels.tuning import prefill_tuned_config as tuned_config
 
 silence_triton_deprecation()
 
 
-MIN_DOT_ROWS = 16
-
-# Tuned (block_q rows, block_k tokens, num_warps, num_stages), keyed by (page kind, head_dim). block_q counts
-# query rows of one KV head: (query token, query head of the group) pairs, token-major. None of these rows was
-# tuned on a GPU yet (the int4 rows copy the quant rows).
-TUNING: dict[tuple[str, int], tuple[int, int, int, int]] = {
-    ("float", 64): (64, 64, 4, 3),
-    ("float", 128): (64, 64, 4, 3),
-    ("quant", 64): (64, 64, 4, 3),
-    ("quant", 128): (64, 64, 4, 3),
-    ("int4", 64): (64, 64, 4, 3),
-    ("int4", 128): (64, 64, 4, 3),
-}
-
-
-def tuned_config(page_dtype: jnp.dtype, head_dim: int) -> tuple[int, int, int, int]:
-    dt = jnp.dtype(page_dtype)
-    if dt == INT4_PAGE_DTYPE:
-        kind = "int4"
-    else:
-        kind = "quant" if dt in (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn)) else "float"
-    return TUNING[(kind, head_dim)]
+MIN_DOT_ROWS = 16  # Triton dot operands are at least 16 in every dimension: block_q and block_k are >= this
 
 
 def _prefill_kernel(
