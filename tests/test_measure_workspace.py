@@ -1,16 +1,15 @@
-"""scripts/measure_workspace.py on the CPU: argument parsing, the least-free-memory search's narrowing (a fake
-child with a known need), and the compile-only sweep on the tiny fixture model."""
+"""jkv.bench.workspace (scripts/measure_workspace.py) on the CPU: argument parsing, the least-free-memory search's
+narrowing (a fake child with a known need), and the compile-only sweep on the tiny fixture model."""
 
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from jkv.bench import memory
+from jkv.bench import workspace as mw
 
-import scripts.measure_memory as mm
-import scripts.measure_workspace as mw
+ROOT = Path(__file__).resolve().parents[1]
 
 MiB = 2**20
 
@@ -19,7 +18,7 @@ def test_parse_rows():
     assert mw.parse_rows(["gpt2:int8:1,40", "gpt2-xl:bfloat16:3"]) == [
         ("gpt2", "int8", 1), ("gpt2", "int8", 40), ("gpt2-xl", "bfloat16", 3)]  # fmt: skip
     for bad in ("gpt2:int8", "gpt2:int8:", "gpt2"):
-        with pytest.raises(SystemExit, match="must read MODEL:KV_DTYPE:B1,B2"):
+        with pytest.raises(ValueError, match="must read MODEL:KV_DTYPE:B1,B2"):
             mw.parse_rows([bad])
 
 
@@ -34,24 +33,26 @@ def test_bad_free_spec_is_one_clear_line(spec):
 
 
 @pytest.mark.parametrize("width", [2, 6])
-def test_free_search_narrows_to_the_need(monkeypatch, width):
+def test_free_search_narrows_to_the_need(width):
     """Each try reports the free bytes it got (the asked bytes minus a little allocator rounding); the bounds
     always bracket the need and shrink every round."""
     needs = {("gpt2", "bfloat16", 4033): 900.8 * MiB, ("gpt2-xl", "bfloat16", 444): 315.0 * MiB}
     asked = []
 
-    def fake_children(arg_lists, env, w):
+    def fake_children(jobs, env, w):
         assert w == width and env["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.05"
         out = []
-        for _, m, kv, b, f in arg_lists:
-            asked.append(int(f))
-            free = int(f) - 256
-            ok = free >= needs[(m, kv, int(b))]
-            out.append({"model": m, "kv_dtype": kv, "batch": int(b), "free": free, "compile_ok": ok, "run_ok": ok})
+        for target, kw in jobs:
+            assert target == "jkv.bench.workspace:free_child"
+            m, kv, b, f = kw["model_name"], kw["kv"], kw["batch"], kw["free"]
+            asked.append(f)
+            free = f - 256
+            ok = free >= needs[(m, kv, b)]
+            out.append({"model": m, "kv_dtype": kv, "batch": b, "free": free, "compile_ok": ok, "run_ok": ok})
         return out
 
-    monkeypatch.setattr(mw, "run_children", fake_children)
-    found = mw.free_search([("gpt2", "bfloat16", 4033, 700, 1800), ("gpt2-xl", "bfloat16", 444, 200, 400)], width, 5)
+    targets = [("gpt2", "bfloat16", 4033, 700, 1800), ("gpt2-xl", "bfloat16", 444, 200, 400)]
+    found = mw.free_search(targets, width, 5, run=fake_children, log=lambda line: None)
     for f in found:
         need = needs[(f["model"], f["kv_dtype"], f["batch"])]
         assert f["need_above"] < need <= f["need_at_most"]
@@ -60,7 +61,7 @@ def test_free_search_narrows_to_the_need(monkeypatch, width):
 
 
 def test_sweep_child_on_the_cpu(monkeypatch):
-    monkeypatch.setattr(mm, "gpu_used_bytes", lambda: 0)
+    monkeypatch.setattr(memory, "gpu_used_bytes", lambda: 0)
     fixture = str(ROOT / "tests" / "fixtures" / "hf_tiny_gpt2")
     out = mw.sweep_child(fixture, "bfloat16", [3, 40])
     assert set(out["decode"]) == {3, 40}
@@ -72,7 +73,7 @@ def test_sweep_child_on_the_cpu(monkeypatch):
 
 
 def test_children_run_side_by_side_each_with_its_own_env(tmp_path):
-    """run_children starts this script's children `width` at a time, one env each (the --dump row gets its own
+    """run_children starts the jobs' children `width` at a time, one env each (the --dump row gets its own
     XLA_FLAGS), and returns their RESULTs in order."""
     import os
 
@@ -82,6 +83,7 @@ def test_children_run_side_by_side_each_with_its_own_env(tmp_path):
     fixture = str(ROOT / "tests" / "fixtures" / "hf_tiny_gpt2")
     base = dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}", JAX_PLATFORMS="cpu")
     envs = [base, dict(base, XLA_FLAGS="--xla_dump_to=" + str(tmp_path / "dump"))]
-    out = mw.run_children([["--sweep-child", fixture, "bfloat16", b] for b in ("3", "5")], envs, 2)
+    jobs = [("jkv.bench.workspace:sweep_child", {"model_name": fixture, "kv": "bfloat16", "batches": [b]}) for b in (3, 5)]
+    out = mw.run_children(jobs, envs, 2)
     assert [sorted(r["decode"]) for r in out] == [["3"], ["5"]]  # JSON keys
     assert (tmp_path / "dump").is_dir() and any((tmp_path / "dump").iterdir())
