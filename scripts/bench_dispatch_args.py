@@ -15,43 +15,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jax
-import numpy as np
+import jax  # noqa: E402
 
-
-def make_fn(n: int, donate: int):
-    """f(donated..., kept...) -> (sum of the first element of every array, the donated arrays + 1)."""
-
-    def f(*arrays):
-        total = sum(a[0] for a in arrays)
-        return total, tuple(a + 1.0 for a in arrays[:donate])
-
-    return jax.jit(f, donate_argnums=tuple(range(donate)))
-
-
-def time_dispatch(n: int, donate: int, calls: int) -> float:
-    rng = np.random.default_rng(n)
-    host = [rng.standard_normal(16).astype(np.float32) for _ in range(n)]
-    arrays = [jax.device_put(a) for a in host]
-    fn = make_fn(n, donate)
-    total, new = fn(*arrays)
-    want = sum(float(a[0]) for a in host)
-    if not np.isclose(float(total), want, rtol=1e-5, atol=1e-5):
-        raise SystemExit(f"wrong result for n={n}: {float(total)} != {want}")
-    arrays[:donate] = new
-    held = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        total, new = fn(*arrays)
-        held.append(time.perf_counter() - t0)
-        arrays[:donate] = new
-        total.block_until_ready()
-    return float(np.median(held))
+from jkv.bench import CheckFailed  # noqa: E402
+from jkv.bench.dispatch import time_dispatch  # noqa: E402
 
 
 def main() -> None:
@@ -68,7 +39,10 @@ def main() -> None:
     print(f"{'arguments':>9s} {'donated':>7s} {'us per call':>11s} {'us per argument':>15s}")
     for n in (int(c) for c in args.counts.split(",")):
         for d in sorted({min(int(x), n) for x in args.donate.split(",")}):
-            us = 1e6 * time_dispatch(n, d, args.calls)
+            try:
+                us = 1e6 * time_dispatch(n, d, args.calls)
+            except CheckFailed as err:
+                raise SystemExit(str(err)) from None
             print(f"{n:9d} {d:7d} {us:11.1f} {us / n:15.2f}", flush=True)
 
 

@@ -1,8 +1,14 @@
-"""scripts/bench_dispatch_args.py on the CPU: one row per (arguments, donated) pair, each result checked first."""
+"""jkv.bench.dispatch on the CPU (scripts/bench_dispatch_args.py): one row per (arguments, donated) pair, each
+result checked first."""
 
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from jkv.bench import CheckFailed
+from jkv.bench.dispatch import time_dispatch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "bench_dispatch_args.py"
@@ -19,19 +25,11 @@ def test_rows_per_argument_count_and_donation():
     assert all(float(r[2]) > 0 for r in rows)
 
 
-def test_wrong_sum_is_caught(monkeypatch):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import bench_dispatch_args as bda
-
+def test_wrong_sum_is_caught():
     def broken(n, donate):  # a function that drops its last array: the check before timing must refuse it
         import jax
 
         return jax.jit(lambda *a: (sum(x[0] for x in a[:-1]), tuple(x + 1.0 for x in a[:donate])))
 
-    monkeypatch.setattr(bda, "make_fn", broken)
-    try:
-        bda.time_dispatch(3, 0, 2)
-    except SystemExit as e:
-        assert "wrong result" in str(e)
-    else:
-        raise AssertionError("a wrong result was timed")
+    with pytest.raises(CheckFailed, match="wrong result"):
+        time_dispatch(3, 0, 2, make=broken)
