@@ -17,33 +17,16 @@ calling thread. cProfile's per-call overhead inflates small functions; compare r
 from __future__ import annotations
 
 import argparse
-import cProfile
-import pstats
 import sys
-import time
 import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
 import jkv  # noqa: E402
-from jkv.model import Model  # noqa: E402
-from jkv.weights import random_params  # noqa: E402
-from planner.config import ModelConfig  # noqa: E402
-
-
-def drive(eng: jkv.Engine, reqs: list[tuple[list[int], int]], finished_only: bool = True) -> int:
-    """Run the workload to the end (`step(finished_only=...)`); returns the number of engine steps."""
-    for prompt, out_len in reqs:
-        eng.add_request(prompt, jkv.SamplingParams(max_tokens=out_len, ignore_eos=True))
-    steps = 0
-    while eng.has_unfinished():
-        eng.step(finished_only=finished_only)
-        steps += 1
-    return steps
+from jkv.bench.host import host_proxy_model, host_workload, profile_loop, top_functions  # noqa: E402
 
 
 def main() -> None:
@@ -54,42 +37,32 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=20)
     ap.add_argument("--async-scheduling", choices=("on", "off"), default="on")
     ap.add_argument("--decode-steps", type=int, default=1, help="Engine(decode_steps=...): multi-step decode")
-    ap.add_argument("--outputs", choices=("finished", "all"), default="finished",
-                    help="step(finished_only=True) as run() and the benchmarks drive it, or every request's output "
-                         "each step (streaming)")
+    ap.add_argument(
+        "--outputs",
+        choices=("finished", "all"),
+        default="finished",
+        help="step(finished_only=True) as run() and the benchmarks drive it, or every request's output "
+        "each step (streaming)",
+    )
     args = ap.parse_args()
     warnings.filterwarnings("ignore", message=".*random.*")
 
-    cfg = ModelConfig("host-proxy", vocab_size=512, n_positions=1024, n_embd=64, n_layer=args.layers, n_head=1)
-    model = Model(cfg, random_params(cfg, "bfloat16"), "bfloat16", "host-proxy")
-    rng = np.random.default_rng(0)
-    reqs = [(rng.integers(0, cfg.vocab_size, int(rng.integers(8, 200))).tolist(), int(rng.integers(8, 300)))
-            for _ in range(args.requests)]  # fmt: skip
+    model = host_proxy_model(args.layers)
+    reqs = host_workload(args.requests, model.config.vocab_size)
     eng = jkv.Engine(model, num_blocks=args.rows * 64 + 1, block_size=16, max_num_seqs=args.rows,
                      max_num_batched_tokens=2048, enable_prefix_caching=False,
                      async_scheduling=args.async_scheduling == "on", decode_steps=args.decode_steps)  # fmt: skip
-    fin = args.outputs == "finished"
-    drive(eng, reqs, fin)  # compiles every step shape
-    t0 = time.perf_counter()
-    steps = drive(eng, reqs, fin)
-    per_step = (time.perf_counter() - t0) / steps
-    prof = cProfile.Profile()
-    prof.enable()
-    drive(eng, reqs, fin)
-    prof.disable()
+    steps, per_step, stats = profile_loop(eng, reqs, args.outputs == "finished")
 
     tokens = sum(o for _, o in reqs)
     print(f"{jax.devices()[0].device_kind}: {args.layers} layers, <= {args.rows} rows, {args.requests} requests, "
           f"async {args.async_scheduling}, decode_steps {args.decode_steps}, outputs {args.outputs}: {steps} steps, "
           f"{1e3 * per_step:.3f} ms per step, {1e6 * per_step * steps / tokens:.1f} us per output token (untraced)")  # fmt: skip
-    stats = pstats.Stats(prof)
-    rows = []
-    for (file, line, fn), (_, ncalls, tottime, cumtime, _) in stats.stats.items():
-        rows.append((tottime, cumtime, ncalls, f"{Path(file).name}:{line}({fn})"))
-    rows.sort(reverse=True)
     print(f"{'function':58s} {'own ms/step':>11s} {'cum ms/step':>11s} {'calls/step':>10s}")
-    for tottime, cumtime, ncalls, name in rows[: args.top]:
-        print(f"{name[:58]:58s} {1e3 * tottime / steps:11.3f} {1e3 * cumtime / steps:11.3f} {ncalls / steps:10.1f}")
+    for tottime, cumtime, ncalls, name in top_functions(stats, args.top):
+        print(
+            f"{name[:58]:58s} {1e3 * tottime / steps:11.3f} {1e3 * cumtime / steps:11.3f} {ncalls / steps:10.1f}"
+        )
 
 
 if __name__ == "__main__":

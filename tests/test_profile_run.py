@@ -1,7 +1,7 @@
 """scripts/profile_run.py end to end on the tiny fixture: a PNG, a history that tells the truth, a trace."""
 
 import json
-import runpy
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,13 +12,34 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "profile_run.py"
 
 
 @pytest.mark.parametrize("decode_steps", [1, 4])
-def test_profile_run_writes_timeline_history_and_trace(tmp_path, monkeypatch, decode_steps):
+def test_profile_run_writes_timeline_history_and_trace(tmp_path, decode_steps):
     png, hist, trace = tmp_path / "t.png", tmp_path / "h.json", tmp_path / "trace"
-    argv = [str(SCRIPT), "--model", str(FIXTURE), "--requests", "10", "--max-tokens", "12", "--num-blocks", "40",
-            "--block-size", "4", "--max-num-seqs", "8", "--png", str(png), "--json", str(hist), "--trace", str(trace),
-            "--decode-steps", str(decode_steps)]
-    monkeypatch.setattr(sys, "argv", argv)
-    runpy.run_path(str(SCRIPT), run_name="__main__")
+    argv = [
+        sys.executable,
+        str(SCRIPT),
+        "--model",
+        str(FIXTURE),
+        "--requests",
+        "10",
+        "--max-tokens",
+        "12",
+        "--num-blocks",
+        "40",
+        "--block-size",
+        "4",
+        "--max-num-seqs",
+        "8",
+        "--png",
+        str(png),
+        "--json",
+        str(hist),
+        "--trace",
+        str(trace),
+        "--decode-steps",
+        str(decode_steps),
+    ]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     history = json.loads(hist.read_text())
     assert history and all(0 <= h["blocks_used"] <= 39 for h in history)
