@@ -107,11 +107,16 @@ def test_orbax_round_trip_and_back_to_safetensors(tmp_path, model32):
 
 
 def test_convert_script_both_ways(tmp_path, capsys):
-    sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
-    try:
-        import convert
-    finally:
-        sys.path.pop(0)
+    import subprocess
+    from types import SimpleNamespace
+
+    def run_script(argv: list[str]) -> int:  # scripts/convert.py in a fresh process; its stderr echoed for capsys
+        script = Path(__file__).parent.parent / "scripts" / "convert.py"
+        proc = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, check=False)
+        sys.stderr.write(proc.stderr)
+        return proc.returncode
+
+    convert = SimpleNamespace(main=run_script)
     assert convert.main([str(FIXTURE), str(tmp_path / "o"), "--dtype", "bfloat16"]) == 0
     assert (tmp_path / "o" / "params").is_dir() and (tmp_path / "o" / "vocab.json").is_file()
     assert convert.main([str(tmp_path / "o"), str(tmp_path / "h")]) == 0
