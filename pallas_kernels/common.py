@@ -1,4 +1,5 @@
-"""What the paged-attention kernels share: input validation, the pool's dtypes, dequantization, GPU facts.
+"""What the paged-attention kernels share: input validation, the pool's dtypes, dequantization, in-kernel page
+loads (one loader per page kind, `page_loader`), GPU facts.
 
 The pool layout (per layer; see `kvspec/layout.py`):
 
@@ -29,13 +30,17 @@ included); `silence_triton_deprecation()` below filters exactly that message, on
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kvspec.layout import INT4_GROUP
@@ -365,3 +370,96 @@ def load_int4_groups(
         for g in range(n_groups)
     ]
     return tiles, scales
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Page loads and output stores inside a kernel (shared by the decode and prefill kernels)
+# --------------------------------------------------------------------------------------------------------------
+
+
+class PageTile(NamedTuple):
+    """One loop step's K and V rows of one KV head, gathered from the pools, in column chunks of the head.
+
+    k, v: one chunk [T, D] (float, int8 and fp8 pages; fp8 already converted to the compute dtype) or the G int4
+    scale groups as int32 nibbles [T, 32] each. k_scale, v_scale: float32 [T] per chunk (each token's scale of
+    that chunk), None for float pages. Rows outside the step's valid range are 0 (data and scale), never read.
+    """
+
+    k: list[jax.Array]
+    v: list[jax.Array]
+    k_scale: list[jax.Array] | None
+    v_scale: list[jax.Array] | None
+
+
+def pool_rows(
+    bt_ref, b: jax.Array, h: jax.Array, pos: jax.Array, valid: jax.Array, *, kv_heads: int, block_size: int,
+    max_blocks: int,
+) -> jax.Array:  # fmt: skip
+    """[T] rows of the flattened pool ([num_blocks * Hkv * bs, ...]) holding positions `pos` of row b, KV head h.
+
+    Invalid positions read no block-table entry (their block id is the null block 0; their rows are not loaded).
+    """
+    slot = jnp.minimum(pos // block_size, max_blocks - 1)  # a masked position may lie past the table's width
+    page = plgpu.load(bt_ref.at[b, slot], mask=valid, other=0)  # [T] block ids
+    return (page * kv_heads + h) * block_size + pos % block_size  # [T]
+
+
+def _row_indexers(row: jax.Array, valid: jax.Array, d: int) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
+    # Full integer indexers (not row + slice): the form both Triton lowering and interpret mode take.
+    idx = (row[:, None], jnp.arange(d, dtype=jnp.int32)[None, :])
+    return idx, jnp.broadcast_to(valid[:, None], (row.shape[0], d))
+
+
+def load_float_pages(k_ref, v_ref, row: jax.Array, valid: jax.Array) -> PageTile:
+    """bf16 / f16 / f32 pages: K and V rows [T, D] in the page dtype, no scales."""
+    idx, valid_2d = _row_indexers(row, valid, k_ref.shape[-1])
+    k = plgpu.load(k_ref.at[idx], mask=valid_2d, other=0)  # [T, D]
+    v = plgpu.load(v_ref.at[idx], mask=valid_2d, other=0)  # [T, D]
+    return PageTile([k], [v], None, None)
+
+
+def load_scaled_pages(k_ref, v_ref, ks_ref, vs_ref, row: jax.Array, valid: jax.Array, *, cdt: jnp.dtype) -> PageTile:
+    """int8 / float8_e4m3fn pages: K and V rows [T, D] (int8 as stored, fp8 converted to `cdt`), a scale [T] each."""
+    idx, valid_2d = _row_indexers(row, valid, k_ref.shape[-1])
+    if k_ref.dtype == jnp.float8_e4m3fn:  # Triton cannot make an fp8 `other`: zero after converting
+        k = jnp.where(valid_2d, plgpu.load(k_ref.at[idx], mask=valid_2d).astype(cdt), 0)  # [T, D]
+        v = jnp.where(valid_2d, plgpu.load(v_ref.at[idx], mask=valid_2d).astype(cdt), 0)  # [T, D]
+    else:
+        k = plgpu.load(k_ref.at[idx], mask=valid_2d, other=0)  # [T, D]
+        v = plgpu.load(v_ref.at[idx], mask=valid_2d, other=0)  # [T, D]
+    k_scale = plgpu.load(ks_ref.at[row], mask=valid, other=0).astype(jnp.float32)  # [T]
+    v_scale = plgpu.load(vs_ref.at[row], mask=valid, other=0).astype(jnp.float32)  # [T]
+    return PageTile([k], [v], [k_scale], [v_scale])
+
+
+def load_int4_pages(k_ref, v_ref, ks_ref, vs_ref, row: jax.Array, valid: jax.Array) -> PageTile:
+    """Packed int4 pages: G nibble tiles int32 [T, 32] and G scales [T] each for K and V (`load_int4_groups`)."""
+    head_dim = 2 * k_ref.shape[-1]  # two elements per byte
+    k, k_scale = load_int4_groups(k_ref, ks_ref, row, valid, head_dim)
+    v, v_scale = load_int4_groups(v_ref, vs_ref, row, valid, head_dim)
+    return PageTile(k, v, k_scale, v_scale)
+
+
+def page_loader(
+    k_ref, v_ref, ks_ref, vs_ref, *, int4: bool, cdt: jnp.dtype
+) -> Callable[[jax.Array, jax.Array], PageTile]:
+    """The loader for this pool's page kind, bound to its refs: (rows [T], valid [T]) -> PageTile.
+
+    ks_ref / vs_ref are the flattened scales of quantized pools and None for float pools.
+    """
+    if int4:
+        return functools.partial(load_int4_pages, k_ref, v_ref, ks_ref, vs_ref)
+    if ks_ref is not None:
+        return functools.partial(load_scaled_pages, k_ref, v_ref, ks_ref, vs_ref, cdt=cdt)
+    return functools.partial(load_float_pages, k_ref, v_ref)
+
+
+def store_chunks(o_ref, chunks: list[jax.Array], den: jax.Array) -> None:
+    """o_ref [R, D] = chunks / den in o_ref's dtype: one chunk is the whole row, several (int4's scale groups) each
+    go to their own static column range."""
+    if len(chunks) == 1:
+        o_ref[...] = (chunks[0] / den).astype(o_ref.dtype)
+        return
+    cw = chunks[0].shape[-1]
+    for c, oc in enumerate(chunks):
+        o_ref[:, pl.ds(c * cw, cw)] = (oc / den).astype(o_ref.dtype)

@@ -6,11 +6,17 @@ function in pure `jnp`, computing in float32. Both take the pool layout of `pall
 lengths[b] counts the tokens already in the pages INCLUDING the current one (the engine writes the new K/V first),
 so the query sits at position lengths[b] - 1 and attends to positions [max(0, lengths[b] - W), lengths[b]).
 A row with length 0 returns zeros.
+
+The kernel body is a composition of small pieces: a query load, a page loader per page kind (`common.page_loader`),
+one loop body per path (`_dot_step` for grouped heads and the padded MHA path, `_lane_step` for the dot-free MHA
+path), the current token's write and fold for `paged_decode_attention_write`, and an epilogue that normalizes and
+writes the output (or this split's partial and its log-sum-exp).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +24,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common import (
-    FLOAT_PAGE_DTYPES, INT4_PAGE_DTYPE, LOG2E, check_backend_support, compute_dtype, default_sm_scale, dot_precision,
-    gather_pages_f32, int4_groups, load_int4_groups, silence_triton_deprecation, validate_inputs,
+    FLOAT_PAGE_DTYPES, INT4_PAGE_DTYPE, LOG2E, PageTile, check_backend_support, compute_dtype, default_sm_scale,
+    dot_precision, gather_pages_f32, int4_groups, page_loader, pool_rows, silence_triton_deprecation, store_chunks,
+    validate_inputs,
 )  # fmt: skip
 from pallas_kernels.tuning import DECODE_TUNING as TUNING  # noqa: F401  (kept importable from here)
 from pallas_kernels.tuning import decode_tuned_config as tuned_config
@@ -49,6 +56,170 @@ def choose_step(batch: int, kv_heads: int, max_tokens: int, tokens_per_step: int
     return tokens_per_step
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Kernel pieces
+# --------------------------------------------------------------------------------------------------------------
+
+Carry = tuple[Sequence[jax.Array], jax.Array, jax.Array]  # (output chunks, running max, running sum), float32
+StepLoader = Callable[[jax.Array], tuple[jax.Array, PageTile]]  # step i -> (valid [T], its K/V tile)
+
+
+def _load_queries(q_ref, b, h, *, group: int, gp: int, n_chunks: int, q_scale: float) -> list[jax.Array]:
+    """This KV head's query heads as float32 column chunks [Gp, cw], scaled into the log2 domain.
+
+    q_scale is sm_scale * log2 e, so the softmax runs on exp2. Rows >= group are zero padding (the dot path's tile
+    has Gp >= 16 rows; the lane path has Gp = 1).
+    """
+    cw = q_ref.shape[-1] // n_chunks
+    gi = jnp.arange(gp, dtype=jnp.int32)
+    head_ok = jnp.broadcast_to((gi < group)[:, None], (gp, cw))
+    q = []
+    for c in range(n_chunks):
+        di = jnp.arange(c * cw, (c + 1) * cw, dtype=jnp.int32)
+        head_idx = (b, h * group + jnp.minimum(gi, group - 1)[:, None], di[None, :])  # [Gp, cw] of q / out
+        q.append(plgpu.load(q_ref.at[head_idx], mask=head_ok, other=0).astype(jnp.float32) * q_scale)
+    return q
+
+
+def _store_new_token(
+    q_ref, k_out_ref, v_out_ref, bt_ref, b, h, s, length, *, num_heads: int, kv_heads: int, block_size: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Store this KV head's new key and value into the current token's slot; return them [D] and its position.
+
+    q_ref is the projection's whole output [B, H + 2 Hkv, D]: the new key and value are rows H + h and H + Hkv + h,
+    cast to the page dtype as a scatter would. Only split 0 stores, and a row of length 0 stores nothing.
+    """
+    d = q_ref.shape[-1]
+    cols = jnp.arange(d, dtype=jnp.int32)
+    k_new = plgpu.load(q_ref.at[(b, num_heads + h, cols)]).astype(k_out_ref.dtype)  # [D]
+    v_new = plgpu.load(q_ref.at[(b, num_heads + kv_heads + h, cols)]).astype(v_out_ref.dtype)  # [D]
+    cur = jnp.maximum(length - 1, 0)
+    cur_page = bt_ref[b, cur // block_size]
+    cur_row = (cur_page * kv_heads + h) * block_size + cur % block_size
+    store_ok = jnp.broadcast_to((s == 0) & (length > 0), (d,))
+    plgpu.store(k_out_ref.at[(cur_row, cols)], k_new, mask=store_ok)
+    plgpu.store(v_out_ref.at[(cur_row, cols)], v_new, mask=store_ok)
+    return k_new, v_new, cur
+
+
+def _dot_step(carry: Carry, q: list[jax.Array], tile: PageTile, valid: jax.Array, cdt: jnp.dtype) -> Carry:
+    """One online-softmax update of all query rows of the KV head over T tokens: QK and PV as tensor-core dots.
+
+    carry: output chunks [Gp, cw], running max [Gp] and sum [Gp]; q: chunks [Gp, cw] in the compute dtype. Logits
+    sum over the chunks; each chunk keeps its own output columns. K scales multiply the logits of their token and
+    V scales its softmax weight, so the dots never see a scaled tile.
+    """
+    o, m, l = carry
+    logits = None
+    for c, qc in enumerate(q):
+        lc = plgpu.dot(qc, tile.k[c].astype(cdt), trans_b=True, precision=dot_precision(cdt))  # [Gp, T]
+        if tile.k_scale is not None:
+            lc = lc * tile.k_scale[c][None, :]
+        logits = lc if logits is None else logits + lc
+    logits = jnp.where(valid[None, :], logits, -jnp.inf)
+    m_new = jnp.maximum(m, jnp.max(logits, axis=1))  # [Gp], finite: the step holds a valid token
+    alpha = jnp.exp2(m - m_new)
+    p = jnp.exp2(logits - m_new[:, None])  # [Gp, T]
+    l = alpha * l + jnp.sum(p, axis=1)
+    o_new = []
+    for c in range(len(q)):
+        pc = p * tile.v_scale[c][None, :] if tile.v_scale is not None else p
+        pv = plgpu.dot(pc.astype(cdt), tile.v[c].astype(cdt), precision=dot_precision(cdt))  # [Gp, cw]
+        o_new.append(alpha[:, None] * o[c] + pv)
+    return tuple(o_new), m_new, l
+
+
+def _dot_loop(q: list[jax.Array], load_step: StepLoader, n_steps: jax.Array, cdt: jnp.dtype) -> Carry:
+    """All query heads of the KV head in one [Gp, D] tile, two dots per step and chunk; returns o, m, l [Gp]."""
+    qd = [qc.astype(cdt) for qc in q]  # [Gp, cw] each
+    gp, cw = q[0].shape
+
+    def body(i, carry):
+        valid, tile = load_step(i)
+        return _dot_step(carry, qd, tile, valid, cdt)
+
+    o0 = tuple(jnp.zeros((gp, cw), jnp.float32) for _ in q)
+    m0 = jnp.full((gp,), -jnp.inf, jnp.float32)
+    l0 = jnp.zeros((gp,), jnp.float32)
+    return jax.lax.fori_loop(0, n_steps, body, (o0, m0, l0))
+
+
+def _lane_step(carry: Carry, q: list[jax.Array], tile: PageTile, valid: jax.Array) -> Carry:
+    """One online-softmax update per token lane (MHA, no dot): elementwise work and a reduction over D.
+
+    carry: accumulator chunks [T, cw], running max [T] and sum [T], one softmax per lane; q: float32 chunks [1, cw].
+    """
+    acc, m, l = carry
+    logits = None
+    for c, qc in enumerate(q):
+        lc = jnp.sum(tile.k[c].astype(jnp.float32) * qc, axis=1)  # [T]
+        if tile.k_scale is not None:
+            lc = lc * tile.k_scale[c]
+        logits = lc if logits is None else logits + lc
+    logits = jnp.where(valid, logits, -jnp.inf)
+    m_new = jnp.maximum(m, logits)
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # a lane may have seen no token yet
+    alpha = jnp.exp2(m - m_safe)
+    p = jnp.exp2(logits - m_safe)  # [T]
+    l = alpha * l + p
+    acc_new = []
+    for c in range(len(q)):
+        pc = p * tile.v_scale[c] if tile.v_scale is not None else p
+        acc_new.append(alpha[:, None] * acc[c] + pc[:, None] * tile.v[c].astype(jnp.float32))
+    return tuple(acc_new), m_new, l
+
+
+def _merge_lanes(acc: tuple[jax.Array, ...], m_lane: jax.Array, l_lane: jax.Array) -> Carry:
+    """The T lanes' softmaxes as one: output chunks [1, cw], max [1], sum [1]. Lanes that saw nothing weigh 0."""
+    m_top = jnp.max(m_lane)
+    m_top = jnp.where(m_top == -jnp.inf, 0.0, m_top)
+    w = jnp.exp2(m_lane - m_top)  # [T]; lanes that saw nothing -> 0
+    o = [jnp.sum(w[:, None] * a, axis=0)[None, :] for a in acc]  # chunks [1, cw]
+    l = jnp.sum(w * l_lane)[None]  # [1]
+    m = jnp.full((1,), m_top, jnp.float32)
+    return o, m, l
+
+
+def _lane_loop(q: list[jax.Array], load_step: StepLoader, n_steps: jax.Array, t_step: int) -> Carry:
+    """One query head (MHA): each of the T token lanes keeps its own running max, sum and [D] accumulator; lanes
+    merge once at the end. Returns o chunks [1, cw], m [1], l [1]."""
+    cw = q[0].shape[-1]
+
+    def body(i, carry):
+        valid, tile = load_step(i)
+        return _lane_step(carry, q, tile, valid)
+
+    acc0 = tuple(jnp.zeros((t_step, cw), jnp.float32) for _ in q)
+    m0 = jnp.full((t_step,), -jnp.inf, jnp.float32)
+    l0 = jnp.zeros((t_step,), jnp.float32)
+    return _merge_lanes(*jax.lax.fori_loop(0, n_steps, body, (acc0, m0, l0)))
+
+
+def _fold_new_token(o, m, l, q: list[jax.Array], k_new: jax.Array, v_new: jax.Array, holds_new: jax.Array) -> Carry:
+    """One more online-softmax update with the current token's key and value, from registers; a no-op unless this
+    program's range holds the token. Float pages only: one chunk, q[0] float32 [Gp, D]."""
+    logit = jnp.sum(q[0] * k_new.astype(jnp.float32)[None, :], axis=1)  # [Gp]
+    m_upd = jnp.maximum(m, logit)
+    alpha = jnp.exp2(m - m_upd)
+    p = jnp.exp2(logit - m_upd)
+    o = [jnp.where(holds_new, alpha[:, None] * o[0] + p[:, None] * v_new.astype(jnp.float32)[None, :], o[0])]
+    l = jnp.where(holds_new, alpha * l + p, l)
+    m = jnp.where(holds_new, m_upd, m)
+    return o, m, l
+
+
+def _write_outputs(o_ref, lse_ref, o, m: jax.Array, l: jax.Array) -> None:
+    """Epilogue: o / l into o_ref [Gp, D] and, for a context split, its log-sum-exp (log2 domain) into lse_ref [Gp].
+
+    An empty range (length 0, or a split past the end) writes zeros and an lse of -inf (weight 0 in the merge).
+    """
+    has = l > 0
+    den = jnp.where(has, l, 1.0)[:, None]
+    store_chunks(o_ref, o, den)
+    if lse_ref is not None:
+        lse_ref[...] = jnp.where(has, m + jnp.log2(jnp.where(has, l, 1.0)), -jnp.inf)
+
+
 def _decode_kernel(
     # inputs
     q_ref,  # [B, H, D]           queries, unscaled, in q's dtype
@@ -73,46 +244,30 @@ def _decode_kernel(
     num_heads: int,
     write_new: bool,
 ):
+    ks_ref = vs_ref = None
     if quantized:
         ks_ref, vs_ref, bt_ref, len_ref, *out_refs = refs
     else:
         bt_ref, len_ref, *out_refs = refs
     if write_new:  # the pools again, aliased to k_ref / v_ref: only the current token's row is stored
         *out_refs, k_out_ref, v_out_ref = out_refs
-    o_ref = out_refs[0]
+    o_ref, lse_ref = out_refs[0], (out_refs[1] if split else None)
     b, h, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     t_step = tokens_per_step
-    d = q_ref.shape[-1]
     # The head dim in column chunks, each with its own scale per token: one chunk (the whole row) for float, int8
-    # and fp8 pages; the 32-element scale groups for int4 pages. Logits sum over the chunks; each chunk keeps its
-    # own output columns (lists of one element leave the other page kinds' arithmetic exactly as it was).
-    n_chunks = int4_groups(d) if int4 else 1
-    cw = d // n_chunks  # chunk width
-    gi = jnp.arange(gp, dtype=jnp.int32)
-    head_ok = jnp.broadcast_to((gi < group)[:, None], (gp, cw))
-    q = []  # per chunk [Gp, cw]
-    for c in range(n_chunks):
-        di = jnp.arange(c * cw, (c + 1) * cw, dtype=jnp.int32)
-        head_idx = (b, h * group + jnp.minimum(gi, group - 1)[:, None], di[None, :])  # [Gp, cw] of q / out
-        # This KV head's query heads (rows >= group are padding for the dot), scaled into the log2 domain.
-        q.append(plgpu.load(q_ref.at[head_idx], mask=head_ok, other=0).astype(jnp.float32) * q_scale)
+    # and fp8 pages; the 32-element scale groups for int4 pages (lists of one chunk leave the other page kinds'
+    # arithmetic exactly as it was before int4).
+    n_chunks = int4_groups(q_ref.shape[-1]) if int4 else 1
+    q = _load_queries(q_ref, b, h, group=group, gp=gp, n_chunks=n_chunks, q_scale=q_scale)  # float32 [Gp, cw] each
 
     length = len_ref[b]
     lo = 0 if sliding_window is None else jnp.maximum(length - sliding_window, 0)
     if write_new:
-        # q_ref is the projection's whole output [B, H + 2 Hkv, D]: this KV head's new key and value are rows
-        # H + h and H + Hkv + h. Split 0 stores them into the current token's slot (position length - 1); the
-        # token loop stops before that position, and the split that covers it folds the new key and value into
-        # its softmax from registers after the loop, so no program reads a row that a program writes.
-        cols = jnp.arange(d, dtype=jnp.int32)
-        k_new = plgpu.load(q_ref.at[(b, num_heads + h, cols)]).astype(k_out_ref.dtype)  # [D]
-        v_new = plgpu.load(q_ref.at[(b, num_heads + kv_heads + h, cols)]).astype(v_out_ref.dtype)  # [D]
-        cur = jnp.maximum(length - 1, 0)
-        cur_page = bt_ref[b, cur // block_size]
-        cur_row = (cur_page * kv_heads + h) * block_size + cur % block_size
-        store_ok = jnp.broadcast_to((s == 0) & (length > 0), (d,))
-        plgpu.store(k_out_ref.at[(cur_row, cols)], k_new, mask=store_ok)
-        plgpu.store(v_out_ref.at[(cur_row, cols)], v_new, mask=store_ok)
+        # Split 0 stores the new key and value into position length - 1; the token loop stops before that position,
+        # and the split that covers it folds them into its softmax from registers after the loop, so no program
+        # reads a row that a program writes.
+        k_new, v_new, cur = _store_new_token(q_ref, k_out_ref, v_out_ref, bt_ref, b, h, s, length,
+                                             num_heads=num_heads, kv_heads=kv_heads, block_size=block_size)  # fmt: skip
     start = jnp.maximum(lo, s * split_tokens)  # this program's token range [start, end)
     end = jnp.minimum(length, (s + 1) * split_tokens)
     holds_new = False
@@ -122,119 +277,22 @@ def _decode_kernel(
     first = start // t_step
     # every step holds >= 1 token of [start, end); an empty range runs none (the online softmax needs a token)
     n_steps = jnp.where(end > start, jnp.maximum(pl.cdiv(end, t_step) - first, 0), 0)
+    load_pages = page_loader(k_ref, v_ref, ks_ref, vs_ref, int4=int4, cdt=cdt)
 
     def load_step(i):
-        """Gather step i's K/V chunks [T, cw] (zeros outside [start, end)) and their dequantization scales [T]."""
+        """Step i's tokens: which are in [start, end), and their K/V (zeros outside) with dequantization scales."""
         pos = (first + i) * t_step + jnp.arange(t_step, dtype=jnp.int32)  # [T] positions
         valid = (pos >= start) & (pos < end)  # [T]
-        slot = jnp.minimum(pos // block_size, max_blocks - 1)
-        page = plgpu.load(bt_ref.at[b, slot], mask=valid, other=0)  # [T] block ids
-        row = (page * kv_heads + h) * block_size + pos % block_size  # [T] rows of the flattened pool
-        if int4:  # G chunks of int32 nibbles [T, 32], and G scales [T] each for K and V
-            k, k_scale = load_int4_groups(k_ref, ks_ref, row, valid, d)
-            v, v_scale = load_int4_groups(v_ref, vs_ref, row, valid, d)
-            return valid, k, v, k_scale, v_scale
-        # Full integer indexers (not row + slice): the form both Triton lowering and interpret mode take.
-        idx = (row[:, None], jnp.arange(d, dtype=jnp.int32)[None, :])
-        valid_2d = jnp.broadcast_to(valid[:, None], (t_step, d))
-        if k_ref.dtype == jnp.float8_e4m3fn:  # Triton cannot make an fp8 `other`: zero after converting
-            k = jnp.where(valid_2d, plgpu.load(k_ref.at[idx], mask=valid_2d).astype(cdt), 0)  # [T, D]
-            v = jnp.where(valid_2d, plgpu.load(v_ref.at[idx], mask=valid_2d).astype(cdt), 0)  # [T, D]
-        else:
-            k = plgpu.load(k_ref.at[idx], mask=valid_2d, other=0)  # [T, D]
-            v = plgpu.load(v_ref.at[idx], mask=valid_2d, other=0)  # [T, D]
-        if quantized:
-            k_scale = plgpu.load(ks_ref.at[row], mask=valid, other=0).astype(jnp.float32)  # [T]
-            v_scale = plgpu.load(vs_ref.at[row], mask=valid, other=0).astype(jnp.float32)  # [T]
-        else:
-            k_scale = v_scale = None
-        return valid, [k], [v], [k_scale], [v_scale]
+        row = pool_rows(bt_ref, b, h, pos, valid, kv_heads=kv_heads, block_size=block_size, max_blocks=max_blocks)
+        return valid, load_pages(row, valid)
 
     if use_dot:
-        # All query heads of the KV head in one [Gp, D] tile: two tensor-core dots per step and chunk, online softmax
-        # per row (logits in the log2 domain: q carries sm_scale * log2 e).
-        q32 = q
-        q = [qc.astype(cdt) for qc in q]  # [Gp, cw] each
-
-        def body(i, carry):
-            o, m, l = carry  # chunks [Gp, cw], [Gp], [Gp] float32
-            valid, k, v, k_scale, v_scale = load_step(i)
-            logits = None
-            for c in range(n_chunks):
-                lc = plgpu.dot(q[c], k[c].astype(cdt), trans_b=True, precision=dot_precision(cdt))  # [Gp, T]
-                if quantized:
-                    lc = lc * k_scale[c][None, :]
-                logits = lc if logits is None else logits + lc
-            logits = jnp.where(valid[None, :], logits, -jnp.inf)
-            m_new = jnp.maximum(m, jnp.max(logits, axis=1))  # [Gp], finite: the step holds a valid token
-            alpha = jnp.exp2(m - m_new)
-            p = jnp.exp2(logits - m_new[:, None])  # [Gp, T]
-            l = alpha * l + jnp.sum(p, axis=1)
-            o_new = []
-            for c in range(n_chunks):
-                pc = p * v_scale[c][None, :] if quantized else p
-                pv = plgpu.dot(pc.astype(cdt), v[c].astype(cdt), precision=dot_precision(cdt))  # [Gp, cw]
-                o_new.append(alpha[:, None] * o[c] + pv)
-            return tuple(o_new), m_new, l
-
-        o0 = tuple(jnp.zeros((gp, cw), jnp.float32) for _ in range(n_chunks))
-        m0 = jnp.full((gp,), -jnp.inf, jnp.float32)
-        l0 = jnp.zeros((gp,), jnp.float32)
-        o, m, l = jax.lax.fori_loop(0, n_steps, body, (o0, m0, l0))
+        o, m, l = _dot_loop(q, load_step, n_steps, cdt)
     else:
-        # One query head (MHA): no dot. Each of the T token lanes keeps its own running max, sum and [D]
-        # accumulator, so a step is elementwise work plus a reduction over D; lanes merge once at the end.
-
-        def body(i, carry):
-            acc, m, l = carry  # chunks [T, cw], [T], [T] float32, one online softmax per token lane
-            valid, k, v, k_scale, v_scale = load_step(i)
-            logits = None
-            for c in range(n_chunks):
-                lc = jnp.sum(k[c].astype(jnp.float32) * q[c], axis=1)  # [T]
-                if quantized:
-                    lc = lc * k_scale[c]
-                logits = lc if logits is None else logits + lc
-            logits = jnp.where(valid, logits, -jnp.inf)
-            m_new = jnp.maximum(m, logits)
-            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # a lane may have seen no token yet
-            alpha = jnp.exp2(m - m_safe)
-            p = jnp.exp2(logits - m_safe)  # [T]
-            l = alpha * l + p
-            acc_new = []
-            for c in range(n_chunks):
-                pc = p * v_scale[c] if quantized else p
-                acc_new.append(alpha[:, None] * acc[c] + pc[:, None] * v[c].astype(jnp.float32))
-            return tuple(acc_new), m_new, l
-
-        acc0 = tuple(jnp.zeros((t_step, cw), jnp.float32) for _ in range(n_chunks))
-        m0 = jnp.full((t_step,), -jnp.inf, jnp.float32)
-        l0 = jnp.zeros((t_step,), jnp.float32)
-        acc, m_lane, l_lane = jax.lax.fori_loop(0, n_steps, body, (acc0, m0, l0))
-        m_top = jnp.max(m_lane)
-        m_top = jnp.where(m_top == -jnp.inf, 0.0, m_top)
-        w = jnp.exp2(m_lane - m_top)  # [T]; lanes that saw nothing -> 0
-        o = [jnp.sum(w[:, None] * a, axis=0)[None, :] for a in acc]  # chunks [1, cw]
-        l = jnp.sum(w * l_lane)[None]  # [1]
-        m = jnp.full((1,), m_top, jnp.float32)
-
-    if write_new:  # fold the current token in: one more online-softmax update, from registers
-        q_new = q32 if use_dot else q  # [Gp, D] float32 (one chunk: float pages)
-        logit = jnp.sum(q_new[0] * k_new.astype(jnp.float32)[None, :], axis=1)  # [Gp]
-        m_upd = jnp.maximum(m, logit)
-        alpha = jnp.exp2(m - m_upd)
-        p = jnp.exp2(logit - m_upd)
-        o = [jnp.where(holds_new, alpha[:, None] * o[0] + p[:, None] * v_new.astype(jnp.float32)[None, :], o[0])]
-        l = jnp.where(holds_new, alpha * l + p, l)
-        m = jnp.where(holds_new, m_upd, m)
-    has = l > 0
-    den = jnp.where(has, l, 1.0)[:, None]  # empty range (length 0, or a split past the end): zeros
-    if n_chunks == 1:
-        o_ref[...] = (o[0] / den).astype(o_ref.dtype)
-    else:  # each chunk to its own static column range
-        for c in range(n_chunks):
-            o_ref[:, pl.ds(c * cw, cw)] = (o[c] / den).astype(o_ref.dtype)
-    if split:
-        out_refs[1][...] = jnp.where(has, m + jnp.log2(jnp.where(has, l, 1.0)), -jnp.inf)
+        o, m, l = _lane_loop(q, load_step, n_steps, t_step)
+    if write_new:
+        o, m, l = _fold_new_token(o, m, l, q, k_new, v_new, holds_new)
+    _write_outputs(o_ref, lse_ref, o, m, l)
 
 
 def _decode_pallas_call(

@@ -20,7 +20,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common import (
     LOG2E, check_backend_support, compute_dtype, default_sm_scale, dot_precision, gather_pages_f32, int4_groups,
-    load_int4_groups, silence_triton_deprecation, validate_inputs,
+    page_loader, pool_rows, silence_triton_deprecation, store_chunks, validate_inputs,
 )  # fmt: skip
 from pallas_kernels.tuning import PREFILL_TUNING as TUNING  # noqa: F401  (kept importable from here)
 from pallas_kernels.tuning import prefill_tuned_config as tuned_config
@@ -47,6 +47,7 @@ def _prefill_kernel(
     quantized: bool,
     int4: bool,
 ):
+    ks_ref = vs_ref = None
     if quantized:
         ks_ref, vs_ref, bt_ref, ctx_ref, ql_ref, o_ref = refs
     else:
@@ -74,34 +75,19 @@ def _prefill_kernel(
     else:
         q = [q_ref[:, pl.ds(c * cw, cw)] for c in range(n_chunks)]  # [BQ, cw] each, static column ranges
 
+    load_pages = page_loader(k_ref, v_ref, ks_ref, vs_ref, int4=int4, cdt=q[0].dtype)
+
     def body(i, carry):
         o, m, l = carry  # chunks [BQ, cw], [BQ], [BQ] float32
         kpos = (first + i) * block_k + jnp.arange(block_k, dtype=jnp.int32)  # [BK]
         k_ok = (kpos >= lo) & (kpos < hi)
-        slot = jnp.minimum(kpos // block_size, max_blocks - 1)
-        page = plgpu.load(bt_ref.at[b, slot], mask=k_ok, other=0)  # [BK]
-        row = (page * kv_heads + h) * block_size + kpos % block_size  # [BK]
-        if int4:  # G chunks of int32 nibbles [BK, 32] and G scales [BK], for K and V
-            k, k_scale = load_int4_groups(k_ref, ks_ref, row, k_ok, d)
-            v, v_scale = load_int4_groups(v_ref, vs_ref, row, k_ok, d)
-        else:
-            idx = (row[:, None], jnp.arange(d, dtype=jnp.int32)[None, :])
-            ok_2d = jnp.broadcast_to(k_ok[:, None], (block_k, d))
-            if k_ref.dtype == jnp.float8_e4m3fn:  # Triton cannot make an fp8 `other`: zero after converting
-                k = jnp.where(ok_2d, plgpu.load(k_ref.at[idx], mask=ok_2d).astype(q[0].dtype), 0)  # [BK, D]
-                v = jnp.where(ok_2d, plgpu.load(v_ref.at[idx], mask=ok_2d).astype(q[0].dtype), 0)  # [BK, D]
-            else:
-                k = plgpu.load(k_ref.at[idx], mask=ok_2d, other=0)  # [BK, D]
-                v = plgpu.load(v_ref.at[idx], mask=ok_2d, other=0)  # [BK, D]
-            k, v = [k], [v]
-            if quantized:
-                k_scale = [plgpu.load(ks_ref.at[row], mask=k_ok, other=0).astype(jnp.float32)]  # [BK]
-                v_scale = [plgpu.load(vs_ref.at[row], mask=k_ok, other=0).astype(jnp.float32)]  # [BK]
+        row = pool_rows(bt_ref, b, h, kpos, k_ok, kv_heads=kv_heads, block_size=block_size, max_blocks=max_blocks)
+        tile = load_pages(row, k_ok)  # K/V chunks [BK, cw] (zeros outside [lo, hi)), scales [BK] when quantized
         logits = None
         for c in range(n_chunks):
-            lc = plgpu.dot(q[c], k[c].astype(q[c].dtype), trans_b=True, precision=dot_precision(q[c].dtype))
+            lc = plgpu.dot(q[c], tile.k[c].astype(q[c].dtype), trans_b=True, precision=dot_precision(q[c].dtype))
             if quantized:
-                lc = lc * k_scale[c][None, :]
+                lc = lc * tile.k_scale[c][None, :]
             logits = lc if logits is None else logits + lc  # [BQ, BK]
         mask = (kpos[None, :] <= qpos[:, None]) & k_ok[None, :] & row_ok[:, None]  # [BQ, BK] causal
         if sliding_window is not None:
@@ -114,8 +100,8 @@ def _prefill_kernel(
         l = alpha * l + jnp.sum(p, axis=1)
         o_new = []
         for c in range(n_chunks):
-            pc = p * v_scale[c][None, :] if quantized else p
-            pv = plgpu.dot(pc.astype(q[c].dtype), v[c].astype(q[c].dtype), precision=dot_precision(q[c].dtype))
+            pc = p * tile.v_scale[c][None, :] if quantized else p
+            pv = plgpu.dot(pc.astype(q[c].dtype), tile.v[c].astype(q[c].dtype), precision=dot_precision(q[c].dtype))
             o_new.append(alpha[:, None] * o[c] + pv)  # [BQ, cw]
         return tuple(o_new), m_new, l
 
@@ -124,11 +110,7 @@ def _prefill_kernel(
     l0 = jnp.zeros((block_q,), jnp.float32)
     o, m, l = jax.lax.fori_loop(0, n_steps, body, (o0, m0, l0))
     den = jnp.where(l > 0, l, 1.0)[:, None]  # padding rows (and rows of empty chunks): zeros
-    if n_chunks == 1:
-        o_ref[...] = (o[0] / den).astype(o_ref.dtype)
-    else:  # each chunk to its own static column range
-        for c in range(n_chunks):
-            o_ref[:, pl.ds(c * cw, cw)] = (o[c] / den).astype(o_ref.dtype)
+    store_chunks(o_ref, list(o), den)
 
 
 @functools.partial(
