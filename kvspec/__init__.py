@@ -6,6 +6,7 @@ model and kernels depend on the one description of a config and a pool layout in
 - `kvspec.config`: `ModelConfig`, the GPT-2 `PRESETS`, `config_from_hf` / `load_config`, `ConfigError`.
 - `kvspec.layout`: KV element kinds (`KVDtype`, `KV_DTYPES`, `INT4_GROUP`, scale bytes), bytes per token, and the
   block pools' shape (`BlockLayout`, `blocks_for_tokens`).
+- `kvspec.shapes`: the engine steps' shape and bucketing policy (imported from there; not re-exported here).
 """
 
 from kvspec.config import PRESETS, ConfigError, ModelConfig, config_from_hf, load_config
