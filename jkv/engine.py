@@ -11,6 +11,7 @@ place. Design notes: docs/engine.md.
 from __future__ import annotations
 
 import itertools
+import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence as Seq
 from functools import partial
@@ -23,7 +24,7 @@ from jkv.block_manager import BlockManager
 from jkv.executor import ModelExecutor
 from jkv.kv_cache import KVCache
 from jkv.outputs import EngineStats, OutputBuilder, error_output
-from jkv.pool_size import planned_blocks
+from jkv.pool_size import check_pool_fits, planned_blocks
 from jkv.prompts import as_prompt_list, as_token_ids
 from jkv.request import RequestOutput
 from jkv.runner import StepRunner, compilations
@@ -31,7 +32,7 @@ from jkv.sampling import SamplingParams
 from jkv.scheduler import Scheduler
 from jkv.warmup import warm_up
 from kvspec.shapes import ShapePolicy, bucket
-from kvspec.layout import blocks_for_tokens, kv_dtype as planner_kv_dtype
+from kvspec.layout import blocks_for_tokens, kv_bytes_per_token, kv_dtype as planner_kv_dtype
 
 # `generate()`'s default multi-step decode: 16 steps per round kept the GPU < 2 % idle where it was measured
 # (docs/benchmarks.md, "generate() at K = 16").
@@ -127,6 +128,8 @@ class Engine:
                 max_seq_len=self.max_seq_len, max_num_seqs=max_num_seqs, prefill_chunk=max_num_batched_tokens,
                 params_bytes=params_bytes,
             )  # fmt: skip
+        else:
+            check_pool_fits(num_blocks, block_size * kv_bytes_per_token(config, planner_kv_dtype(self.kv_dtype)))
         if compile_cache_dir is not None:
             jax.config.update("jax_compilation_cache_dir", str(compile_cache_dir))
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -277,8 +280,6 @@ class Engine:
 
     def _snapshot(self) -> dict:
         """One history record: the stats, wall time, and the device's bytes in use where it reports them."""
-        import time
-
         rec = self.stats().record()
         rec["time"] = time.perf_counter()
         mem = jax.devices()[0].memory_stats() or {}

@@ -24,7 +24,7 @@ from jkv.forks import BeamCandidates, beam_candidates, fork_first_tokens, mix_se
 from jkv.kv_cache import KVCache
 from jkv.request import UNKNOWN_TOKEN, Sequence
 from jkv.runner import StepRow, StepRunner, build_inputs, pack
-from jkv.scheduler import ModelRunnerOutput, SampledRow, SchedulerOutput
+from jkv.step_io import ModelRunnerOutput, SampledRow, SchedulerOutput
 from kvspec.shapes import ShapePolicy, StepShape
 
 

@@ -29,6 +29,7 @@ import numpy as np
 
 from pallas_kernels.common import INT4_PAGE_DTYPE, dequantize_int4, int4_groups, quantize_int4
 from kvspec.config import ModelConfig
+from kvspec.shapes import bucket, cdiv
 from kvspec.layout import BlockLayout
 
 FLOAT_KV = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -204,8 +205,6 @@ class KVCache:
 
     def __init__(self, config: ModelConfig, *, num_blocks: int, block_size: int, kv_dtype: str, swap_blocks: int = 0,
                  max_seq_len: int) -> None:  # fmt: skip
-        from kvspec.shapes import bucket, cdiv
-
         self.pools: KVPools = allocate_pools(config, num_blocks, block_size, kv_dtype)
         self.host_pools: KVPools | None = None
         if swap_blocks:
@@ -220,8 +219,6 @@ class KVCache:
 
     def copy(self, pairs: list[tuple[int, int]]) -> None:
         """Copy-on-write: block dst = block src for each (src, dst), padded with null-block-to-itself copies."""
-        from kvspec.shapes import bucket
-
         pad = [0] * (bucket(len(pairs)) - len(pairs))
         src = jnp.asarray([s for s, _ in pairs] + pad, jnp.int32)
         dst = jnp.asarray([d for _, d in pairs] + pad, jnp.int32)
@@ -229,8 +226,6 @@ class KVCache:
 
     def _pieces(self, n: int):
         """(start, stop, padded size) of each swap call moving n blocks."""
-        from kvspec.shapes import bucket
-
         for start in range(0, n, self.swap_chunk):
             stop = min(n, start + self.swap_chunk)
             yield start, stop, bucket(stop - start)
@@ -258,8 +253,6 @@ class KVCache:
     def warm(self, copy_sizes: list[int]) -> None:
         """Compile every copy call size (the null block onto itself) and, with swap space, every swap call size
         (the null block to host slot 0 and back): nothing is moved that any sequence holds."""
-        from kvspec.shapes import bucket
-
         for n in copy_sizes:
             self.copy([(0, 0)] * n)
         if self.host_pools is not None:

@@ -54,6 +54,18 @@ def _fraction_hint(pool: DevicePool, need: int) -> str:
     return f"{want:.2f}" if want > current else "0.95"
 
 
+def check_pool_fits(num_blocks: int, bytes_per_block: int) -> None:
+    """Refuse, before allocating, a pool of `num_blocks` that JAX's pool has no room for (GPU only)."""
+    pool = device_pool()
+    need = num_blocks * bytes_per_block
+    if pool is not None and need > pool.free:
+        raise ValueError(
+            f"num_blocks={num_blocks} needs {human_bytes(need)} of JAX's memory pool but it has {human_bytes(pool.free)} "
+            f"free of {human_bytes(pool.limit)}: pass fewer blocks, hbm= to let the planner size the pool, or start "
+            f"Python with XLA_PYTHON_CLIENT_MEM_FRACTION={_fraction_hint(pool, need)}."
+        )
+
+
 def planned_blocks(config, *, hbm, weight_dtype: str, kv: str, block_size: int, max_seq_len: int, max_num_seqs: int,
                    prefill_chunk: int, params_bytes: int):  # fmt: skip
     """(num_blocks, plan or None) for an engine.

@@ -120,6 +120,10 @@ def test_a_plan_larger_than_jax_pool_is_refused_before_allocating(model, monkeyp
     assert eng.plan.budget_bytes <= 512 * 2**20 + weights and eng.plan.reserve_bytes == 0
     assert eng.executor.kv.pools.nbytes > 40 * 2**20
     eng.close()
+    # a pool sized by hand is checked too
+    with pytest.raises(ValueError, match="num_blocks=200000 needs .* XLA_PYTHON_CLIENT_MEM_FRACTION="):
+        jkv.Engine(model, num_blocks=200_000, block_size=16)
+    assert live_bytes() == base
 
 
 def test_host_default_pool_is_capped_and_sized_to_the_work(model, monkeypatch):
