@@ -395,6 +395,12 @@ def _release_last() -> None:
         _last = None
 
 
+def generate_engine() -> Engine | None:
+    """The engine `jkv.generate` keeps for its last model and options (None before the first call), for
+    inspection: its stats, its device memory."""
+    return None if _last is None else _last[2].engine
+
+
 def generate(model, prompts, sampling: SamplingParams | None = None, **engine_options) -> list[RequestOutput]:
     """Generate for every prompt; one `RequestOutput` per prompt, in order (see `LLM.generate`).
 

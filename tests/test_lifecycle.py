@@ -72,20 +72,20 @@ def test_close_frees_now_and_a_closed_engine_says_so(model):
 def test_repeated_generate_reuses_one_engine_and_never_grows_memory(model, no_gc):
     ps = prompts(model, seed=1)
     first = jkv.generate(model, ps, SP(max_tokens=6), **OPTS)
-    engine = engine_module._last[2].engine
+    engine = engine_module.generate_engine()
     after_first = live_bytes()
     compiled = []
     for _ in range(4):
         again = jkv.generate(model, ps, SP(max_tokens=6), **OPTS)
         assert [o.token_ids for o in again] == [o.token_ids for o in first]
-        assert engine_module._last[2].engine is engine  # same model, same options: the same engine
+        assert engine_module.generate_engine() is engine  # same model, same options: the same engine
         assert live_bytes() <= after_first
         compiled.append(engine.stats().compilations)
     # the second call's prompts hit the prefix cache (shorter prefill shapes); from then on nothing compiles
     assert compiled[1:] == [compiled[0]] * 3
     # other options: the old engine is closed before the new one is built, so at most one is held
     jkv.generate(model, ps, SP(max_tokens=6), **(OPTS | {"num_blocks": 48}))
-    assert engine.closed and engine_module._last[2].engine is not engine
+    assert engine.closed and engine_module.generate_engine() is not engine
     assert live_bytes() <= after_first + 48 * engine.bytes_per_block
     engine_module._release_last()
 

@@ -26,7 +26,7 @@ def repeat_generate(model, *, calls: int, batch: int, prompt_len: int, new_token
         wall = time.perf_counter() - t0
         tokens = [o.token_ids for o in outs]
         first = first or tokens
-        engine = engine_module._last[2].engine
+        engine = engine_module.generate_engine()
         mem = jax.devices()[0].memory_stats() or {}
         records.append({"call": i + 1, "seconds": wall, "tok_per_s": batch * new_tokens / wall,
                         "same_tokens": tokens == first, "compilations_total": engine.stats().compilations,
