@@ -8,11 +8,17 @@ import numpy as np
 import pytest
 
 import jkv
-import jkv.engine as engine_module
+import jkv.executor as executor_module
 from jkv.reference import reference_generate
 
 FIXTURE = Path(__file__).parent / "fixtures" / "hf_tiny_gpt2"
 SP = jkv.SamplingParams
+
+# A compiled step is shared by every engine with the same pool shape, token buffer and step shape (jkv/runner.py
+# `_JITTED`); a different num_blocks or max_num_seqs compiles everything again. The scenarios (here and in
+# test_engine_multistep) run on two configurations: ENGINE, a pool that holds them, and PREEMPT, one that does not.
+ENGINE = {"num_blocks": 120, "block_size": 4, "max_num_seqs": 8, "max_num_batched_tokens": 64}
+PREEMPT = ENGINE | {"num_blocks": 24}
 
 
 @pytest.fixture(scope="module")
@@ -35,15 +41,18 @@ def greedy10(model, prompts):
 def drive(model, plan, *, async_scheduling, abort_at=None, **opts):
     """Run `plan` = [(step to arrive at, prompt, SamplingParams)] through one engine; return what a user sees.
 
-    abort_at: {request index: number of streamed tokens after which it is aborted}.
+    abort_at: {request index: number of streamed tokens after which it is aborted}; `eng.aborted` holds, by id,
+    what `abort` returned.
     """
-    opts = {"num_blocks": 120, "block_size": 4, "max_num_seqs": 8, "max_num_batched_tokens": 64} | opts
+    opts = ENGINE | opts
     eng = jkv.Engine(model, async_scheduling=async_scheduling, **opts)
     assert eng.async_scheduling is async_scheduling
     ids: dict[int, str] = {}
+    sampling: dict[str, jkv.SamplingParams] = {}
     streamed: dict[str, list[int]] = {}
     final: dict[str, jkv.RequestOutput] = {}
     abort_at = abort_at or {}
+    eng.aborted = {}
     steps = 0
     eng.decode_rows_total = 0  # decode rows over the run: equal in both modes unless a stop token fired
     while len(ids) < len(plan) or eng.has_unfinished():
@@ -55,6 +64,7 @@ def drive(model, plan, *, async_scheduling, abort_at=None, **opts):
                     ids[i] = f"r{i}"
                     final[ids[i]] = jkv.RequestOutput(ids[i], prompt, [], [], None, True, "error", [],
                                                       error=str(err))  # fmt: skip
+                sampling[ids[i]] = sp
                 streamed[ids[i]] = []
         outs = eng.step()
         eng.decode_rows_total += eng.last_decode_rows
@@ -66,19 +76,21 @@ def drive(model, plan, *, async_scheduling, abort_at=None, **opts):
                 final[out.request_id] = out
         for i, n in abort_at.items():
             rid = ids.get(i)
-            if rid is not None and rid not in final and len(streamed[rid]) >= n:
-                eng.abort(rid)
+            if rid is not None and rid not in final and rid not in eng.aborted and len(streamed[rid]) >= n:
+                eng.aborted[rid] = eng.abort(rid)
         steps += 1
         assert steps < 2000
     stats = eng.stats()
     assert stats.blocks_used == 0 and not eng.has_unfinished()  # every block came back
+    assert not eng.scheduler.requests  # finished requests are not kept
+    assert set(final) == {f"r{i}" for i in range(len(plan))}  # every request is reported finished, aborted too
     result = {
         "samples": {rid: [(s.token_ids, s.finish_reason) for s in out.samples] for rid, out in final.items()},
         "finish": {rid: out.finish_reason for rid, out in final.items()},
         "tokens_generated": stats.tokens_generated,
     }
     for rid, out in final.items():
-        if out.error is None and not eng.requests[rid].beam:  # beam search streams nothing until it ends
+        if out.error is None and sampling[rid].beam_width == 1:  # beam search streams nothing until it ends
             assert streamed[rid] == out.token_ids, f"streamed tokens of {rid} differ from its final output"
     return result, eng, streamed
 
@@ -101,7 +113,7 @@ def test_greedy_matches_sync_and_reference(model, prompts, greedy10):
     # no stop token fired: the schedule itself is the synchronous one (same steps, prefix hits, fragmentation)
     sa, ss = eng_a.stats(), eng_s.stats()
     assert (sa.prefix_hit_rate, sa.preemptions_recompute) == (ss.prefix_hit_rate, 0)
-    assert sa.compilations == ss.compilations
+    assert eng_a.executor.runner.compiled == eng_s.executor.runner.compiled  # the same step shapes
     assert sa.step == ss.step + 1  # one more call reads the last step's tokens
     assert eng_a.decode_rows_total == eng_s.decode_rows_total  # nothing scheduled past max_tokens
 
@@ -137,10 +149,11 @@ def test_stop_token_that_is_also_the_last_token(model, prompts, greedy10):
 
 
 def test_max_tokens_stops_and_late_arrivals(model, prompts):
-    # max_tokens 1 (the prefill's token is the last), 2, ...; requests arriving while others decode
+    # max_tokens 1 (the prefill's token is the last), 2, ...; requests arriving while others decode (12 requests,
+    # 8 rows: some wait for a row)
     plan = [(i % 4 * 3, p, SP(max_tokens=1 + (i * 3) % 11)) for i, p in enumerate(prompts)]
     plan += [(5, prompts[9], SP(max_tokens=1)), (6, prompts[0], SP(max_tokens=2, temperature=1.0, seed=3))]
-    res, eng_a, eng_s = both(model, plan, max_num_seqs=4)
+    res, eng_a, eng_s = both(model, plan)
     assert all(r == "length" for r in res["finish"].values())
     assert res["tokens_generated"] == sum(sp.max_tokens for _, _, sp in plan)
     assert eng_a.stats().prefix_hit_rate == eng_s.stats().prefix_hit_rate
@@ -153,13 +166,13 @@ def test_prefix_caching_matches_sync(model):
     ps = [shared + rng.integers(0, 1000, n).tolist() for n in (1, 4, 9, 13)]
     # the first prompt's output blocks are cached while it decodes; later ones extend its full text
     plan = [(0, ps[0], SP(max_tokens=12))] + [(3 * i, p, SP(max_tokens=8)) for i, p in enumerate(ps[1:], 1)]
-    res, eng_a, eng_s = both(model, plan, block_size=4)
+    res, eng_a, eng_s = both(model, plan)
     assert eng_a.stats().prefix_hit_rate == eng_s.stats().prefix_hit_rate > 0.3
     # a request whose prompt is an earlier request's prompt + output hits blocks holding generated tokens,
     # i.e. blocks whose last token was read back from the device after its slot was handed out
     first = res["samples"]["r0"][0][0]
     plan2 = plan + [(40, ps[0] + first[:9], SP(max_tokens=4))]
-    res2, eng_a2, _ = both(model, plan2, block_size=4)
+    res2, eng_a2, _ = both(model, plan2)
     assert res2["samples"]["r4"][0][0] == reference_generate(model, [ps[0] + first[:9]], max_tokens=4)[0]
     assert eng_a2.manager.stats.prefix_hit_tokens >= eng_a.manager.stats.prefix_hit_tokens + 28
 
@@ -169,8 +182,7 @@ def test_preemption_matches_sync(model, prompts, greedy10, mode):
     stops = (greedy10[2][4], greedy10[8][6])
     plan = [(0, p, SP(max_tokens=10, stop_token_ids=stops if i % 2 else ())) for i, p in enumerate(prompts)]
     plan += [(2, prompts[4], SP(max_tokens=10, temperature=0.7, seed=9))]
-    res, eng_a, eng_s = both(model, plan, num_blocks=24, max_num_seqs=16, preemption_mode=mode,
-                             swap_blocks=64 if mode == "swap" else 0)  # fmt: skip
+    res, eng_a, eng_s = both(model, plan, **PREEMPT, preemption_mode=mode, swap_blocks=64 if mode == "swap" else 0)
     for eng in (eng_a, eng_s):
         st = eng.stats()
         assert (st.preemptions_swap if mode == "swap" else st.preemptions_recompute) > 0
@@ -186,7 +198,7 @@ def test_parallel_samples_and_beams_mixed_in(model, prompts, greedy10):
         (4, prompts[8], SP(max_tokens=6, n=2)),  # greedy forks
         (5, prompts[9], SP(max_tokens=5, beam_width=2, n=2, stop_token_ids=[greedy10[9][2]])),
     ]
-    res, _, _ = both(model, plan, num_blocks=200, max_num_seqs=12)
+    res, _, _ = both(model, plan)  # 16 sequences over 8 rows: some requests wait for theirs
     assert len(res["samples"]["r6"]) == 3 and len(res["samples"]["r9"]) == 2
     assert res["samples"]["r8"] == [(greedy10[8][:6], "length")] * 2
 
@@ -194,17 +206,22 @@ def test_parallel_samples_and_beams_mixed_in(model, prompts, greedy10):
 def test_abort_mid_run(model, prompts, greedy10):
     plan = [(0, p, SP(max_tokens=10)) for p in prompts[:6]]
     plan += [(0, prompts[6], SP(max_tokens=10, n=2, temperature=1.0, seed=1))]
+    aborted = ("r1", "r4", "r6")
     outs = {}
     for mode in (True, False):
         res, eng, streamed = drive(model, plan, async_scheduling=mode, abort_at={1: 2, 4: 5, 6: 1})
         outs[mode] = res
-        for i in (1, 4):  # aborted: never reported finished; what streamed is a prefix of the full output
-            assert f"r{i}" not in res["samples"] and eng.requests[f"r{i}"].seqs[0].finish_reason == "aborted"
+        assert eng.aborted == dict.fromkeys(aborted, True)
+        for rid in aborted:  # reported finished, 'aborted', short of max_tokens; what streamed is all it reports
+            assert res["finish"][rid] == "aborted" and len(streamed[rid]) < 10
+            assert all(len(tokens) < 10 for tokens, _ in res["samples"][rid])
+        for i in (1, 4):  # what streamed is a prefix of the full output (drive: == the final output's tokens)
             assert streamed[f"r{i}"] == greedy10[i][: len(streamed[f"r{i}"])]
         for i in (0, 2, 3, 5):
             assert res["samples"][f"r{i}"] == [(greedy10[i], "length")]
     # the stream lags one step in async mode, so the aborts land later; everything not aborted is the same
-    assert outs[True]["samples"] == outs[False]["samples"]
+    kept = {mode: {rid: v for rid, v in res["samples"].items() if rid not in aborted} for mode, res in outs.items()}
+    assert kept[True] == kept[False]
 
 
 def test_sliding_window_matches_sync(model, prompts):
@@ -213,6 +230,7 @@ def test_sliding_window_matches_sync(model, prompts):
 
 
 def test_random_workloads_match_sync(model):
+    # random plans on the scenarios' engines (the block sizes are covered by test_engine), either prefill budget
     rng = np.random.default_rng(7)
     for trial in range(3):
         plan = []
@@ -229,12 +247,11 @@ def test_random_workloads_match_sync(model):
             elif kind == 3:
                 sp |= {"beam_width": 2}
             plan.append((int(rng.integers(0, 12)), prompt, SP(**sp)))
-        both(model, plan, num_blocks=int(rng.choice([80, 200])), max_num_seqs=10,
-             block_size=int(rng.choice([4, 8])), max_num_batched_tokens=int(rng.choice([16, 64])))  # fmt: skip
+        both(model, plan, **((ENGINE, PREEMPT)[trial % 2] | {"max_num_batched_tokens": int(rng.choice([16, 64]))}))
 
 
 def test_stream_reports_each_token_once(model, prompts):
-    eng = jkv.Engine(model, num_blocks=120, block_size=4, max_num_seqs=8)
+    eng = jkv.Engine(model, **ENGINE)
     rids = [eng.add_request(p, SP(max_tokens=6, n=2, temperature=1.0, seed=i))
             for i, p in enumerate(prompts[:4])]  # fmt: skip
     seen = {r: [] for r in rids}
@@ -248,7 +265,7 @@ def test_stream_reports_each_token_once(model, prompts):
 
 
 class _CountingNumpy:
-    """Stands in for `np` inside jkv.engine: counts device -> host reads of jax arrays."""
+    """Stands in for `np` inside jkv.executor: counts device -> host reads of jax arrays."""
 
     def __init__(self, log):
         self._log = log
@@ -264,13 +281,15 @@ class _CountingNumpy:
 
 @pytest.mark.parametrize("async_scheduling", [True, False])
 def test_host_does_not_wait_between_decode_steps(model, prompts, monkeypatch, async_scheduling):
-    eng = jkv.Engine(model, num_blocks=200, block_size=4, max_num_seqs=8, async_scheduling=async_scheduling)
+    eng = jkv.Engine(model, **ENGINE, async_scheduling=async_scheduling)
     for p in prompts[:8]:
-        eng.add_request(p, SP(max_tokens=12, ignore_eos=True))
-    eng.step()  # prefill
+        eng.add_request(p, SP(max_tokens=20, ignore_eos=True))
+    while eng.last_decode_rows < 8:  # prefill: 76 prompt tokens, at most 64 padded positions a round
+        eng.step()
+        assert eng.stats().step < 10
     log: list = []
     eng.events = log
-    monkeypatch.setattr(engine_module, "np", _CountingNumpy(log))
+    monkeypatch.setattr(executor_module, "np", _CountingNumpy(log))
     for _ in range(6):  # steady decode: 8 running sequences, nothing to prefill
         first = len(log)
         eng.step()
@@ -291,7 +310,7 @@ def test_synchronize_waits_for_the_flight_and_changes_nothing(model, prompts, de
     """Engine.synchronize: afterwards the step in flight's arrays are ready; it reads nothing back, so the run
     that goes on gives the same tokens as one never synchronized."""
     def run(sync_at):
-        eng = jkv.Engine(model, num_blocks=120, block_size=4, max_num_seqs=8, decode_steps=decode_steps)
+        eng = jkv.Engine(model, **ENGINE, decode_steps=decode_steps)
         for p in prompts[:4]:
             eng.add_request(p, SP(max_tokens=9, ignore_eos=True))
         outs, i = {}, 0
@@ -299,12 +318,12 @@ def test_synchronize_waits_for_the_flight_and_changes_nothing(model, prompts, de
             for o in eng.step():
                 outs[o.request_id] = o.token_ids
             if i == sync_at:
-                flight = eng._flight
-                assert flight is not None  # async: this step's tokens are still unread
+                flight = eng.executor._flight
+                assert flight is not None and eng.executor.busy  # async: this step's tokens are still unread
                 eng.synchronize()
-                assert eng._flight is flight and flight.tokens.is_ready()
+                assert eng.executor._flight is flight and flight.tokens.is_ready()
                 assert all(p.steps.is_ready() for p in flight.parts if p.steps is not None)
-                assert all(a.is_ready() for a in jax.tree.leaves(eng.pools))
+                assert all(a.is_ready() for a in jax.tree.leaves(eng.executor.kv.pools))
             i += 1
         return outs
 

@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 
 # the scenarios' model, prompts and greedy references are test_engine_async's fixtures
-from test_engine_async import FIXTURE, SP, _CountingNumpy, drive, greedy10, model, prompts  # noqa: F401
+from test_engine_async import ENGINE, PREEMPT, SP, _CountingNumpy, drive, greedy10, model, prompts  # noqa: F401
 
 import jkv
-import jkv.engine as engine_module
+import jkv.executor as executor_module
 from jkv.reference import reference_generate
 
 
+# Each K compiles its own multi-step programs: the scenarios run K = 4 and, where a longer round matters, 8.
 def multi_vs_single(model, plan, steps=(4,), **opts):
     """The plan through decode_steps=1 (sync) and decode_steps=K (async and sync): the same results."""
     want, single, _ = drive(model, plan, async_scheduling=False, **opts)
@@ -32,12 +33,12 @@ def multi_vs_single(model, plan, steps=(4,), **opts):
 
 
 def multi_calls(eng) -> int:
-    return sum(1 for key in eng.runner.compiled if key[1] == "steps")
+    return sum(1 for key in eng.executor.runner.compiled if key[1] == "steps")
 
 
 def test_greedy_matches_reference_and_uses_fewer_calls(model, prompts, greedy10):
     plan = [(0, p, SP(max_tokens=10)) for p in prompts]
-    res, engines = multi_vs_single(model, plan, steps=(3, 8))
+    res, engines = multi_vs_single(model, plan, steps=(4, 8))
     assert [res["samples"][f"r{i}"][0][0] for i in range(len(prompts))] == greedy10
     _, single, _ = drive(model, plan, async_scheduling=True)
     for eng in engines:
@@ -63,14 +64,14 @@ def test_stop_tokens_inside_a_round(model, prompts, greedy10):
 def test_stop_token_that_is_also_the_last_token(model, prompts, greedy10):
     stop = greedy10[3][4]
     k = greedy10[3].index(stop) + 1
-    res, _ = multi_vs_single(model, [(0, prompts[3], SP(max_tokens=k, stop_token_ids=[stop]))], steps=(2, 8))
+    res, _ = multi_vs_single(model, [(0, prompts[3], SP(max_tokens=k, stop_token_ids=[stop]))], steps=(4, 8))
     assert res["samples"]["r0"] == [(greedy10[3][:k], "stop")]
 
 
 def test_max_tokens_and_late_arrivals(model, prompts):
     plan = [(i % 4 * 3, p, SP(max_tokens=1 + (i * 3) % 11)) for i, p in enumerate(prompts)]
     plan += [(5, prompts[9], SP(max_tokens=1)), (6, prompts[0], SP(max_tokens=2, temperature=1.0, seed=3))]
-    res, _ = multi_vs_single(model, plan, steps=(3, 8), max_num_seqs=4)
+    res, _ = multi_vs_single(model, plan, steps=(4, 8))
     assert res["tokens_generated"] == sum(sp.max_tokens for _, _, sp in plan)
 
 
@@ -79,13 +80,13 @@ def test_prefix_caching_sees_real_tokens_only(model):
     shared = rng.integers(0, 1000, 20).tolist()
     ps = [shared + rng.integers(0, 1000, n).tolist() for n in (1, 4, 9, 13)]
     plan = [(0, ps[0], SP(max_tokens=12))] + [(3 * i, p, SP(max_tokens=8)) for i, p in enumerate(ps[1:], 1)]
-    res, _ = multi_vs_single(model, plan, block_size=4)
+    res, _ = multi_vs_single(model, plan)
     # a later prompt = an earlier prompt + its output: it hits blocks filled by multi-step rounds, whose tokens
     # were placeholders when their slots were handed out (hashing a placeholder would miss, or worse, hit wrong)
     first = res["samples"]["r0"][0][0]
     plan2 = plan + [(12, ps[0] + first[:9], SP(max_tokens=4))]
-    _, without = multi_vs_single(model, plan, steps=(4,), block_size=4)
-    res2, engines = multi_vs_single(model, plan2, steps=(4,), block_size=4)
+    _, without = multi_vs_single(model, plan, steps=(4,))
+    res2, engines = multi_vs_single(model, plan2, steps=(4,))
     assert res2["samples"]["r4"][0][0] == reference_generate(model, [ps[0] + first[:9]], max_tokens=4)[0]
     for eng, base in zip(engines, without, strict=True):
         # r4's 30-token prompt hits r0's 7 full blocks: 21 prompt tokens and 7 tokens that multi-step rounds wrote
@@ -98,8 +99,7 @@ def test_preemption(model, prompts, greedy10, mode):
     stops = (greedy10[2][4], greedy10[8][6])
     plan = [(0, p, SP(max_tokens=10, stop_token_ids=stops if i % 2 else ())) for i, p in enumerate(prompts)]
     plan += [(2, prompts[4], SP(max_tokens=10, temperature=0.7, seed=9))]
-    _, engines = multi_vs_single(model, plan, num_blocks=24, max_num_seqs=16, preemption_mode=mode,
-                                 swap_blocks=64 if mode == "swap" else 0)  # fmt: skip
+    _, engines = multi_vs_single(model, plan, **PREEMPT, preemption_mode=mode, swap_blocks=64 if mode == "swap" else 0)
     for eng in engines:
         st = eng.stats()
         assert (st.preemptions_swap if mode == "swap" else st.preemptions_recompute) > 0
@@ -113,7 +113,7 @@ def test_parallel_samples_and_beams(model, prompts, greedy10):
         (4, prompts[8], SP(max_tokens=6, n=2)),
         (5, prompts[9], SP(max_tokens=5, beam_width=2, n=2, stop_token_ids=[greedy10[9][2]])),
     ]
-    res, _ = multi_vs_single(model, plan, num_blocks=200, max_num_seqs=12)
+    res, _ = multi_vs_single(model, plan)
     assert res["samples"]["r8"] == [(greedy10[8][:6], "length")] * 2
 
 
@@ -123,8 +123,9 @@ def test_sliding_window(model, prompts):
 
 
 def test_random_workloads(model):
+    # random plans on the scenarios' engines and K values (see test_engine_async's random workloads)
     rng = np.random.default_rng(8)
-    for _ in range(3):
+    for trial in range(3):
         plan = []
         for i in range(14):
             kind = rng.integers(0, 8)
@@ -137,43 +138,50 @@ def test_random_workloads(model):
             elif kind == 3:
                 sp |= {"beam_width": 2}
             plan.append((int(rng.integers(0, 12)), prompt, SP(**sp)))
-        multi_vs_single(model, plan, steps=(int(rng.integers(2, 9)),), num_blocks=int(rng.choice([60, 200])),
-                        max_num_seqs=10, block_size=int(rng.choice([4, 8])),
-                        max_num_batched_tokens=int(rng.choice([16, 64])))  # fmt: skip
+        opts = (ENGINE, PREEMPT)[trial % 2] | {"max_num_batched_tokens": int(rng.choice([16, 64]))}
+        multi_vs_single(model, plan, steps=(int(rng.choice([4, 8])),), **opts)
 
 
 def test_abort_during_a_round(model, prompts, greedy10):
     plan = [(0, p, SP(max_tokens=10)) for p in prompts[:6]]
     for mode in (True, False):
         res, eng, streamed = drive(model, plan, async_scheduling=mode, decode_steps=4, abort_at={1: 2, 4: 1})
-        for i in (1, 4):  # aborted with a round in flight: what it reports is a prefix of the full output
-            assert f"r{i}" not in res["samples"] and eng.requests[f"r{i}"].seqs[0].finish_reason == "aborted"
-            assert streamed[f"r{i}"] == greedy10[i][: len(streamed[f"r{i}"])]
-            assert jkv.request.UNKNOWN_TOKEN not in eng.requests[f"r{i}"].seqs[0].tokens
+        assert eng.aborted == {"r1": True, "r4": True}
+        for i in (1, 4):  # aborted with a round in flight: reported finished, its tokens a prefix of the full output
+            rid = f"r{i}"
+            assert res["finish"][rid] == "aborted"
+            ((tokens, _),) = res["samples"][rid]
+            assert streamed[rid] == tokens == greedy10[i][: len(tokens)] and len(tokens) < 10
+            assert jkv.request.UNKNOWN_TOKEN not in tokens  # the round's placeholder slots were dropped
         for i in (0, 2, 3, 5):
             assert res["samples"][f"r{i}"] == [(greedy10[i], "length")]
 
 
 def test_round_reads_back_once_and_falls_back_when_blocks_are_short(model, prompts, monkeypatch):
-    eng = jkv.Engine(model, num_blocks=200, block_size=4, max_num_seqs=8, decode_steps=5)
+    eng = jkv.Engine(model, **ENGINE, decode_steps=4)
     for p in prompts[:8]:
-        eng.add_request(p, SP(max_tokens=12, ignore_eos=True))
-    eng.step()  # prefill
-    eng.step()  # first multi-step round
-    assert eng._flight is not None and eng._flight.parts[0].steps is not None and eng.last_decode_steps == 5
-    assert all(s.tokens[-4:] == [jkv.request.UNKNOWN_TOKEN] * 4 for r in eng.requests.values() for s in r.seqs)
+        eng.add_request(p, SP(max_tokens=20, ignore_eos=True))
+    # prefill (76 prompt tokens, at most 64 padded positions a round), then the first multi-step round of all 8
+    while (eng.last_decode_rows, eng.last_decode_steps) != (8, 4):
+        eng.step()
+        assert eng.stats().step < 10
+    flight = eng.executor._flight
+    assert flight is not None and flight.parts[0].steps is not None and eng.last_decode_steps == 4
+    running = eng.scheduler.requests.values()
+    assert len(running) == 8 and all(s.tokens[-3:] == [jkv.request.UNKNOWN_TOKEN] * 3 for r in running for s in r.seqs)
     log: list = []
     eng.events = log
-    monkeypatch.setattr(engine_module, "np", _CountingNumpy(log))
-    eng.step()  # the second round: dispatched before the first is read, one device->host copy for 5 x 8 tokens
+    monkeypatch.setattr(executor_module, "np", _CountingNumpy(log))
+    eng.step()  # the next round: dispatched before the last is read, one device->host copy for 4 x 8 tokens
     assert [k for k, _ in log] == ["dispatch", "read", "host read"]
     monkeypatch.undo()
-    # too few free blocks for the extra slots: the round runs one step
-    tight = jkv.Engine(model, num_blocks=15, block_size=4, max_num_seqs=8, decode_steps=8, watermark=0.0)
+    # too few free blocks for the extra slots: the round runs one step (two sequences of 47 and 48 tokens need
+    # 12 blocks each, the pool has 23: near their end the 7 lookahead slots of each do not fit)
+    tight = jkv.Engine(model, **PREEMPT, decode_steps=8, watermark=0.0)
     for p in (prompts[2], prompts[3]):
-        tight.add_request(p, SP(max_tokens=30, ignore_eos=True))
+        tight.add_request(p, SP(max_tokens=40, ignore_eos=True))
     out = tight.run()
-    assert all(len(o.token_ids) == 30 for o in out.values())
+    assert len(out) == 2 and all(len(o.token_ids) == 40 for o in out.values())
 
 
 def test_decode_steps_must_be_positive(model):
@@ -191,8 +199,8 @@ def test_generate_runs_multi_step_by_default(model, prompts, greedy10, monkeypat
             made.append(self)
 
     monkeypatch.setattr(jkv.engine, "Engine", Spy)
-    outs = jkv.generate(model, prompts[:4], SP(max_tokens=10), num_blocks=64, block_size=4)
+    outs = jkv.generate(model, prompts[:4], SP(max_tokens=10), **ENGINE)
     assert [o.token_ids for o in outs] == greedy10[:4]
     assert made[-1].decode_steps == jkv.engine.GENERATE_DECODE_STEPS > 1 and multi_calls(made[-1]) > 0
-    jkv.generate(model, prompts[:2], SP(max_tokens=3), num_blocks=64, block_size=4, decode_steps=1)
+    jkv.generate(model, prompts[:2], SP(max_tokens=3), **ENGINE, decode_steps=1)
     assert made[-1].decode_steps == 1
