@@ -21,10 +21,12 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--max-num-seqs", type=int, default=32)
     ap.add_argument("--num-blocks", type=int, default=None, help="default: the planner, for what JAX's pool has")
+    ap.add_argument("--no-prefix-caching", action="store_true", help="each call recomputes its prompts")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     model = jkv.load_model(args.model, dtype=args.dtype)
-    opts = {"max_num_seqs": args.max_num_seqs} | ({"num_blocks": args.num_blocks} if args.num_blocks else {})
+    opts = {"max_num_seqs": args.max_num_seqs, "enable_prefix_caching": not args.no_prefix_caching}
+    opts |= {"num_blocks": args.num_blocks} if args.num_blocks else {}
     rows = repeat_generate(model, calls=args.calls, batch=args.batch, prompt_len=args.prompt_len,
                            new_tokens=args.new_tokens, **opts)  # fmt: skip
     if args.json:
