@@ -2,7 +2,7 @@
 
 This is the lowest layer of jkv's block management. It knows block ids, reference counts and content hashes,
 never sequences or tokens (that is `jkv.block_manager`) and never device arrays (the engine owns `k_pool` and
-`v_pool`; see `planner.kv_layout`). Pure Python, no JAX.
+`v_pool`; see `kvspec.layout`). Pure Python, no JAX.
 
 - Block 0 is the null block: padding entries of block tables (and blocks a sliding window dropped) point to
   it. It is never handed out, never reference-counted and never in the free queue.
@@ -136,7 +136,7 @@ class FreeBlockQueue:
 class BlockPool:
     """Reference-counted device blocks `1 .. num_blocks - 1` (block 0 is the null block) and the prefix cache.
 
-    `num_blocks` counts the null block, as `planner.kv_layout.BlockLayout.num_blocks` does, so the pool
+    `num_blocks` counts the null block, as `kvspec.layout.BlockLayout.num_blocks` does, so the pool
     matches the device arrays' leading block dimension. With `enable_caching=False`, `cache_block` and
     `lookup` do nothing and freed blocks are plain empty blocks.
     """

@@ -52,7 +52,7 @@ from jkv.bench.generate import (  # noqa: E402
 )
 from jkv.bench.probe import GENERATE_DECODE_STEPS, StepProbe  # noqa: E402
 from jkv.bench.serving import drive, drive_online, latency_stats, poisson_arrivals  # noqa: E402
-from planner.kv_layout import kv_bytes_per_token, kv_dtype  # noqa: E402
+from kvspec.layout import kv_bytes_per_token, kv_dtype  # noqa: E402
 
 
 def warmup_progress(done: int, total: int) -> None:

@@ -28,7 +28,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from planner.config import PRESETS  # noqa: E402
+from kvspec.config import PRESETS  # noqa: E402
 
 
 def load_hf_torch():

@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from planner import PlanError, PlanOptions, load_config, make_plan, parse_size, plan_to_dict  # noqa: E402
-from planner.kv_layout import DTYPE_BYTES, KV_DTYPES  # noqa: E402
+from kvspec.layout import DTYPE_BYTES, KV_DTYPES  # noqa: E402
 
 
 class _Parser(argparse.ArgumentParser):

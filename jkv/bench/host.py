@@ -26,7 +26,7 @@ PROXY_WIDTH = 64
 def host_proxy_model(layers: int) -> jkv.Model:
     """A random bfloat16 GPT-2 of `layers` layers, 64 wide, one head, a 512-token vocabulary."""
     from jkv.weights import random_params
-    from planner.config import ModelConfig
+    from kvspec.config import ModelConfig
 
     cfg = ModelConfig("host-proxy", vocab_size=PROXY_VOCAB, n_positions=1024, n_embd=PROXY_WIDTH, n_layer=layers,
                       n_head=1)  # fmt: skip

@@ -36,8 +36,8 @@ from jkv.bench.probe import attention_backend
 from jkv.model import Model, attend_no_cache, forward
 from jkv.scoring import score_through_cache
 from jkv.weights import random_params
-from planner.config import ModelConfig
-from planner.kv_layout import blocks_for_tokens, kv_bytes_per_token, kv_dtype
+from kvspec.config import ModelConfig
+from kvspec.layout import blocks_for_tokens, kv_bytes_per_token, kv_dtype
 
 # (label, kv_dtype, sliding window, attention): the first row is the reference every other row is compared with.
 REFERENCE = ("bfloat16", "bfloat16", None, "auto")
