@@ -17,7 +17,6 @@ torch runs on the CPU (float64 is the reference); jkv runs on whatever JAX sees.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -29,16 +28,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from kvspec.config import PRESETS  # noqa: E402
-
-
-def load_hf_torch():
-    """jkv/bench/hf_torch.py by its path: the torch stage may run where JAX (which jkv/__init__ imports) is not."""
-    spec = importlib.util.spec_from_file_location(
-        "jkv_bench_hf_torch", ROOT / "jkv" / "bench" / "hf_torch.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def main() -> None:
@@ -58,7 +47,9 @@ def main() -> None:
             c = PRESETS[args.size]
             shape = {"vocab_size": c.vocab_size, "n_positions": c.n_positions, "n_embd": c.n_embd,
                      "n_layer": c.n_layer, "n_head": c.n_head}  # fmt: skip
-            load_hf_torch().hf_stage(shape, args.tokens, args.new, work)
+            from jkv.bench import hf_torch  # torch's side: imports no JAX (jkv loads its engine lazily)
+
+            hf_torch.hf_stage(shape, args.tokens, args.new, work)
         if args.stage in ("all", "jkv"):
             from jkv.bench.hf_parity import jkv_stage
 

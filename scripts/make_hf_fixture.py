@@ -15,12 +15,11 @@ What it writes (float32 weights, a few hundred KB in all):
 - logits.npz: `logits`, float64 [T, vocab], HF's logits for expected.json's `ids` (model in float64).
 
 The weights are drawn much larger than GPT-2's N(0, 0.02) init so that attention is far from uniform
-(jkv/bench/hf_torch.py, loaded by its path: this venv has no JAX).
+(jkv/bench/hf_torch.py, which imports neither JAX nor jkv's engine: this venv has no JAX).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -29,21 +28,14 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE = REPO / "tests" / "fixtures" / "hf_tiny_gpt2"
+sys.path.insert(0, str(REPO))
 
-
-def load_hf_torch():
-    """jkv/bench/hf_torch.py by its path: importing it as jkv.bench.hf_torch would run jkv/__init__ (JAX)."""
-    spec = importlib.util.spec_from_file_location(
-        "jkv_bench_hf_torch", REPO / "jkv" / "bench" / "hf_torch.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from jkv.bench import hf_torch  # noqa: E402  (imports no JAX: jkv loads its engine lazily)
 
 
 def main() -> None:
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else FIXTURE
-    expected = load_hf_torch().write_fixture(out)
+    expected = hf_torch.write_fixture(out)
     print(json.dumps({k: v for k, v in expected.items() if k not in ("ids", "prompts", "greedy")}, indent=1))
     logits = np.load(out / "logits.npz")["logits"]
     print("logit std", float(logits.std()), "files:", sorted(p.name for p in out.iterdir()))

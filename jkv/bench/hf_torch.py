@@ -2,8 +2,8 @@
 greedy continuations and logits, and the tiny fixture written from it (tests/fixtures/hf_tiny_gpt2).
 
 Runs where torch and transformers are installed, OUTSIDE jkv's environment (a throwaway venv, Python 3.11 will
-do): it imports neither JAX nor jkv, so the scripts load this file by its path rather than as `jkv.bench.hf_torch`
-(importing the package runs jkv/__init__, which imports JAX).
+do): it imports neither JAX nor jkv's engine (`jkv` loads its public names lazily, so `import jkv.bench.hf_torch`
+runs no JAX).
 
 The weights are drawn much larger than GPT-2's N(0, 0.02) init so that attention is far from uniform (a bug in
 masking or positions then moves the logits a lot) and all biases and LayerNorm parameters are non-trivial (a
