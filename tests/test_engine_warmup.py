@@ -16,8 +16,13 @@ from jkv.kv_cache import copy_blocks
 from jkv.reference import reference_generate
 
 FIXTURE = Path(__file__).parent / "fixtures" / "hf_tiny_gpt2"
-SMALL = {"block_size": 8, "max_num_seqs": 4, "max_num_batched_tokens": 32, "max_seq_len": 64, "num_blocks": 40,
+# A compiled step is shared by every engine with the same pool shape, token buffer and step shape (jkv/runner.py
+# `_JITTED`), so the tests share one configuration and each step shape compiles once for the module. Its 18
+# blocks are fewer than 4 sequences of 64 tokens need: serving preempts (and, in swap mode, swaps).
+SMALL = {"block_size": 8, "max_num_seqs": 4, "max_num_batched_tokens": 32, "max_seq_len": 64, "num_blocks": 18,
          "attention": "reference"}  # fmt: skip
+# Fewer shapes, for the tests that need every step shape new to the process (each with a pool size of its own).
+TINY = SMALL | {"max_num_seqs": 2, "max_num_batched_tokens": 16, "max_seq_len": 32}
 
 
 @pytest.fixture(scope="module")
@@ -51,18 +56,23 @@ def serve(eng, reqs, arrive_every: int = 2) -> dict[str, list[int]]:
 
 
 def reference(model, reqs) -> dict[str, list[int]]:
-    return {f"r{i}": reference_generate(model, [p], max_tokens=n)[0] for i, (p, n) in enumerate(reqs)}
+    """The dense reference's greedy tokens per request, in one batch (one compilation for all of them): each
+    request's first max_tokens of the longest output."""
+    out = reference_generate(model, [p for p, _ in reqs], max_tokens=max(n for _, n in reqs))
+    return {f"r{i}": tokens[:n] for i, (tokens, (_, n)) in enumerate(zip(out, reqs))}
 
 
 @pytest.mark.parametrize("decode_steps", [1, 4])
 def test_after_warmup_serving_compiles_nothing(model, decode_steps):
     eng = jkv.Engine(model, decode_steps=decode_steps, **SMALL)
     report = eng.warmup(greedy=True)
-    assert report["shapes"] == len(eng.step_shapes(greedy=True)) == len(eng.runner.compiled)
-    compiled = set(eng.runner.compiled)
-    reqs = mixed_requests(model, 14, seed=decode_steps)
+    assert report["shapes"] == len(eng.step_shapes(greedy=True)) == len(eng.executor.runner.compiled)
+    compiled, compilations = set(eng.executor.runner.compiled), eng.stats().compilations
+    reqs = mixed_requests(model, 14, seed=1)
     got = serve(eng, reqs)
-    assert eng.runner.compiled == compiled, f"compiled while serving: {eng.runner.compiled - compiled}"
+    new = eng.executor.runner.compiled - compiled
+    assert not new, f"new step shapes while serving: {new}"
+    assert eng.stats().compilations == compilations  # and no XLA compilation of any other program either
     assert got == reference(model, reqs)
     assert eng.warmup(greedy=True)["shapes"] == 0  # everything is compiled already
 
@@ -82,7 +92,7 @@ def backend_compiles():
 @pytest.mark.parametrize("threads", [1, 3])
 def test_parallel_compiles_are_the_ones_that_run(model, threads):
     # a pool size no other test uses: every step shape is new to the process (the pools are an argument)
-    eng = jkv.Engine(model, decode_steps=3, **(SMALL | {"num_blocks": 30 + threads}))
+    eng = jkv.Engine(model, decode_steps=3, **(TINY | {"num_blocks": 30 + threads}))
     events, stop = backend_compiles()
     try:
         report = eng.warmup(greedy=True, threads=threads)
@@ -93,7 +103,7 @@ def test_parallel_compiles_are_the_ones_that_run(model, threads):
     # one XLA compilation per step shape, whether the threads compiled it or the run: the runs reused them
     # (plus a few small helper programs: the copy-on-write buckets, filling the token buffer)
     assert shapes <= len(events) <= shapes + 8
-    reqs = [(p[:20], min(n, 20)) for p, n in mixed_requests(model, 6, seed=threads)]
+    reqs = [(p[:12], min(n, 12)) for p, n in mixed_requests(model, 6, seed=threads)]  # TINY's 32 tokens
     assert serve(eng, reqs) == reference(model, reqs)
 
 
@@ -109,7 +119,7 @@ def test_every_shape_the_engine_meets_is_listed(model):
     serve(eng, mixed_requests(model, 14, seed=7), arrive_every=3)
     listed = {(kind, g, shape) for kind, g, shape in eng.step_shapes(greedy=True)}
     met = set()
-    for key in eng.runner.compiled:
+    for key in eng.executor.runner.compiled:
         if key[1] == "steps":  # (backend, "steps", greedy, shape, num_steps)
             met.add(("steps", key[2], key[3]))
         else:  # (backend, decode, greedy, shape)
@@ -123,9 +133,9 @@ def test_warmup_leaves_the_pools_untouched(model):
     reqs = mixed_requests(model, 3, seed=3)
     serve(eng, reqs, arrive_every=1)
     assert eng.stats().blocks_cached > 0  # prefix-cache content a later request could reuse
-    before = [np.asarray(a)[1:].copy() for a in jax.tree.leaves(eng.pools)]  # block 0 is the null block
+    before = [np.asarray(a)[1:].copy() for a in jax.tree.leaves(eng.executor.kv.pools)]  # block 0 is the null block
     eng.warmup()  # greedy and sampling variants
-    after = [np.asarray(a)[1:] for a in jax.tree.leaves(eng.pools)]
+    after = [np.asarray(a)[1:] for a in jax.tree.leaves(eng.executor.kv.pools)]
     assert all(np.array_equal(a, b) for a, b in zip(before, after))
     more = mixed_requests(model, 4, seed=4)
     assert serve(eng, more, arrive_every=1) == reference(model, more)
@@ -174,10 +184,10 @@ def test_swapping_is_warmed_and_chunked(model, chunk):
     # after warmup() a swap-heavy workload compiles nothing (any block count moves in power-of-two calls of at
     # most swap_chunk blocks), and the tokens are the dense reference's; chunk 2 splits every swap into pieces
     # (the 3- and 5-block swaps into 2 + 1 and 2 + 2 + 1)
-    opts = SMALL | {"num_blocks": 18, "max_num_seqs": 4, "preemption_mode": "swap", "swap_blocks": 64}
+    opts = SMALL | {"preemption_mode": "swap", "swap_blocks": 64}
     eng = jkv.Engine(model, **opts)
     if chunk:
-        eng.swap_chunk = chunk
+        eng.executor.kv.swap_chunk = chunk
     eng.warmup(greedy=True)
     reqs = swap_workload(model)
     events, stop = backend_compiles()
@@ -192,26 +202,22 @@ def test_swapping_is_warmed_and_chunked(model, chunk):
     assert stats.blocks_used == 0
 
 
-def test_swap_chunk_is_a_bounded_power_of_two(model):
-    eng = jkv.Engine(model, **(SMALL | {"preemption_mode": "swap", "swap_blocks": 8}))
+def test_swap_chunk_is_a_bounded_power_of_two(model, monkeypatch):
+    from jkv import kv_cache
+
+    opts = SMALL | {"preemption_mode": "swap", "swap_blocks": 8}
+    kv = jkv.Engine(model, **opts).executor.kv
     per_seq = -(-SMALL["max_seq_len"] // SMALL["block_size"])  # 8 blocks hold the longest sequence
-    assert eng.swap_chunk == per_seq
-    from jkv import engine as engine_mod
-
+    assert kv.swap_chunk == per_seq
     # the staging bound: larger blocks (or a smaller bound) leave room for fewer blocks per call
-
-    assert eng.swap_chunk * eng.bytes_per_block <= engine_mod.SWAP_STAGING_BYTES
-    old = engine_mod.SWAP_STAGING_BYTES
-    try:
-        engine_mod.SWAP_STAGING_BYTES = 3 * eng.bytes_per_block
-        assert jkv.Engine(model, **(SMALL | {"preemption_mode": "swap", "swap_blocks": 8})).swap_chunk == 2
-    finally:
-        engine_mod.SWAP_STAGING_BYTES = old
+    assert kv.swap_chunk * kv.bytes_per_block <= kv_cache.SWAP_STAGING_BYTES
+    monkeypatch.setattr(kv_cache, "SWAP_STAGING_BYTES", 3 * kv.bytes_per_block)
+    assert jkv.Engine(model, **opts).executor.kv.swap_chunk == 2
 
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_progress_reports_every_shape_in_order(model, threads):
-    eng = jkv.Engine(model, decode_steps=2, **(SMALL | {"num_blocks": 35 + threads}))
+    eng = jkv.Engine(model, decode_steps=4, **SMALL)  # its shapes were compiled (by another engine) or are now
     seen = []
     report = eng.warmup(greedy=True, threads=threads, progress=lambda done, total: seen.append((done, total)))
     total = report["shapes"]
@@ -225,4 +231,4 @@ def test_warmup_rejects_a_progress_that_is_not_callable(model):
     eng = jkv.Engine(model, **SMALL)
     with pytest.raises(ValueError, match="function of \\(done, total\\)"):
         eng.warmup(progress=5)
-    assert eng.runner.compiled == set()  # refused before compiling anything
+    assert eng.executor.runner.compiled == set() and eng.stats().compilations == 0  # refused before compiling
