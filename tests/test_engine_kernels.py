@@ -59,7 +59,7 @@ def generate(model, prompts, attention, **opts):
 def test_kernel_engine_equals_reference_engine(model, prompts, opts, agree):
     want, _ = generate(model, prompts, "reference", **{k: v for k, v in opts.items() if k != "decode_steps"})
     got, eng = generate(model, prompts, "interpret", **dict(opts))
-    assert eng.runner.backend == "interpret"
+    assert eng.executor.runner.backend == "interpret"
     assert [[x[:agree] for x in r] for r in got] == [[x[:agree] for x in r] for r in want]
     assert all(len(x) == 12 for r in got for x in r)
     assert eng.stats().prefix_hit_rate > 0  # the shared prompt blocks were reused

@@ -28,7 +28,7 @@ def _window_attend(window, layer, q, k, v, cache):
     return masked_attention(q, k, v, jnp.broadcast_to(mask, (q.shape[0], t, t))), cache
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def window_attend(window):
     return functools.partial(_window_attend, window)  # one object per window: jit's static argument hashes it
 
@@ -124,7 +124,7 @@ def test_quantized_pool_bytes_match_planner(model):
 
     for kv in ("bfloat16", "float32", "int8", "float8_e4m3fn", "int4"):
         eng = jkv.Engine(model, num_blocks=37, block_size=8, kv_dtype=kv)
-        assert eng.pools.nbytes == layout_bytes(model.config, 37, 8, kv)
+        assert eng.executor.kv.pools.nbytes == layout_bytes(model.config, 37, 8, kv)
 
 
 @pytest.mark.parametrize("n_embd,n_head", [(768, 12), (256, 2), (96, 3)])  # head_dim 64, 128, 32
