@@ -5,6 +5,7 @@ make a step of rows x longest positions (up to max_num_seqs x budget), far beyon
 positions the planner sizes the workspace for; the scheduler now cuts chunks short or leaves rows to the next round.
 """
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 
 import jkv
 from jkv.reference import reference_generate
+from kvspec.shapes import ShapePolicy
 from planner import PlanOptions, load_config, make_plan
 from planner.memory import padded_prefill_tokens
 
@@ -30,16 +32,24 @@ def burst(model, seed: int) -> list[tuple[list[int], int]]:
     return [(rng.integers(0, model.config.vocab_size, n).tolist(), int(rng.integers(2, 6))) for n in lengths]
 
 
+def reference(model, reqs) -> list[list[int]]:
+    """The dense reference's greedy tokens per (prompt, max_tokens), in one batch (one compilation for all):
+    each request's first max_tokens of the longest output."""
+    out = reference_generate(model, [p for p, _ in reqs], max_tokens=max(n for _, n in reqs))
+    return [tokens[:n] for tokens, (_, n) in zip(out, reqs)]
+
+
 def run_recording(eng, reqs):
     """Serve reqs (all queued at once); the (rows, chunk) of every prefill call and the greedy tokens."""
-    shapes, real = [], eng.runner.run_step
+    runner = eng.executor.runner
+    shapes, real = [], runner.run_step
 
     def spy(pools, x, prev, *, decode, greedy):
         if not decode:
             shapes.append(x.tokens.shape)
         return real(pools, x, prev, decode=decode, greedy=greedy)
 
-    eng.runner.run_step = spy
+    runner.run_step = spy
     ids = [eng.add_request(p, jkv.SamplingParams(max_tokens=n)) for p, n in reqs]
     final = eng.run()
     return shapes, [final[i].token_ids for i in ids]
@@ -50,19 +60,27 @@ def test_prefill_steps_stay_within_the_planned_positions(model, budget):
     eng = jkv.Engine(model, num_blocks=200, block_size=8, max_num_seqs=16, max_num_batched_tokens=budget,
                      attention="reference")  # fmt: skip
     cap = padded_prefill_tokens(budget)
-    assert eng.scheduler.max_padded == cap
+    assert eng.shapes.max_prefill_positions == eng.scheduler.shapes.max_prefill_positions == cap
     reqs = burst(model, seed=budget)
     shapes, tokens = run_recording(eng, reqs)
     assert shapes and all(rows * chunk <= cap for rows, chunk in shapes), shapes
     assert max(rows for rows, _ in shapes) > 1  # short prompts still share prefill steps
-    assert tokens == [reference_generate(model, [p], max_tokens=n)[0] for p, n in reqs]
+    assert tokens == reference(model, reqs)
+
+
+class Uncapped(ShapePolicy):
+    """The engine's shape policy without the bound on a prefill step's padded size."""
+
+    @property
+    def max_prefill_positions(self) -> int:
+        return 2**62
 
 
 def test_without_the_cap_the_burst_pads_far_beyond_it(model):
     # the same burst through a scheduler without the padding rule: the first round's step is much larger
     eng = jkv.Engine(model, num_blocks=200, block_size=8, max_num_seqs=16, max_num_batched_tokens=64,
                      attention="reference")  # fmt: skip
-    eng.scheduler.padded_size = eng.scheduler.max_padded = None
+    eng.scheduler.shapes = Uncapped(**{f.name: getattr(eng.shapes, f.name) for f in dataclasses.fields(eng.shapes)})
     shapes, _ = run_recording(eng, burst(model, seed=64))
     assert max(rows * chunk for rows, chunk in shapes) >= 4 * padded_prefill_tokens(64)
 
@@ -74,19 +92,20 @@ def test_a_chunk_is_cut_to_fit_rather_than_dropped(model):
                      attention="reference")  # fmt: skip
     rng = np.random.default_rng(5)
     reqs = [([int(t)], 3) for t in rng.integers(0, 100, 7)] + [(rng.integers(0, 100, 40).tolist(), 3)]
-    lens, real = [], eng.runner.run_step
+    runner = eng.executor.runner
+    lens, real = [], runner.run_step
 
     def spy(pools, x, prev, *, decode, greedy):
         if not decode:
             lens.append([int(n) for n in x.query_lens if n])
         return real(pools, x, prev, decode=decode, greedy=greedy)
 
-    eng.runner.run_step = spy
+    runner.run_step = spy
     ids = [eng.add_request(p, jkv.SamplingParams(max_tokens=n)) for p, n in reqs]
     final = eng.run()
     assert lens[0] == [1] * 7 + [16]
     assert lens[1][0] == 24  # the rest of the long prompt, first in the next round
-    assert [final[i].token_ids for i in ids] == [reference_generate(model, [p], max_tokens=n)[0] for p, n in reqs]
+    assert [final[i].token_ids for i in ids] == reference(model, reqs)
 
 
 def test_plan_prefill_term_is_the_padded_positions():
