@@ -10,6 +10,8 @@ import pytest
 import jkv
 
 FIXTURE = Path(__file__).parent / "fixtures" / "hf_tiny_gpt2"
+# One engine configuration for every test: engines with the same pool and rows share their compiled steps.
+ENGINE = {"num_blocks": 64, "block_size": 4, "max_num_seqs": 2}
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +33,7 @@ def test_metrics_arithmetic():
                                   {"decode_steps": 4}])  # fmt: skip
 def test_metrics_follow_the_reported_tokens(model, opts):
     rng = np.random.default_rng(5)
-    eng = jkv.Engine(model, num_blocks=64, block_size=4, max_num_seqs=2, **opts)
+    eng = jkv.Engine(model, **ENGINE, **opts)
     lengths = {"a": 6, "b": 9, "c": 3}  # three requests, two rows: c waits for a row
     t_add = time.monotonic()
     for rid, n in lengths.items():
@@ -67,7 +69,7 @@ def test_metrics_follow_the_reported_tokens(model, opts):
 def test_generate_returns_metrics(model):
     t0 = time.monotonic()
     outs = jkv.generate(model, [[1, 2, 3], [], [4, 5]], jkv.SamplingParams(max_tokens=3, ignore_eos=True),
-                        num_blocks=16, block_size=4)  # fmt: skip
+                        **ENGINE, decode_steps=4)  # fmt: skip
     bad = outs.pop(1)  # an empty prompt fails alone, and still says when
     assert bad.error and bad.metrics.num_output_tokens == 0 and bad.metrics.time_to_first_token is None
     assert t0 <= bad.metrics.arrival_time == bad.metrics.finish_time
@@ -78,31 +80,30 @@ def test_generate_returns_metrics(model):
 
 
 @pytest.mark.parametrize("decode_steps", [1, 4])
-def test_finished_only_steps_give_the_same_results_and_first_token_times(decode_steps):
+def test_finished_only_steps_give_the_same_results_and_first_token_times(model, decode_steps):
     # step(finished_only=True) (what run() uses) reports only finished requests, yet their tokens are the full
-    # outputs, and every request's first-token time is stamped in the step that first read its token
-    model = jkv.load_model(FIXTURE, dtype="float32")
+    # outputs, and every request's first-token time is stamped in the step that first read its token (the step
+    # whose monotonic-clock window holds the stamp: the windows of successive steps are disjoint and ordered)
     rng = np.random.default_rng(5)
     reqs = [(rng.integers(0, model.config.vocab_size, int(rng.integers(2, 20))).tolist(), int(rng.integers(2, 12)))
             for _ in range(6)]  # fmt: skip
     runs = {}
     for finished_only in (False, True):
-        eng = jkv.Engine(model, num_blocks=64, block_size=4, max_num_seqs=3, decode_steps=decode_steps)
+        eng = jkv.Engine(model, **ENGINE, decode_steps=decode_steps)
         ids = [eng.add_request(p, jkv.SamplingParams(max_tokens=n)) for p, n in reqs]
-        final, first_step, reported, step = {}, {}, [], 0
+        final, windows, reported = {}, [], []
         while eng.has_unfinished():
+            before = time.monotonic()
             outs = eng.step(finished_only=finished_only)
+            windows.append((before, time.monotonic()))
             reported += [o.finished for o in outs]
-            for rid in ids:
-                req = eng.requests.get(rid)
-                if req is not None and req.first_token_time is not None:
-                    first_step.setdefault(rid, step)
             for o in outs:
                 if o.finished:
                     final[o.request_id] = o
-            step += 1
-        runs[finished_only] = ([final[r].token_ids for r in ids], [first_step[r] for r in ids], reported)
         assert all(final[r].metrics.time_to_first_token is not None for r in ids)
+        first_step = [next(k for k, (lo, hi) in enumerate(windows) if lo <= final[r].metrics.first_token_time <= hi)
+                      for r in ids]  # fmt: skip
+        runs[finished_only] = ([final[r].token_ids for r in ids], first_step, reported)
     (tok_all, first_all, rep_all), (tok_fin, first_fin, rep_fin) = runs[False], runs[True]
     assert tok_all == tok_fin and first_all == first_fin
     assert all(rep_fin) and len(rep_fin) == len(reqs) and not all(rep_all)  # only finished outputs were built
