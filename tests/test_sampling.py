@@ -56,12 +56,8 @@ def test_no_padded_logits_copy():
 
 @pytest.mark.parametrize("b", [SAMPLER_ROWS + 1, 3 * SAMPLER_ROWS - 7])
 def test_same_tokens_as_the_padded_sampler_it_replaced(b):
-    """scripts/bench_sampler.py times the two against each other after checking this on the device."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from scripts.bench_sampler import padded_sample_tokens
+    """scripts/bench_sampler.py (jkv.bench.sampler) times the two against each other after checking this."""
+    from jkv.bench.sampler import padded_sample_tokens
 
     args = _rows(b, 211, seed=7 * b)
     np.testing.assert_array_equal(np.asarray(jax.jit(sample_tokens)(*args)),
