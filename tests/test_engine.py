@@ -130,7 +130,7 @@ def test_parallel_sampling_shares_prompt_blocks(model):
 def test_sampling_is_batch_independent(model, prompts):
     sp = jkv.SamplingParams(max_tokens=6, temperature=0.8, top_p=0.9, seed=11)
     alone = run_tight(model, prompts[4:5], sp)[0].token_ids
-    together = run_tight(model, prompts, sp)[4].token_ids  # preempted and recomputed on the way, too
+    together = run_tight(model, prompts, sp)[4].token_ids  # in a batch of ten
     assert alone == together
 
 
