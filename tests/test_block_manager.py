@@ -20,7 +20,7 @@ from jkv.block_manager import (
 )
 from jkv.block_pool import hash_block_tokens
 from planner import PRESETS
-from planner.kv_layout import BlockLayout, kv_dtype
+from kvspec.layout import BlockLayout, kv_dtype
 
 # Hand-built scenarios ---------------------------------------------------------------------------------------
 

@@ -481,7 +481,7 @@ def test_plan_with_a_measured_reserve_matches_plan_cli_and_never_exceeds_the_bud
     sequences, at most as many as the smaller reserve frees (a sequence costs at least its KV blocks)."""
     import json
 
-    from planner.kv_layout import kv_bytes_per_token, kv_dtype
+    from kvspec.layout import kv_bytes_per_token, kv_dtype
 
     hbm, reserve = 24 * 10**9, int(0.5 * 2**30)
     got = memory.plan_with_reserve("gpt2", "bfloat16", hbm, 0.9, reserve)
