@@ -18,15 +18,11 @@ from kvspec.shapes import PREFILL_MIN_CHUNK, padded_prefill_tokens  # noqa: F401
 F32 = 4
 MiB = 2**20
 
-# Runtime reserve: device memory a process holds outside JAX's pool (CUDA context, loaded kernels, cuBLAS handles).
-# Measured with scripts/measure_memory.py (the card's used memory minus JAX's pool, after the plan's steps) on an
-# H200, driver 580.159.04, JAX 0.11.2, in GiB: gpt2 0.616-0.618 (12 layers; int8 KV 0.620), gpt2-medium 0.622 (24),
-# gpt2-large 0.626 (36), gpt2-xl 0.626-0.628 (48; int8 0.628-0.634). It grows with the executables' size, about
-# 0.23 MiB per layer: 630 MiB + 0.25 MiB per layer is its line. The same row measured again moved by up to 7 MiB
-# (gpt2-xl int8), and int8 rows sat 2-7 MiB above the line, so the reserve adds 6 MiB: 636 MiB + 0.25 MiB per
-# layer (gpt2 639 MiB, gpt2-xl 648 MiB). With it every searched row's plan (six at 24 GB, gpt2-xl on the full card)
-# is the real maximum or one below it (docs/benchmarks.md). Another card, driver or XLA version can differ; measure
-# it there (measure_memory.py prints it) and pass --reserve.
+# Every constant below was measured on an H200 (JAX 0.11.2); docs/memory.md, "Where the constants come from", gives
+# the measurements behind each one. Another card, driver or XLA version can differ: measure it there.
+
+# Runtime reserve: device memory a process holds outside JAX's pool (CUDA context, loaded kernels, cuBLAS handles),
+# a base plus a per-layer share (it grows with the executables), plus the spread between runs of one row.
 RESERVE_ALLOWANCE_BYTES = 6 * MiB  # the outside-pool memory's spread between runs of one row
 RESERVE_BASE_BYTES = 630 * MiB + RESERVE_ALLOWANCE_BYTES
 RESERVE_PER_LAYER_BYTES = MiB // 4
@@ -34,21 +30,14 @@ RESERVE_PER_LAYER_BYTES = MiB // 4
 # Rows the sampler sorts at a time (jkv.sampling): its scratch stays one block of rows, whatever the batch.
 SAMPLER_ROWS = 32
 
-# A step's scratch (XLA temp, `measure_workspace.py --sweep`): 19-25 MiB for decode steps of up to ~2,000 rows (the
-# sampler's block), 52-63 MiB for a 1,024-token prefill chunk (gpt2 ... gpt2-xl), then growing by 9.1 x embd bytes
-# per decode row (gpt2 at 8,000 / 16,000 / 27,324 rows: 67.4 / 117.8 / 193.1 MiB; gpt2-xl at 3,331: 62.7 MiB). The
-# planner takes max(TEMP_FLOOR_BYTES, tokens x (mlp + embd) x weight bytes + TEMP_BASE_BYTES): at or above every
-# measured step (by 0.3 MiB for gpt2-medium at 4,000 rows, 23 MiB for gpt2 at 27,324).
+# A step's scratch (XLA temp): max(TEMP_FLOOR_BYTES, tokens x (mlp + embd) x weight bytes + TEMP_BASE_BYTES), at or
+# above every measured step.
 TEMP_FLOOR_BYTES = 64 * MiB
 TEMP_BASE_BYTES = 16 * MiB
 
 # XLA autotunes each GEMM shape the first time it compiles it, on buffers it allocates from the same pool as the KV
-# pools: the operands and the output, each with 8 MiB redzones on both sides. The largest is the lm-head
-# ([rows, embd] x [embd, vocab] -> [rows, vocab] float32). The least free memory with which a decode step compiled
-# and ran (searched to an interval of 1.9-7.8 MiB, H200) holds that sum for gpt2 at 4,033 rows (900.7 MiB in
-# (899.2, 903.7]), gpt2 int8 KV at 7,360 (1,543.4 in (1,542.4, 1,550.2]) and gpt2-large at 800 (326.0 in
-# (325.9, 327.8]); below it no step needed less than AUTOTUNE_FLOOR_BYTES
-# (313-326 MiB: gpt2 at 1,024 rows, gpt2-xl at 128 and 444; what XLA holds there was not identified).
+# pools: the operands and the output, each with REDZONE_BYTES on both sides (the largest is the lm-head's). No
+# measured step compiled and ran with less free memory than AUTOTUNE_FLOOR_BYTES.
 REDZONE_BYTES = 8 * MiB
 AUTOTUNE_FLOOR_BYTES = 326 * MiB
 
