@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from planner.memory import SAMPLER_ROWS  # rows sampled at a time: the sort's workspace stays ~SAMPLER_ROWS x V
+
 
 SEED_LIMIT = 2**32  # seeds are folded into uint32 sampler keys: seeds s and s + 2**32 would draw the same tokens
 
@@ -123,8 +125,6 @@ class SamplingParams:
                     f"stop_token_ids holds {t}, outside the vocabulary [0, {vocab_size}): pass ids below {vocab_size}."
                 )
 
-
-from planner.memory import SAMPLER_ROWS  # rows sampled at a time: the sort's workspace stays ~SAMPLER_ROWS x V
 
 
 def sample_tokens(
