@@ -1,6 +1,6 @@
 """The paged KV cache on the device: K/V block pools, writes of new tokens, block copies and swaps.
 
-`KVPools` is a pytree of the preallocated pools, laid out as the planner says (planner/kv_layout.py):
+`KVPools` is a pytree of the preallocated pools, laid out as kvspec/layout.py says:
 
     k, v:               n_layer arrays of [num_blocks, kv_heads, block_size, head_dim]   (storage dtype)
     k_scale, v_scale:   n_layer arrays of [num_blocks, kv_heads, block_size]             (float16; int8 / fp8)

@@ -12,7 +12,7 @@ import pytest
 from jkv.kv_cache import allocate_pools
 from jkv.runner import StepRunner, bucket, build_inputs
 from jkv.weights import random_params
-from planner.config import ModelConfig
+from kvspec.config import ModelConfig
 
 BS = 8
 

@@ -13,7 +13,7 @@ import pytest
 import jkv
 from jkv.model import Model
 from jkv.weights import random_params
-from planner.config import ModelConfig
+from kvspec.config import ModelConfig
 
 
 @pytest.fixture(scope="module")

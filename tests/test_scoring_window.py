@@ -130,7 +130,7 @@ def test_quantized_pool_bytes_match_planner(model):
 @pytest.mark.parametrize("n_embd,n_head", [(768, 12), (256, 2), (96, 3)])  # head_dim 64, 128, 32
 def test_int4_pool_bytes_match_planner_at_real_head_dims(n_embd, n_head):
     from jkv.kv_cache import allocate_pools, layout_bytes
-    from planner.config import ModelConfig
+    from kvspec.config import ModelConfig
 
     cfg = ModelConfig("t", n_layer=2, n_embd=n_embd, n_head=n_head, n_positions=64, vocab_size=100)
     for kv in ("int4", "int8", "bfloat16"):
