@@ -13,12 +13,35 @@ settings.register_profile("dev", max_examples=100, deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 
+def _memory_maps() -> int | None:
+    """Memory mappings this process holds (Linux), or None where /proc does not say."""
+    try:
+        with open("/proc/self/maps") as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return None
+
+
+def _max_maps() -> int:
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 65530
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
-    """Drop every compiled program after each test module. Each XLA:CPU executable holds its own memory mappings,
-    and a process may hold at most vm.max_map_count (65,530 by default) of them: the whole suite in one process
-    kept ~65k alive and crashed inside XLA's compiler (a segfault in a later test's compile)."""
+    """Drop every compiled program after a test module once the process holds many memory mappings. Each XLA:CPU
+    executable holds its own mappings, and a process may hold at most vm.max_map_count (65,530 by default): the
+    whole suite in one process kept ~65k alive and crashed inside XLA's compiler (a segfault in a later test's
+    compile). A heavy module adds ~12k mappings, so the programs are kept (later modules that build the same
+    engines reuse them) while fewer than a third of the limit are in use, and dropped otherwise (always where
+    /proc cannot tell)."""
     yield
+    maps = _memory_maps()
+    if maps is not None and maps < _max_maps() // 3:
+        return
     import gc
 
     import jax
