@@ -29,31 +29,13 @@ from pallas_kernels.common import (
     validate_inputs,
 )  # fmt: skip
 from pallas_kernels.tuning import DECODE_TUNING as TUNING  # noqa: F401  (kept importable from here)
+from pallas_kernels.tuning import choose_splits, choose_step
 from pallas_kernels.tuning import decode_tuned_config as tuned_config
 
 silence_triton_deprecation()
 
 
-NUM_SMS = 132  # H100 SXM; only sizes the split heuristic, any GPU runs any split count
-TARGET_PROGRAMS = 4 * NUM_SMS  # enough programs in flight to keep every SM streaming K/V
 MIN_DOT_ROWS = 16  # Triton dot operands are at least 16 in every dimension: query groups are padded to this
-
-MIN_STEP_TOKENS = 32  # short contexts shrink tokens_per_step down to this to make room for context splits
-
-
-def choose_splits(batch: int, kv_heads: int, max_tokens: int, tokens_per_step: int) -> int:
-    """Context splits ("flash-decoding"): enough (batch, kv_head, split) programs to fill the GPU, each >= 2 steps."""
-    steps = pl.cdiv(max_tokens, tokens_per_step)
-    want = pl.cdiv(TARGET_PROGRAMS, batch * kv_heads)
-    return max(1, min(want, steps // 2))
-
-
-def choose_step(batch: int, kv_heads: int, max_tokens: int, tokens_per_step: int) -> int:
-    """Shrink the tuned step on short contexts until the splits that fill the GPU get >= 2 steps each."""
-    want = pl.cdiv(TARGET_PROGRAMS, batch * kv_heads)
-    while tokens_per_step > MIN_STEP_TOKENS and pl.cdiv(max_tokens, tokens_per_step) < 2 * want:
-        tokens_per_step //= 2
-    return tokens_per_step
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -92,3 +92,29 @@ def decode_tuned_config(page_dtype: jnp.dtype, group: int, head_dim: int) -> Dec
 def prefill_tuned_config(page_dtype: jnp.dtype, head_dim: int) -> PrefillTuning:
     """The prefill kernel's defaults for pages of `page_dtype` and `head_dim`."""
     return PREFILL_TUNING[(prefill_page_kind(page_dtype), head_dim)]
+
+
+# Context splits and step sizes of the decode kernel, from the launch shape -------------------------------------
+
+NUM_SMS = 132  # H100 SXM; only sizes the split heuristic, any GPU runs any split count
+TARGET_PROGRAMS = 4 * NUM_SMS  # enough programs in flight to keep every SM streaming K/V
+MIN_STEP_TOKENS = 32  # short contexts shrink tokens_per_step down to this to make room for context splits
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def choose_splits(batch: int, kv_heads: int, max_tokens: int, tokens_per_step: int) -> int:
+    """Context splits ("flash-decoding"): enough (batch, kv_head, split) programs to fill the GPU, each >= 2 steps."""
+    steps = _cdiv(max_tokens, tokens_per_step)
+    want = _cdiv(TARGET_PROGRAMS, batch * kv_heads)
+    return max(1, min(want, steps // 2))
+
+
+def choose_step(batch: int, kv_heads: int, max_tokens: int, tokens_per_step: int) -> int:
+    """Shrink the tuned step on short contexts until the splits that fill the GPU get >= 2 steps each."""
+    want = _cdiv(TARGET_PROGRAMS, batch * kv_heads)
+    while tokens_per_step > MIN_STEP_TOKENS and _cdiv(max_tokens, tokens_per_step) < 2 * want:
+        tokens_per_step //= 2
+    return tokens_per_step

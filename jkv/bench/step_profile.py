@@ -35,9 +35,9 @@ PROBE_ROUNDS = 7  # rounds per variant of the dispatch probe
 
 def set_split_target(programs: int) -> None:
     """Override the decode kernel's context-split target (programs in flight) for this process."""
-    from pallas_kernels import paged_decode
+    from pallas_kernels import tuning
 
-    paged_decode.TARGET_PROGRAMS = programs
+    tuning.TARGET_PROGRAMS = programs
 
 
 def _median(xs: list[float]) -> float:
