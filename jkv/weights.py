@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jkv.model import Model, Params
-from kvspec.config import PRESETS, ModelConfig, config_from_hf
+from kvspec.config import PRESETS, ModelConfig, config_from_hf, family_presets, load_config, read_json_object
+from kvspec.hf_config import SUPPORTED_MODEL_TYPES
 
 DTYPES = ("float32", "bfloat16", "float16")
 ORBAX_DIR = "params"  # jkv's converted checkpoints: DIR/config.json + DIR/params/ (orbax)
@@ -123,9 +124,13 @@ def random_params(config: ModelConfig, dtype: Any = "float32", seed: int = 0) ->
 def load_hf_config(path: str | Path) -> ModelConfig:
     """The directory's config.json as a ModelConfig, refusing GPT-2 options jkv's model does not reproduce."""
     path = Path(path)
-    config = config_from_hf(path)
-    raw = json.loads((path / "config.json").read_text())
     where = path / "config.json"
+    if where.is_file():
+        model_type = read_json_object(where).get("model_type")
+        if model_type in SUPPORTED_MODEL_TYPES and model_type != "gpt2":
+            raise CheckpointError(refuse_family(model_type, str(where)))
+    config = config_from_hf(path)
+    raw = json.loads(where.read_text())
     act = raw.get("activation_function", "gelu_new")
     if act not in _HF_ACTIVATIONS:
         raise CheckpointError(
@@ -140,6 +145,14 @@ def load_hf_config(path: str | Path) -> ModelConfig:
     if config.sliding_window is not None:
         raise CheckpointError(f"{where}: sliding_window is not implemented by jkv's GPT-2; remove it.")
     return config
+
+
+def refuse_family(model_type: str, where: str) -> str:
+    """The one sentence for a family the planner knows but jkv's model does not run yet."""
+    return (
+        f"{where}: model_type={model_type!r} is planned by `jkv plan --model` but jkv's engine serves "
+        "GPT-2 checkpoints only so far: plan it with `jkv plan`, or serve a gpt2 model."
+    )
 
 
 def config_to_hf(config: ModelConfig) -> dict[str, Any]:
@@ -361,6 +374,8 @@ def load_model(name_or_dir: str | Path, dtype: str = "float32", *, seed: int = 0
     if (path / "config.json").is_file():
         config = load_hf_config(path)
         return Model(config, load_params(path, config, dt), dt, key)
+    if key in family_presets():
+        raise CheckpointError(refuse_family(load_config(key).model_type, key))
     if key in PRESETS:
         warnings.warn(
             f"jkv: {key} has RANDOM weights (no checkpoint was given), so its text is meaningless; pass a Hugging "

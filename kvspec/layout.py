@@ -10,6 +10,11 @@ One head's rows of one block are contiguous (`block_size * head_dim * itemsize` 
 of one head as a single dense tile; with head_dim 64 in bfloat16 one token's row is exactly one 128-byte line.
 Block 0 of every pool is the null block: padding entries of block tables point to it, and it is never handed out.
 
+Under MLA (DeepSeek) a layer caches one latent row of kv_lora_rank + qk_rope_head_dim elements per token in one
+pool of one "head" (`cache_tensors` = 1), as vLLM and SGLang store it. Models whose sliding layers alternate with
+full ones (Gemma) cache the same row shape on every layer; a sliding layer holds at most its window's blocks
+(`sequence_layer_blocks`).
+
 Pure Python: no JAX, no device.
 """
 
@@ -19,6 +24,7 @@ import math
 from dataclasses import dataclass
 
 from kvspec.config import ConfigError, ModelConfig
+from kvspec.params import kv_heads_per_device
 
 # Bytes per element of the weight/compute dtypes.
 DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -78,22 +84,43 @@ def weight_dtype_bytes(name: str) -> int:
     return DTYPE_BYTES[name]
 
 
-def kv_heads_per_device(config: ModelConfig, tp: int) -> int:
-    """KV heads one device holds under `tp`-way tensor parallelism (replicated when there are fewer than tp)."""
-    if tp < 1:
-        raise ConfigError(f"--tp {tp} must be a positive integer.")
-    if config.n_head % tp:
-        raise ConfigError(f"--tp {tp} must divide the model's {config.n_head} attention heads.")
-    kvh = config.kv_heads
-    if kvh % tp and tp % kvh:
-        raise ConfigError(f"--tp {tp} must divide, or be a multiple of, the model's {kvh} KV heads.")
-    return max(1, kvh // tp)
+def cache_row_bytes(config: ModelConfig, kv: KVDtype) -> int:
+    """Bytes (with scales) of one cached head row of one token in one layer: a K or V row, or the MLA latent."""
+    d = config.cache_head_dim
+    return kv.row_bytes(d) + kv.scale_row_bytes(d)
 
 
 def kv_bytes_per_token(config: ModelConfig, kv: KVDtype, tp: int = 1) -> int:
-    """K and V bytes (with scales) one token costs on one device, all layers: 2 * layers * kv_heads * row bytes."""
-    per_head = kv.row_bytes(config.head_dim) + kv.scale_row_bytes(config.head_dim)
-    return 2 * config.n_layer * kv_heads_per_device(config, tp) * per_head
+    """Cache bytes one token costs on one device, over all layers, for a sequence inside every window:
+    cache tensors (K and V: 2; MLA's latent: 1) x layers x cached heads per device x row bytes."""
+    heads = kv_heads_per_device(config, tp)
+    return config.cache_tensors * config.n_layer * heads * cache_row_bytes(config, kv)
+
+
+def layer_bytes_per_token(config: ModelConfig, kv: KVDtype, tp: int = 1) -> int:
+    """kv_bytes_per_token of one layer (every layer caches the same row shape; only windows differ)."""
+    return kv_bytes_per_token(config, kv, tp) // config.n_layer
+
+
+def sequence_layer_blocks(config: ModelConfig, tokens: int, block_size: int) -> int:
+    """Blocks of one layer's cache, summed over layers, that one sequence of `tokens` tokens holds at once.
+
+    A windowed layer keeps only the blocks that still hold one of its last W positions (`blocks_for_tokens`), as
+    an allocator that frees a sliding layer's blocks behind its window does. With every layer alike this is
+    n_layer x blocks_for_tokens(tokens).
+    """
+    total = 0
+    for window, layers in window_groups(config).items():
+        total += layers * blocks_for_tokens(tokens, block_size, window)
+    return total
+
+
+def window_groups(config: ModelConfig) -> dict[int | None, int]:
+    """{window (None: full attention): number of layers}, in layer order of first appearance."""
+    groups: dict[int | None, int] = {}
+    for window in config.layer_windows:
+        groups[window] = groups.get(window, 0) + 1
+    return groups
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +143,8 @@ class BlockLayout:
     @property
     def pool_shape(self) -> tuple[int, ...]:
         """Shape of k_pool (and of v_pool): [n_layer, num_blocks, kv_heads, block_size, head_dim(/2 for int4)]."""
-        last = self.config.head_dim * self.kv.bits // 8 if self.kv.bits < 8 else self.config.head_dim
+        d = self.config.cache_head_dim
+        last = d * self.kv.bits // 8 if self.kv.bits < 8 else d
         return (self.config.n_layer, self.num_blocks, self.kv_heads, self.block_size, last)
 
     @property
@@ -127,17 +155,22 @@ class BlockLayout:
     def scale_shape(self) -> tuple[int, ...] | None:
         if not self.kv.quantized:
             return None
-        groups = self.kv.scale_groups(self.config.head_dim)
+        groups = self.kv.scale_groups(self.config.cache_head_dim)
         return (self.config.n_layer, self.num_blocks, self.kv_heads, self.block_size, groups)
 
     @property
     def head_block_bytes(self) -> int:
         """Contiguous data bytes of one head's rows in one block (one K or V tile a kernel reads)."""
-        return self.block_size * self.kv.row_bytes(self.config.head_dim)
+        return self.block_size * self.kv.row_bytes(self.config.cache_head_dim)
 
     @property
     def token_row_bytes(self) -> int:
-        return self.kv.row_bytes(self.config.head_dim)
+        return self.kv.row_bytes(self.config.cache_head_dim)
+
+    @property
+    def pools_per_layer(self) -> int:
+        """k_pool and v_pool (2), or one latent pool under MLA (1)."""
+        return self.config.cache_tensors
 
     @property
     def rows_line_aligned(self) -> bool:
