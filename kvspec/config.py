@@ -117,9 +117,9 @@ class ModelConfig:
     preset: bool = field(default=False, compare=False)  # shapes from a packaged public config: no weights
 
     def __post_init__(self) -> None:
-        for field in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
-            if getattr(self, field) <= 0:
-                raise ConfigError(f"model config {self.name!r}: {field}={getattr(self, field)} must be positive.")
+        for key in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"model config {self.name!r}: {key}={getattr(self, key)} must be positive.")
         if self.attention_head_dim is None and self.mla is None and self.n_embd % self.n_head:
             raise ConfigError(
                 f"model config {self.name!r}: n_embd={self.n_embd} must be divisible by n_head={self.n_head}."

@@ -7,8 +7,10 @@ Tensor parallelism is Megatron-style, as vLLM shards these models:
 - column-parallel: the query projection and its bias by heads, K/V by KV heads (replicated when there are fewer
   KV heads than devices), MLP gate/up (and every expert's) by intermediate columns;
 - row-parallel: the attention output and MLP down projections by input rows; their biases stay whole;
-- replicated: embeddings and the lm-head (every device samples from full logits), norms, MoE routers, and MLA's
-  down-projections to the latent (q_a_proj, kv_a_proj_with_mqa), whose output every head reads.
+- vocab-parallel: the token embedding and the lm-head, ceil(vocab / tp) rows per device (the logits are gathered
+  for sampling);
+- replicated: position embeddings, norms, MoE routers, MLA's down-projections to the latent (q_a_proj,
+  kv_a_proj_with_mqa), whose output every head reads, and a vision tower.
 
 Pure Python: no JAX, no device.
 """
@@ -48,6 +50,11 @@ def kv_heads_per_device(config: ModelConfig, tp: int) -> int:
     return max(1, config.kv_heads // tp)
 
 
+def vocab_rows(config: ModelConfig, tp: int) -> int:
+    """Rows of the embedding and lm-head on one device: the vocabulary split tp ways, the last part padded."""
+    return -(-config.vocab_size // tp)
+
+
 def param_shapes(config: ModelConfig, tp: int = 1) -> Shapes:
     check_tp(config, tp)
     return _FAMILY[config.model_type if config.model_type in _FAMILY else "llama"](config, tp)
@@ -56,7 +63,7 @@ def param_shapes(config: ModelConfig, tp: int = 1) -> Shapes:
 def _gpt2(c: ModelConfig, tp: int) -> Shapes:
     e, f, hd = c.n_embd, c.mlp_dim // tp, c.head_dim
     q = (c.n_head // tp + 2 * kv_heads_per_device(c, tp)) * hd
-    shapes = {"wte": (c.vocab_size, e), "wpe": (c.n_positions, e)}
+    shapes = {"wte": (vocab_rows(c, tp), e), "wpe": (c.n_positions, e)}
     block = {
         "ln_1.weight": (e,), "ln_1.bias": (e,),
         "attn.c_attn.weight": (e, q), "attn.c_attn.bias": (q,),  # Conv1D: stored [in, out]
@@ -70,7 +77,7 @@ def _gpt2(c: ModelConfig, tp: int) -> Shapes:
     shapes["ln_f.weight"] = (e,)
     shapes["ln_f.bias"] = (e,)
     if not c.tie_word_embeddings:
-        shapes["lm_head"] = (c.vocab_size, e)
+        shapes["lm_head"] = (vocab_rows(c, tp), e)
     return shapes
 
 
@@ -84,7 +91,7 @@ def _gpt_neox(c: ModelConfig, tp: int) -> Shapes:
     e, f, hd = c.n_embd, c.mlp_dim // tp, c.head_dim
     q, kv = c.n_head // tp * hd, kv_heads_per_device(c, tp) * hd
     b = c.attention_bias
-    shapes: Shapes = {"gpt_neox.embed_in.weight": (c.vocab_size, e)}
+    shapes: Shapes = {"gpt_neox.embed_in.weight": (vocab_rows(c, tp), e)}
     for i in range(c.n_layer):
         p = f"gpt_neox.layers.{i}"
         for norm in ("input_layernorm", "post_attention_layernorm"):
@@ -97,7 +104,7 @@ def _gpt_neox(c: ModelConfig, tp: int) -> Shapes:
         _linear(shapes, f"{p}.mlp.dense_4h_to_h", e, f, True)
     shapes["gpt_neox.final_layer_norm.weight"] = shapes["gpt_neox.final_layer_norm.bias"] = (e,)
     if not c.tie_word_embeddings:
-        shapes["lm_head.weight"] = (c.vocab_size, e)
+        shapes["lm_head.weight"] = (vocab_rows(c, tp), e)
     return shapes
 
 
@@ -107,7 +114,7 @@ def _falcon(c: ModelConfig, tp: int) -> Shapes:
     b = c.attention_bias
     norms = {"post": ("input_layernorm", "post_attention_layernorm"), "attn+mlp": ("ln_attn", "ln_mlp"),
              "input": ("input_layernorm",)}[c.option("norms", "input")]  # fmt: skip
-    shapes: Shapes = {"transformer.word_embeddings.weight": (c.vocab_size, e)}
+    shapes: Shapes = {"transformer.word_embeddings.weight": (vocab_rows(c, tp), e)}
     for i in range(c.n_layer):
         p = f"transformer.h.{i}"
         _linear(shapes, f"{p}.self_attention.query_key_value", q + 2 * kv, e, b)
@@ -122,7 +129,7 @@ def _falcon(c: ModelConfig, tp: int) -> Shapes:
             shapes[f"{p}.{norm}.weight"] = shapes[f"{p}.{norm}.bias"] = (e,)
     shapes["transformer.ln_f.weight"] = shapes["transformer.ln_f.bias"] = (e,)
     if not c.tie_word_embeddings:
-        shapes["lm_head.weight"] = (c.vocab_size, e)
+        shapes["lm_head.weight"] = (vocab_rows(c, tp), e)
     return shapes
 
 
@@ -192,7 +199,7 @@ def _llama(c: ModelConfig, tp: int) -> Shapes:
     e = c.n_embd
     root = "model.language_model" if c.model_type == "gemma3" else "model"
     shapes: Shapes = {} if c.vision is None else _vision_tower(c)
-    shapes[f"{root}.embed_tokens.weight"] = (c.vocab_size, e)
+    shapes[f"{root}.embed_tokens.weight"] = (vocab_rows(c, tp), e)
     gemma = c.model_type.startswith("gemma")
     for i in range(c.n_layer):
         p = f"{root}.layers.{i}"
@@ -208,7 +215,7 @@ def _llama(c: ModelConfig, tp: int) -> Shapes:
             shapes[f"{p}.{norm}.weight"] = (e,)
     shapes[f"{root}.norm.weight"] = (e,)
     if not c.tie_word_embeddings:
-        shapes["lm_head.weight"] = (c.vocab_size, e)
+        shapes["lm_head.weight"] = (vocab_rows(c, tp), e)
     return shapes
 
 

@@ -10,6 +10,7 @@ import json
 import sys
 
 from kvspec.layout import DTYPE_BYTES, KV_DTYPES
+from kvspec.config import preset_names
 from planner import PlanError, PlanOptions, load_config, make_plan, parse_size, plan_to_dict
 
 
@@ -20,10 +21,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
-    p = _Parser(prog=prog, description="Static KV-cache plan for a GPT-2-style model on a device of a given memory.")
+    p = _Parser(prog=prog, description="Static KV-cache plan for a model's config.json on a device of a given memory.")
     p.add_argument("--hbm", required=True, help="device memory: 24GB (powers of 10) or 24GiB (powers of 2)")
-    p.add_argument("--model", default="gpt2", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a checkpoint dir")
-    p.add_argument("--dtype", default="bfloat16", help=f"weights/compute: {', '.join(DTYPE_BYTES)}")
+    p.add_argument("--model", default="gpt2", help=f"a preset ({', '.join(preset_names())}) or a checkpoint dir "
+                   "holding config.json")
+    p.add_argument("--dtype", default=None, help=f"weights/compute: {', '.join(DTYPE_BYTES)} (default: the config's "
+                   "torch_dtype, else bfloat16)")
     p.add_argument("--kv-dtype", default=None, help=f"KV cache: {', '.join(KV_DTYPES)} (default: --dtype)")
     p.add_argument("--block-size", default="16", help="tokens per KV block, a power of two (default 16)")
     p.add_argument("--max-seq-len", default=None, help="longest sequence (default: the model's positions)")
@@ -66,6 +69,11 @@ def main(argv: list[str] | None = None, prog: str = "jkv plan") -> int:
         config = load_config(args.model)
         window = _int("--sliding-window", args.sliding_window)
         if window is not None:
+            if not 1 <= window <= config.n_positions:
+                raise PlanError(
+                    f"--sliding-window {window} must be between 1 and the model's {config.n_positions} positions (a "
+                    "longer window never limits attention: leave the flag out)."
+                )
             config = config.replace(sliding_window=window)
         try:
             utilization = float(args.utilization)

@@ -18,8 +18,10 @@ from kvspec.shapes import PREFILL_MIN_CHUNK, padded_prefill_tokens  # noqa: F401
 F32 = 4
 MiB = 2**20
 
-# Every constant below was measured on an H200 (JAX 0.11.2); docs/memory.md, "Where the constants come from", gives
-# the measurements behind each one. Another card, driver or XLA version can differ: measure it there.
+# Every constant below was measured on an H200 (JAX 0.11.2) with GPT-2 models only; docs/memory.md, "Where the
+# constants come from", gives the measurements behind each one. For the other families the same terms apply,
+# uncalibrated (CALIBRATED_FAMILIES). Another card, driver or XLA version can differ: measure it there.
+CALIBRATED_FAMILIES = ("gpt2",)
 
 # Runtime reserve: device memory a process holds outside JAX's pool (CUDA context, loaded kernels, cuBLAS handles),
 # a base plus a per-layer share (it grows with the executables), plus the spread between runs of one row.
@@ -30,8 +32,8 @@ RESERVE_PER_LAYER_BYTES = MiB // 4
 # Rows the sampler sorts at a time (jkv.sampling): its scratch stays one block of rows, whatever the batch.
 SAMPLER_ROWS = 32
 
-# A step's scratch (XLA temp): max(TEMP_FLOOR_BYTES, tokens x (mlp + embd) x weight bytes + TEMP_BASE_BYTES), at or
-# above every measured step.
+# A step's scratch (XLA temp): max(TEMP_FLOOR_BYTES, tokens x activation_width x weight bytes + TEMP_BASE_BYTES), at
+# or above every measured GPT-2 step (activation_width = mlp + embd there).
 TEMP_FLOOR_BYTES = 64 * MiB
 TEMP_BASE_BYTES = 16 * MiB
 
@@ -53,26 +55,42 @@ def runtime_reserve(config: ModelConfig) -> int:
 
 
 def param_bytes(config: ModelConfig, dtype_bytes: int, tp: int = 1) -> int:
-    """Bytes of parameters on one device: exact from shapes, tied embedding once.
+    """Bytes of parameters on one device: exact from the family's tensors (kvspec.params), tied embedding once.
 
-    Under tp-way tensor parallelism the QKV and MLP-in projections are split by columns and the two output
-    projections by rows (their biases stay whole); embeddings and LayerNorms are replicated on every device.
-    K/V heads are split too, or replicated when there are fewer of them than devices.
+    Under tp-way tensor parallelism attention and MLP matrices (every expert's too) are split tp ways, K/V heads
+    split or, when there are fewer than tp, replicated; the token embedding and lm-head split by vocabulary; norms,
+    routers and position embeddings replicated (kvspec.params).
     """
-    e, f, hd = config.n_embd, config.mlp_dim, config.head_dim
-    kvh = kv_heads_per_device(config, tp)
-    qkv_cols = e // tp + 2 * kvh * hd
-    per_layer = (
-        4 * e  # ln_1, ln_2 weight and bias
-        + e * qkv_cols + qkv_cols  # c_attn (Conv1D [in, out]) and bias
-        + (e // tp) * e + e  # attn.c_proj: rows split, bias whole
-        + e * (f // tp) + f // tp  # mlp.c_fc
-        + (f // tp) * e + e  # mlp.c_proj: rows split, bias whole
-    )  # fmt: skip
-    embed = config.vocab_size * e + config.n_positions * e + 2 * e  # wte, wpe, ln_f
-    if not config.tie_word_embeddings:
-        embed += config.vocab_size * e
-    return (embed + config.n_layer * per_layer) * dtype_bytes
+    total = 0
+    for shape in config.param_shapes(tp).values():
+        n = 1
+        for d in shape:
+            n *= d
+        total += n
+    return total * dtype_bytes
+
+
+def activation_width(config: ModelConfig, tp: int = 1) -> int:
+    """Values per token live in the widest layer of a step, on one device: the residual plus the wider of the
+    attention projections' output and the MLP's hidden activations.
+
+    GPT-2's GELU MLP holds mlp_dim; a gated (SwiGLU) MLP holds gate and up, 2 x mlp_dim; a token routed through
+    k experts holds k of those, plus the shared expert and the router's logits. Only GPT-2's width was measured
+    against XLA's scratch (docs/memory.md); the others follow the same rule.
+    """
+    gated = config.model_type not in ("gpt2", "gpt_neox", "falcon")
+    mlp = (2 if gated else 1) * config.mlp_dim // tp
+    if config.moe is not None:
+        moe = config.moe
+        routed = moe.experts_per_token * 2 * moe.expert_dim // tp + 2 * moe.shared_expert_dim // tp + moe.num_experts
+        mlp = max(mlp, routed)
+    heads = config.n_head // tp
+    if config.mla is not None:
+        m = config.mla
+        attention = heads * (m.qk_head_dim + m.qk_nope_head_dim + m.v_head_dim) + m.latent_dim
+    else:
+        attention = (heads + 2 * kv_heads_per_device(config, tp)) * config.head_dim
+    return config.n_embd + max(mlp, attention)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +139,7 @@ def step_workspace(
     full prefill); otherwise flash/paged attention keeps only per-row running max and sum.
     """
     e, v = config.n_embd, config.vocab_size
-    temp = tokens * (config.mlp_dim // tp + e) * dtype_bytes + TEMP_BASE_BYTES
+    temp = tokens * activation_width(config, tp) * dtype_bytes + TEMP_BASE_BYTES
     if naive_attention:
         temp += 2 * (config.n_head // tp) * tokens * context * F32
     logits = sequences * v * F32

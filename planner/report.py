@@ -5,7 +5,9 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from planner.plan import Plan
+from kvspec.params import kv_heads_per_device
+from planner import explain
+from planner.plan import Plan, expected_fragmentation
 from planner.units import human_bytes
 
 GROWTH_NOTE = (
@@ -20,6 +22,8 @@ def plan_to_dict(plan: Plan) -> dict:
     c, o, lay = plan.config, plan.options, plan.layout
     return {
         "model": c.name,
+        "model_type": c.model_type,
+        "preset": c.preset,  # shapes from a packaged public config, no weights
         "dtype": o.dtype,
         "kv_dtype": lay.kv.name,
         "tp": o.tp,
@@ -41,6 +45,24 @@ def plan_to_dict(plan: Plan) -> dict:
         "peak_bytes": plan.peak_bytes,
         "unused_bytes": plan.unused_bytes,
         "kv_bytes_per_token": lay.bytes_per_token,
+        "kv_formula": explain.kv_formula(plan),
+        "kv_bytes_per_token_by_layer_kind": explain.layer_kinds(plan),
+        "kv_cache": {
+            "kind": "mla_latent" if c.mla is not None else "k_and_v",
+            "pools_per_layer": lay.pools_per_layer,
+            "heads": c.cache_heads,
+            "heads_per_device": kv_heads_per_device(c, o.tp),
+            "replicated": c.mla is not None or c.kv_heads < o.tp,
+            "head_dim": c.cache_head_dim,
+        },
+        "mla": explain.mla(plan),
+        "moe": None if c.moe is None else {
+            "num_experts": c.moe.num_experts, "experts_per_token": c.moe.experts_per_token,
+            "expert_dim": c.moe.expert_dim, "shared_expert_dim": c.moe.shared_expert_dim,
+            "moe_layers": sum(c.moe.sparse_layers),
+        },
+        "embedding_tp": "vocab_parallel",
+        "calibrated_for_family": explain.calibration_note(plan) is None,
         "block_size": lay.block_size,
         "bytes_per_block": lay.bytes_per_block,
         "num_blocks": lay.num_blocks,
@@ -55,6 +77,7 @@ def plan_to_dict(plan: Plan) -> dict:
         "rows_line_aligned": lay.rows_line_aligned,
         "max_seq_len": plan.max_seq_len,
         "sliding_window": c.sliding_window,
+        "layer_windows": list(c.layer_windows),
         "max_num_seqs": plan.max_num_seqs,
         "prefill_chunk": plan.options.prefill_chunk,  # the prefill token budget asked for
         "prefill_step_positions": plan.workspaces[0].tokens,  # what the plan prices: the padded prefill step
@@ -62,6 +85,9 @@ def plan_to_dict(plan: Plan) -> dict:
         "static_max_batch_by_seq_len": {str(x.seq_len): x.static for x in plan.by_seq_len},
         "fragmentation_by_seq_len": {str(x.seq_len): x.fragmentation for x in plan.by_seq_len},
         "static_waste_by_seq_len": {str(x.seq_len): x.static_waste for x in plan.by_seq_len},
+        "blocks_per_seq_by_seq_len": {str(x.seq_len): x.blocks_per_seq for x in plan.by_seq_len},
+        "seq_lens": list(o.seq_lens) if o.seq_lens else None,
+        "seq_lens_fragmentation": expected_fragmentation(lay.block_size, seq_lens=o.seq_lens) if o.seq_lens else None,
         "max_context_by_batch": {str(x.batch): x.paged for x in plan.by_batch},
         "static_max_context_by_batch": {str(x.batch): x.static for x in plan.by_batch},
         "note": GROWTH_NOTE,
@@ -84,13 +110,20 @@ def _b(n: int) -> str:
 def print_report(plan: Plan, console: Console | None = None) -> None:
     console = console or Console(width=max(Console().width, 120))
     c, o, lay = plan.config, plan.options, plan.layout
-    window = f", sliding window {c.sliding_window}" if c.sliding_window else ""
+    window = f", sliding window {c.sliding_window}" if c.sliding_window and not c.hybrid_attention else ""
+    heads = "MLA latent" if c.mla is not None else f"{c.kv_heads} KV heads x {c.head_dim}"
     console.print(
-        f"[bold]jkv plan[/bold]: {c.name} ({c.param_count:,} parameters, {c.n_layer} layers, {c.n_head} heads, "
-        f"{c.kv_heads} KV heads x {c.head_dim}{window}) on {_b(o.hbm_bytes)}"
+        f"[bold]jkv plan[/bold]: {c.name} ({c.model_type}; {c.param_count:,} parameters, {c.n_layer} layers, "
+        f"{c.n_head} heads, {heads}{window}) on {_b(o.hbm_bytes)}"
         + (f" per device, tp={o.tp}" if o.tp > 1 else "")
     )
+    if c.preset:
+        console.print(f"[dim]{c.name} is a preset: the shapes of its public config.json, no weights.[/dim]")
     console.print(f"weights {o.dtype}, KV cache {lay.kv.name}, utilization {o.utilization}")
+    console.print(f"KV cache: {explain.kv_formula(plan)}")
+    for line in (explain.windows_text(plan), explain.mla_text(plan), *explain.tp_notes(plan)):
+        if line:
+            console.print(f"  {line}.")
 
     peak = Table(title="Peak memory, term by term", title_justify="left")
     peak.add_column("term")
@@ -99,7 +132,7 @@ def print_report(plan: Plan, console: Console | None = None) -> None:
     peak.add_column("how")
     ws = max(plan.workspaces, key=lambda w: w.total)
     rows = [
-        ("parameters", plan.param_bytes, f"{c.param_count:,} params x {o.dtype} (tied embedding once)"),
+        ("parameters", plan.param_bytes, explain.params_how(plan)),
         ("KV pool", plan.kv_pool_bytes, f"{lay.num_blocks:,} blocks x {lay.bytes_per_block:,} B"),
         ("activation workspace", plan.activation_bytes,
          f"largest step: {ws.name}, {ws.tokens} tokens / {ws.sequences} seqs; {_ws_limit(ws)}"),
@@ -134,7 +167,8 @@ def print_report(plan: Plan, console: Console | None = None) -> None:
         lim.add_column(col, justify="right")
     for x in plan.by_seq_len:
         gain = f"{x.paged / x.static:.1f}x" if x.static else "n/a"
-        lim.add_row(str(x.seq_len), str(x.blocks_per_seq), f"{x.paged:,}", f"{x.static:,}", gain,
+        per_seq = f"{x.blocks_per_seq:g}" if x.blocks_per_seq == int(x.blocks_per_seq) else f"{x.blocks_per_seq:.2f}"
+        lim.add_row(str(x.seq_len), per_seq, f"{x.paged:,}", f"{x.static:,}", gain,
                     f"{x.fragmentation:.1%}", f"{x.static_waste:.1%}")  # fmt: skip
     console.print(lim)
 
@@ -145,4 +179,10 @@ def print_report(plan: Plan, console: Console | None = None) -> None:
         ctx.add_row(str(x.batch), f"{x.paged:,}" if x.paged else "does not fit",
                     f"{x.static:,}" if x.static else "does not fit")  # fmt: skip
     console.print(ctx)
+    if o.seq_lens:
+        frag = expected_fragmentation(lay.block_size, seq_lens=o.seq_lens)
+        console.print(f"Your {len(o.seq_lens)} lengths together: {frag:.1%} of their allocated slots hold no token.")
+    note = explain.calibration_note(plan)
+    if note:
+        console.print(f"[yellow]{note}[/yellow]")
     console.print(f"[dim]{GROWTH_NOTE}[/dim]")

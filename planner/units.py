@@ -14,6 +14,8 @@ _UNITS = {
     "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
 }  # fmt: skip
 
+MAX_DEVICE_BYTES = 2**50  # 1 PiB: far above any accelerator's memory, so a typo like 1e30 is caught
+
 _SIZE = re.compile(r"^\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
 
 
@@ -29,8 +31,8 @@ def parse_size(text: str | int | float) -> int:
         if unit not in _UNITS:
             raise PlanError(f"unknown unit {match.group(2)!r} in {text!r}: use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB.")
     size = value * _UNITS[unit]
-    if not math.isfinite(size):
-        raise PlanError(f"size {text!r} is too large: write a size a device could have, like 80GB.")
+    if not math.isfinite(size) or size > MAX_DEVICE_BYTES:
+        raise PlanError(f"size {text!r} is larger than any device's memory: give one device's memory, like 80GB.")
     if size <= 0:
         raise PlanError(f"size {text!r} must be positive.")
     return int(size)

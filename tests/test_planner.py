@@ -65,10 +65,11 @@ def test_gqa_and_tp_kv_bytes():
 
 def test_tp_splits_params():
     cfg = PRESETS["gpt2"]
-    full, half = param_bytes(cfg, 2, 1), param_bytes(cfg, 2, 2)
+    full, half = param_bytes(cfg, 1, 1), param_bytes(cfg, 1, 2)
     e, layers = 768, 12
-    replicated = (50257 * e + 1024 * e + 2 * e + layers * (4 * e + 2 * e)) * 2  # embeddings, LNs, c_proj biases
-    assert half - replicated == (full - replicated) // 2
+    replicated = 1024 * e + 2 * e + layers * (4 * e + 2 * e)  # wpe, ln_f, LNs, the row-parallel c_proj biases
+    wte_full, wte_half = 50257 * e, 25129 * e  # vocab-parallel: ceil(50257 / 2) rows per device
+    assert half == (full - replicated - wte_full) // 2 + replicated + wte_half
 
 
 def test_budget_arithmetic_by_hand():
