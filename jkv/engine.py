@@ -72,6 +72,8 @@ class Engine:
             token one call later, with the same tokens, finish reasons and counts (docs/engine.md).
         decode_steps: multi-step decode: the decode rows of a round without beam search run up to this many steps
             in one device call; the host schedules and reads back once per round.
+        stream_text: detokenize every sample as its tokens arrive, so each output's samples carry their text so
+            far (a server streaming text); without it only samples with stop strings are detokenized on the way.
 
     Device memory is freed when the engine is dropped or closed (`close()`, or `with jkv.Engine(...) as e:`).
     """
@@ -98,6 +100,7 @@ class Engine:
         compile_cache_dir: str | None = None,
         async_scheduling: bool = True,
         decode_steps: int = 1,
+        stream_text: bool = False,
     ) -> None:
         self._closed = True  # until everything below is built
         config = model.config
@@ -146,13 +149,14 @@ class Engine:
         runner.use_pools(kv.pools)  # the backend is final from here on (step shapes depend on it)
         self.shapes = ShapePolicy(block_size, max_num_seqs, max_num_batched_tokens, self.max_seq_len, self.decode_steps,
                                   full_width_prefill=runner.backend in ("pallas", "interpret"))  # fmt: skip
+        self.outputs = OutputBuilder(tokenizer if tokenizer is not None else _default_tokenizer(model, config))
+        self.tokenizer = self.outputs.tokenizer
         self.scheduler = Scheduler(manager, self.shapes, preemption_mode=preemption_mode,
-                                   async_scheduling=bool(async_scheduling))  # fmt: skip
+                                   async_scheduling=bool(async_scheduling), tokenizer=self.tokenizer,
+                                   stream_text=bool(stream_text))  # fmt: skip
         self.manager = manager
         self.executor = ModelExecutor(runner, kv, self.shapes, partial(manager.block_table, copy=False))
         self.async_scheduling = bool(async_scheduling)
-        self.outputs = OutputBuilder(tokenizer if tokenizer is not None else _default_tokenizer(model, config))
-        self.tokenizer = self.outputs.tokenizer
         self.record_history = record_history
         self.history: list[dict] = []
         self._compilations = 0
@@ -181,6 +185,8 @@ class Engine:
             prompt = self.tokenizer.encode(prompt)
         ids = as_token_ids(prompt, self.config.vocab_size)
         sampling.check_vocab(self.config.vocab_size)
+        if sampling.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer and this engine has none: pass stop_token_ids instead.")
         total = len(ids) + sampling.max_tokens
         if total > self.max_seq_len:
             raise ValueError(

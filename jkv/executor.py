@@ -22,9 +22,10 @@ import numpy as np
 
 from jkv.forks import BeamCandidates, beam_candidates, fork_first_tokens, mix_seed
 from jkv.kv_cache import KVCache
-from jkv.request import UNKNOWN_TOKEN, Sequence
+from jkv.request import UNKNOWN_TOKEN, Sequence, TokenLogprobs
 from jkv.runner import StepRow, StepRunner, build_inputs, pack
-from jkv.step_io import ModelRunnerOutput, SampledRow, SchedulerOutput
+from jkv.sampling import token_logprobs
+from jkv.step_io import ModelRunnerOutput, PrefillChunk, SampledRow, SchedulerOutput
 from kvspec.shapes import ShapePolicy, StepShape
 
 
@@ -40,6 +41,16 @@ class _Part:
     steps: jax.Array | None = None  # multi-step decode: the sampled tokens [K, B]; row b's first counts[b]
     counts: list[int] | None = None
     forks: list[bool] | None = None  # prefill: rows whose token is the first of an `n > 1` request
+    logprobs: tuple | None = None  # the sampled tokens' (log-prob [B], top values [B, K], top ids [B, K])
+
+
+@dataclass
+class _Scores:
+    """A prefill call's prompt scores (echo with logprobs): the chunks that asked, by row, and the device's
+    (log-prob [B, C], top values [B, C, K], top ids [B, C, K])."""
+
+    chunks: list[tuple[int, PrefillChunk]]
+    scored: tuple
 
 
 @dataclass
@@ -49,6 +60,7 @@ class _Flight:
     step: int
     tokens: jax.Array  # int32 [token_slots]
     parts: list[_Part]
+    scores: _Scores | None = None
 
     def slot_of(self) -> dict[int, int]:
         """Buffer slot of each sampling sequence's (last) token, by seq_id."""
@@ -59,6 +71,42 @@ def _sampling(s: Sequence, at: int) -> tuple[float, int, float, int, int]:
     """Sampling parameters of s's token at index `at`: temperature, top_k, top_p, seed, counter."""
     sp = s.request.sampling
     return float(sp.temperature), int(sp.top_k), float(sp.top_p), mix_seed(s.request.seed, s.sample_index), at - s.num_prompt
+
+
+def _logprobs(seqs: list[Sequence], logits: jax.Array, tokens: jax.Array) -> tuple | None:
+    """The sampled tokens' log-probabilities on the device (dispatched, not read), when a row asks for them."""
+    if not any(s.request.sampling.logprobs is not None for s in seqs):
+        return None
+    return token_logprobs(logits, tokens)
+
+
+def _entry(logprob, top_values, top_ids, k: int) -> TokenLogprobs:
+    return TokenLogprobs(float(logprob), top_ids[:k].tolist(), top_values[:k].tolist())
+
+
+def _prompt_targets(chunks: list[PrefillChunk], rows: int, chunk: int) -> np.ndarray:
+    """Per prefill row and position, the prompt token that follows it when the chunk scores its prompt, else -1."""
+    targets = np.full((rows, chunk), -1, np.int32)
+    for r, c in enumerate(chunks):
+        if c.prompt_logprobs:
+            s = c.seq
+            nxt = s.tokens[c.start + 1 : min(c.start + c.num_tokens + 1, s.num_prompt)]
+            targets[r, : len(nxt)] = nxt
+    return targets
+
+
+def _prompt_scores(scores: _Scores | None) -> list:
+    """(request, first prompt index scored, entries) per chunk that scored its prompt."""
+    if scores is None:
+        return []
+    chosen, top_v, top_i = (np.asarray(a) for a in scores.scored)
+    out = []
+    for r, c in scores.chunks:
+        req = c.seq.request
+        n = min(c.start + c.num_tokens + 1, c.seq.num_prompt) - (c.start + 1)
+        k = req.sampling.prompt_logprobs
+        out.append((req, c.start + 1, [_entry(chosen[r, j], top_v[r, j], top_i[r, j], k) for j in range(n)]))
+    return out
 
 
 class ModelExecutor:
@@ -101,7 +149,7 @@ class ModelExecutor:
         return self._land(flight) if flight is not None else None
 
     def _dispatch(self, sched: SchedulerOutput, prev: _Flight | None) -> _Flight | None:
-        bs, buf, parts, runner = self.shapes.block_size, self._tokens, [], self.runner
+        bs, buf, parts, runner, scores = self.shapes.block_size, self._tokens, [], self.runner, None
         self.last_decode_rows = len(sched.decode)
         self.last_decode_steps = max((r.num_steps for r in sched.decode), default=0)
         if sched.decode:
@@ -122,8 +170,8 @@ class ModelExecutor:
                                                                     num_steps=self.shapes.decode_steps, greedy=greedy)  # fmt: skip
                 parts.append(_Part(seqs, list(range(len(seqs))), starts, None, 0, steps, counts))
             else:
-                _, logits, self.kv.pools, buf = runner.run_step(self.kv.pools, x, buf, decode=True, greedy=greedy)
-                parts.append(_Part(seqs, list(range(len(seqs))), starts, logits, 0))
+                toks, logits, self.kv.pools, buf = runner.run_step(self.kv.pools, x, buf, decode=True, greedy=greedy)
+                parts.append(_Part(seqs, list(range(len(seqs))), starts, logits, 0, logprobs=_logprobs(seqs, logits, toks)))
         if sched.prefill:
             chunks = sched.prefill
             b = self.shapes.rows(len(chunks))
@@ -134,15 +182,24 @@ class ModelExecutor:
                     for c in chunks]  # fmt: skip
             x = build_inputs(rows, block_size=bs, chunk=chunk, width=width, batch=b)
             greedy = all(c.seq.request.sampling.greedy for c in chunks)
-            _, logits, self.kv.pools, buf = runner.run_step(self.kv.pools, x, buf, decode=False, greedy=greedy)
+            if any(c.prompt_logprobs for c in chunks):
+                toks, logits, self.kv.pools, buf, scored = runner.run_scoring_step(
+                    self.kv.pools, x, buf, _prompt_targets(chunks, b, chunk), greedy=greedy)  # fmt: skip
+                scores = _Scores([(r, c) for r, c in enumerate(chunks) if c.prompt_logprobs], scored)
+            else:
+                toks, logits, self.kv.pools, buf = runner.run_step(self.kv.pools, x, buf, decode=False, greedy=greedy)
             half = runner.token_slots // 2
             done = [(r, c) for r, c in enumerate(chunks) if c.samples]
             if done:
+                lp = _logprobs([c.seq for c in chunks], logits, toks)
                 parts.append(_Part([c.seq for _, c in done], [half + r for r, _ in done],
                                    [len(c.seq.tokens) for _, c in done], logits, half,
-                                   forks=[c.forks for _, c in done]))  # fmt: skip
+                                   forks=[c.forks for _, c in done], logprobs=lp))  # fmt: skip
         self._tokens = buf
-        if not parts:
+        if scores is not None:
+            for a in scores.scored:
+                a.copy_to_host_async()
+        if not parts and scores is None:
             return None
         if self.events is not None:
             self.events.append(("dispatch", sched.step))
@@ -151,8 +208,10 @@ class ModelExecutor:
                 part.logits = None  # the host needs none: keep no [B, V] array alive for a round longer
                 if part.steps is not None:
                     part.steps.copy_to_host_async()
+                for a in part.logprobs or ():
+                    a.copy_to_host_async()
             buf.copy_to_host_async()  # queued right behind this round, not behind the next one
-        return _Flight(sched.step, buf, parts)
+        return _Flight(sched.step, buf, parts, scores)
 
     def _land(self, flight: _Flight) -> ModelRunnerOutput:
         """Read a dispatched round's sampled tokens (one device->host copy per kind of part)."""
@@ -163,24 +222,31 @@ class ModelExecutor:
         beams: dict[str, tuple[list[Sequence], list[int], _Part]] = {}
         for part in flight.parts:
             steps = np.asarray(part.steps).T.tolist() if part.steps is not None else None
+            lp = [np.asarray(a) for a in part.logprobs] if part.logprobs is not None else None
             for k, (s, i, start) in enumerate(zip(part.seqs, part.slots, part.starts)):
                 if not s.inflight:  # aborted or stopped since dispatch: nothing to read for it
                     continue
                 req = s.request
+                k_top, row = req.sampling.logprobs, i - part.offset
+                mine = [_entry(lp[0][row], lp[1][row], lp[2][row], k_top)] if lp and k_top is not None else None
                 if req.beam:
                     beams.setdefault(req.request_id, ([], [], part))[0].append(s)
-                    beams[req.request_id][1].append(i - part.offset)
+                    beams[req.request_id][1].append(row)
                 elif steps is not None:
                     rows.append(SampledRow(s, start, steps[i][: part.counts[k]]))
                 elif part.forks is not None and part.forks[k]:
-                    logits_row = part.logits[i - part.offset]
-                    rows.append(SampledRow(s, start, [values[i]], fork_first_tokens(req, logits_row, values[i])))
+                    first = fork_first_tokens(req, part.logits[row], values[i])
+                    fork_lp = None
+                    if mine:  # the forks' first tokens come from the same distribution as this row's token
+                        logp = np.asarray(jax.nn.log_softmax(part.logits[row]))
+                        fork_lp = [mine[0]._replace(logprob=float(logp[t])) for t in first]
+                    rows.append(SampledRow(s, start, [values[i]], first, mine, fork_lp))
                 else:
-                    rows.append(SampledRow(s, start, [values[i]]))
+                    rows.append(SampledRow(s, start, [values[i]], None, mine))
         cands: list[BeamCandidates] = []
         for seqs, idx, part in beams.values():
             cands.append(beam_candidates(seqs[0].request, seqs, part.logits[np.asarray(idx)]))
-        return ModelRunnerOutput(flight.step, rows, cands)
+        return ModelRunnerOutput(flight.step, rows, cands, _prompt_scores(flight.scores))
 
     # Padding-only steps (warm-up) --------------------------------------------------------------------------------
     # A padding-only step attends over nothing and writes only the null block: the pools' contents are untouched,

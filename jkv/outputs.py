@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 from jkv.block_manager import BlockManagerStats
-from jkv.request import Request, RequestMetrics, RequestOutput, SampleOutput
+from jkv.request import Request, RequestMetrics, RequestOutput, SampleOutput, Sequence
 
 
 @dataclass(frozen=True)
@@ -109,19 +109,38 @@ class OutputBuilder:
                 samples = [SampleOutput(best.output_ids() if best else [], None, reason, None)]
             new = []
         else:
-            samples = [SampleOutput(s.output_ids(), None, s.finish_reason) for s in req.seqs]
+            samples = [self.sample(s, s.finish_reason is not None) for s in req.seqs]
             new = samples[0].token_ids[req.num_streamed :]  # the first sample's tokens since its last report
             req.num_streamed = len(samples[0].token_ids)
         finished = req.finished
         if finished:
             for smp in samples:
-                smp.text = self.text(smp.token_ids)
+                if smp.text is None:
+                    smp.text = self.text(smp.token_ids)
         head = samples[0] if samples else SampleOutput([], None, None)
         reason = head.finish_reason
         if finished and any(s.finish_reason == "aborted" for s in req.seqs):
             reason = "aborted"
+        scored = req.sampling.prompt_logprobs is not None and len(req.prompt_logprobs) == len(req.prompt)
+        prompt_lp = list(req.prompt_logprobs) if scored else None
         return RequestOutput(req.request_id, req.prompt, head.token_ids, new, head.text, finished, reason, samples,
-                             metrics=metrics(req, len(head.token_ids), finished))  # fmt: skip
+                             metrics=metrics(req, len(head.token_ids), finished), prompt_logprobs=prompt_lp)  # fmt: skip
+
+    @staticmethod
+    def sample(s: Sequence, finished: bool) -> SampleOutput:
+        """A sequence's sample: its tokens, its text so far when it is detokenized on the way (else None: the
+        caller decodes it at the finish), its logprobs when asked, and what stopped it."""
+        ids = s.output_ids()
+        text, stop_reason = None, None
+        if s.detok is not None:
+            if finished:
+                s.detok.flush()
+            text = s.detok.visible_text(finished)
+            stop_reason = s.detok.stop_reason
+        if stop_reason is None and s.finish_reason == "stop" and ids and ids[-1] in s.request.sampling.stop_token_ids:
+            stop_reason = ids[-1]
+        logprobs = list(s.logprobs) if s.request.sampling.logprobs is not None else None
+        return SampleOutput(ids, text, s.finish_reason, None, logprobs, stop_reason)
 
 
 def stamp(req: Request, has_output: bool, finished: bool) -> None:
@@ -137,7 +156,7 @@ def stamp(req: Request, has_output: bool, finished: bool) -> None:
 def metrics(req: Request, num_output: int, finished: bool) -> RequestMetrics:
     """Stamp the request's times (`stamp`), then its latency so far."""
     stamp(req, num_output > 0, finished)
-    return RequestMetrics(req.arrival_time, req.first_token_time, req.finish_time, num_output)
+    return RequestMetrics(req.arrival_time, req.first_token_time, req.finish_time, num_output, req.scheduled_time)
 
 
 def error_output(request_id: str, prompt: list[int], error: str) -> RequestOutput:

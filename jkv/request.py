@@ -9,10 +9,19 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from jkv.sampling import SamplingParams
 
 UNKNOWN_TOKEN = -1  # async scheduling: a token slot whose token the device sampled but the host has not read
+
+
+class TokenLogprobs(NamedTuple):
+    """A token's log-probability and the most likely alternatives at its position (best first)."""
+
+    logprob: float
+    top_ids: list[int]
+    top_logprobs: list[float]
 
 
 class SeqStatus(enum.Enum):
@@ -37,6 +46,8 @@ class Sequence:
     inflight: bool = False  # a step that samples this sequence's next token(s) is dispatched and not read yet
     cum_logprob: float = 0.0  # beam search score
     finish_reason: str | None = None
+    detok: object | None = None  # jkv.detokenizer.IncrementalDetokenizer: the output's text (stop strings, stream)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # per output token, when the request asks
 
     @property
     def output(self) -> list[int]:
@@ -90,9 +101,11 @@ class Request:
     seqs: list[Sequence] = field(default_factory=list)
     finished_beams: list[tuple[float, list[int], str]] = field(default_factory=list)  # (score, tokens, why)
     error: str | None = None
+    prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=list)  # per prompt token (first: None)
     num_preemptions: int = 0
     num_streamed: int = 0  # tokens of the first sample already reported in a RequestOutput's new_token_ids
     arrival_time: float = field(default_factory=time.monotonic)  # when add_request queued it
+    scheduled_time: float | None = None  # when the scheduler first admitted it (its queueing ended)
     first_token_time: float | None = None  # when its first output token was first reported
     finish_time: float | None = None  # when it was first reported finished
 
@@ -120,6 +133,8 @@ class SampleOutput:
     text: str | None
     finish_reason: str | None
     score: float | None = None  # beam search: length-normalized log-probability
+    logprobs: list[TokenLogprobs] | None = None  # per token, when the request asked for logprobs
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended the sample
 
 
 @dataclass(frozen=True)
@@ -135,6 +150,12 @@ class RequestMetrics:
     first_token_time: float | None
     finish_time: float | None
     num_output_tokens: int
+    scheduled_time: float | None = None  # first admitted by the scheduler
+
+    @property
+    def queue_time(self) -> float | None:
+        """Arrival to the first admission."""
+        return None if self.scheduled_time is None else self.scheduled_time - self.arrival_time
 
     @property
     def time_to_first_token(self) -> float | None:
@@ -170,3 +191,4 @@ class RequestOutput:
     samples: list[SampleOutput]
     error: str | None = None
     metrics: RequestMetrics | None = None  # set on every output the engine and `generate` return
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # when asked: per prompt token, the first None

@@ -24,7 +24,7 @@ import numpy as np
 
 from jkv.kv_cache import KVPools, write_tokens
 from jkv.model import forward
-from jkv.sampling import sample_tokens
+from jkv.sampling import sample_tokens, token_logprobs
 from kvspec.shapes import bucket  # noqa: F401 - re-exported for callers of the runner
 from kvspec.config import ModelConfig
 
@@ -158,10 +158,11 @@ def unpack(ints: jax.Array, floats: jax.Array, b: int, c: int, m: int) -> StepIn
 
 
 def _forward_sample(params, pools: KVPools, x: StepInputs, tokens_in, *, config, backend, decode, greedy, window,
-                    fuse_write):  # fmt: skip
+                    fuse_write, all_positions=False):  # fmt: skip
     """The model over `x` with input tokens `tokens_in` [B, C], then one sampled token per row.
 
-    Returns (tokens [B] int32, logits [B, V] float32, pools)."""
+    Returns (tokens [B] int32, logits [B, V] float32, pools), and with `all_positions` also every position's
+    logits [B, C, V] float32."""
     decode_fn, prefill_fn, decode_write_fn = attention_backend(backend)
 
     def attend(layer, q, k, v, cache):
@@ -191,13 +192,18 @@ def _forward_sample(params, pools: KVPools, x: StepInputs, tokens_in, *, config,
     if fuse_write and decode and decode_write_fn is not None and not pools.quantized:
         attend = attend_qkv
     last = jnp.maximum(x.query_lens - 1, 0)
-    logits, pools = forward(params, config, tokens_in, x.positions, pools, attend, logits_index=last)  # [B,V]
-    logits = logits.astype(jnp.float32)
+    if all_positions:
+        full, pools = forward(params, config, tokens_in, x.positions, pools, attend)  # [B, C, V]
+        full = full.astype(jnp.float32)
+        logits = jnp.take_along_axis(full, last[:, None, None], axis=1)[:, 0]  # [B, V]
+    else:
+        logits, pools = forward(params, config, tokens_in, x.positions, pools, attend, logits_index=last)  # [B,V]
+        logits = logits.astype(jnp.float32)
     if greedy:
         tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     else:
         tokens = sample_tokens(logits, x.temperature, x.top_k, x.top_p, x.seeds, x.counters)
-    return tokens, logits, pools
+    return (tokens, logits, pools, full) if all_positions else (tokens, logits, pools)
 
 
 def _decode_tokens_in(x: StepInputs, prev):
@@ -221,6 +227,19 @@ def _step(params, pools: KVPools, ints, floats, prev, *, shape, config, backend,
         return tokens, logits, pools, None
     offset = 0 if decode else prev.shape[0] // 2
     return tokens, logits, pools, jax.lax.dynamic_update_slice(prev, tokens, (offset,))
+
+
+def _scoring_step(params, pools: KVPools, ints, floats, prev, targets, *, shape, config, backend, greedy, window):
+    """A prefill step (as `_step`) that also scores `targets` [B, C] (int32, < 0: nothing) at every position:
+    returns `_step`'s four results and (target log-probabilities [B, C], top values and ids [B, C, K])."""
+    x = unpack(ints, floats, *shape)
+    tokens, logits, pools, full = _forward_sample(params, pools, x, x.tokens, config=config, backend=backend,
+                                                  decode=False, greedy=greedy, window=window, fuse_write=False,
+                                                  all_positions=True)  # fmt: skip
+    scored = token_logprobs(full, targets)
+    if prev is None:
+        return tokens, logits, pools, None, scored
+    return tokens, logits, pools, jax.lax.dynamic_update_slice(prev, tokens, (prev.shape[0] // 2,)), scored
 
 
 def _decode_steps(params, pools: KVPools, ints, floats, prev, *, shape, num_steps, block_size, config, backend, greedy,
@@ -295,6 +314,14 @@ def _jitted_decode_steps(config: ModelConfig, backend: str, greedy: bool, shape:
     return _cached_jit(key, lambda: partial(_decode_steps, shape=shape, num_steps=num_steps, block_size=block_size,
                                             config=config, backend=backend, greedy=greedy, window=window,
                                             fuse_write=fuse_write))  # fmt: skip
+
+
+def _jitted_scoring_step(config: ModelConfig, backend: str, greedy: bool, shape: tuple[int, int, int],
+                         window: int | None):  # fmt: skip
+    """The jitted prefill-with-scores step (`_scoring_step`) for one static configuration, cached like `_jitted_step`."""
+    key = ("scoring", config, backend, greedy, shape, window)
+    return _cached_jit(key, lambda: partial(_scoring_step, shape=shape, config=config, backend=backend,
+                                            greedy=greedy, window=window))  # fmt: skip
 
 
 class StepRunner:
@@ -374,6 +401,15 @@ class StepRunner:
         """
         ints, floats = self._prepare(pools, inputs, prev_tokens)
         return self._fn(decode, greedy, self._shape(inputs))(self.params, pools, ints, floats, prev_tokens)
+
+    def run_scoring_step(self, pools: KVPools, inputs: StepInputs, prev_tokens: jax.Array | None, targets, *,
+                         greedy: bool):  # fmt: skip
+        """A prefill step that also scores `targets` [B, C] (the next prompt token at each position, < 0 for
+        none): `run_step`'s results and (log-probabilities [B, C], top values [B, C, K], top ids [B, C, K])."""
+        ints, floats = self._prepare(pools, inputs, prev_tokens)
+        fn = _jitted_scoring_step(self.config, self.backend, greedy, self._shape(inputs), self.window)
+        self.compiled.add((self.backend, "scoring", greedy, self._shape(inputs)))
+        return fn(self.params, pools, ints, floats, prev_tokens, np.asarray(targets, np.int32))
 
     def _prepare(self, pools: KVPools, inputs: StepInputs, prev_tokens: jax.Array | None):
         """Check the token buffer against the rows, resolve the backend for the pools; the packed inputs."""

@@ -18,6 +18,7 @@ import numpy as np
 from planner.memory import SAMPLER_ROWS  # rows sampled at a time: the sort's workspace stays ~SAMPLER_ROWS x V
 
 
+MAX_LOGPROBS = 20  # most alternatives per token a request may ask for (OpenAI's limit); the device computes these
 SEED_LIMIT = 2**32  # seeds are folded into uint32 sampler keys: seeds s and s + 2**32 would draw the same tokens
 
 
@@ -35,6 +36,28 @@ def _as_float(name: str, value: Any, what: str) -> float:
     if not math.isfinite(value):
         raise ValueError(f"{name}={value!r} is not finite: pass {what}.")
     return float(value)
+
+
+def _as_stop_strings(value: Any) -> tuple[str, ...]:
+    """One stop string or any iterable of them as a tuple of non-empty strings."""
+    if isinstance(value, str):
+        value = (value,)
+    if not isinstance(value, Iterable) or isinstance(value, (bytes, bytearray)):
+        raise TypeError(f"stop={value!r} is a {type(value).__name__}: pass a string or a list of strings.")
+    out = tuple(value)
+    for s in out:
+        if not isinstance(s, str) or not s:
+            raise ValueError(f"stop holds {s!r}: stop strings are non-empty strings.")
+    return out
+
+
+def _as_logprobs(name: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    k = _as_int(name, value)
+    if not 0 <= k <= MAX_LOGPROBS:
+        raise ValueError(f"{name}={k} must be between 0 and {MAX_LOGPROBS} (alternatives per token), or None.")
+    return k
 
 
 def _as_stop_ids(value: Any) -> tuple[int, ...]:
@@ -64,7 +87,11 @@ class SamplingParams:
     iterable of ids; generation ends after one of them (it is included in the output). n: independent samples
     sharing the prompt's KV blocks. beam_width > 1: beam search (deterministic; temperature, top_k, top_p are
     ignored); length_penalty: a finished beam scores log-prob / length**length_penalty.
-    ignore_eos: keep going past stop tokens (benchmarks).
+    ignore_eos: keep going past stop tokens (benchmarks). stop: strings that end generation when they appear in
+    the detokenized text; the text is cut before the first one (its tokens are kept up to the one completing it).
+    logprobs: per generated token, its log-probability under the model's distribution (raw logits, before
+    temperature and filters) and the top `logprobs` alternatives (0..20; None: none). prompt_logprobs: the same
+    for every prompt token after the first (the request then takes no prefix-cache hits).
 
     Numpy integer and float scalars are accepted where Python ints and floats are, and stored as Python ints and
     floats (stop_token_ids as a tuple of ints). A value of the wrong type raises TypeError (bools are not
@@ -82,6 +109,9 @@ class SamplingParams:
     beam_width: int = 1
     length_penalty: float = 1.0
     ignore_eos: bool = False
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         def store(name: str, value: Any) -> None:
@@ -112,6 +142,11 @@ class SamplingParams:
             kind = type(self.ignore_eos).__name__
             raise TypeError(f"ignore_eos={self.ignore_eos!r} is a {kind}: pass True or False.")
         store("ignore_eos", bool(self.ignore_eos))
+        store("stop", _as_stop_strings(self.stop))
+        store("logprobs", _as_logprobs("logprobs", self.logprobs))
+        store("prompt_logprobs", _as_logprobs("prompt_logprobs", self.prompt_logprobs))
+        if self.beam_width > 1 and (self.stop or self.logprobs is not None):
+            raise ValueError("beam search takes no stop strings or logprobs: drop them, or sample with n instead.")
 
     @property
     def greedy(self) -> bool:
@@ -180,3 +215,14 @@ def _sample_rows(
     choice = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, masked)
     sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
     return jnp.where(temperature > 0, sampled, greedy)
+
+
+@jax.jit
+def token_logprobs(logits: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Log-probabilities under the model's distribution (raw logits [..., V], no temperature or filters):
+    each token's [...] and the MAX_LOGPROBS most likely ones, values [..., K] and ids [..., K], best first.
+    A token < 0 (nothing to score) gets a meaningless value."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    chosen = jnp.take_along_axis(logp, jnp.maximum(tokens, 0)[..., None], axis=-1)[..., 0]
+    top, ids = jax.lax.top_k(logp, MAX_LOGPROBS)
+    return chosen, top, ids

@@ -29,6 +29,7 @@ whose samples fork from its logits) is read within the same engine step (`Schedu
 from __future__ import annotations
 
 import itertools
+import time
 from collections import deque
 
 from jkv import forks
@@ -45,6 +46,12 @@ from jkv.step_io import (  # noqa: F401 - the seams, re-exported
     SchedulerOutput,
 )
 from kvspec.shapes import ShapePolicy
+
+
+def wants_prompt_logprobs(s: Sequence) -> bool:
+    """Whether s's prefill still has prompt tokens to score (echo with logprobs)."""
+    req = s.request
+    return req.sampling.prompt_logprobs is not None and len(req.prompt_logprobs) < s.num_prompt
 
 
 def check_stop(token: int, num_output: int, sampling: SamplingParams) -> str | None:
@@ -64,7 +71,11 @@ class Scheduler:
         *,
         preemption_mode: str = "recompute",
         async_scheduling: bool = True,
+        tokenizer=None,
+        stream_text: bool = False,
     ) -> None:
+        """tokenizer: detokenizes outputs for stop strings; stream_text: for every sequence (each output's text
+        so far), not only those with stop strings."""
         if preemption_mode not in ("recompute", "swap"):
             raise ValueError(f"preemption_mode={preemption_mode!r} must be 'recompute' or 'swap'.")
         if preemption_mode == "swap" and manager.swap_space.num_free_slots == 0:
@@ -75,6 +86,8 @@ class Scheduler:
         self.max_num_batched_tokens = shapes.max_num_batched_tokens
         self.preemption_mode = preemption_mode
         self.async_scheduling = async_scheduling
+        self.tokenizer = tokenizer
+        self.stream_text = stream_text and tokenizer is not None
         self.requests: dict[str, Request] = {}  # unfinished requests by id
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -92,6 +105,8 @@ class Scheduler:
         """Queue a checked request (the engine validated the prompt and sampling)."""
         req = Request(request_id, prompt, sampling, next(self._arrivals))
         req.seqs.append(Sequence(self._new_seq_id(), req, list(prompt), len(prompt)))
+        if sampling.prompt_logprobs is not None:
+            req.prompt_logprobs.append(None)  # the first prompt token has no context to score it
         self.requests[request_id] = req
         self.waiting.append(req)
         return req
@@ -204,7 +219,8 @@ class Scheduler:
         samples = s.num_computed + n == len(s.tokens)
         req = s.request
         fork = samples and req.sampling.n > 1 and len(req.seqs) == 1 and s.num_output == 0
-        out.prefill.append(PrefillChunk(s, s.num_computed, n, samples, fork))
+        scores = wants_prompt_logprobs(s) and s.num_computed < s.num_prompt - 1
+        out.prefill.append(PrefillChunk(s, s.num_computed, n, samples, fork, scores))
         return n
 
     # One round --------------------------------------------------------------------------------------------
@@ -288,8 +304,12 @@ class Scheduler:
                     continue
                 break
             self.waiting.popleft()
+            if req.scheduled_time is None:
+                req.scheduled_time = time.monotonic()
             for s in seqs:
-                alloc = m.allocate_prompt(s.seq_id, s.tokens)
+                # a request scoring its prompt computes every prompt position: a prefix hit would skip some
+                keys = ("prompt_logprobs", req.request_id) if wants_prompt_logprobs(s) else ()
+                alloc = m.allocate_prompt(s.seq_id, s.tokens, extra_keys=keys)
                 s.num_computed = alloc.num_cached_tokens
                 s.status = SeqStatus.RUNNING
                 if budget > 0 and self._row_fits(out):  # else its prefill starts in a later round
@@ -312,7 +332,8 @@ class Scheduler:
         extra steps (placeholders); None for a single step (decode_steps 1, beam search, or too few free
         blocks for the extra slots)."""
         k = self.shapes.decode_steps
-        if k == 1 or not seqs or any(s.request.beam for s in seqs):
+        # NOTE: a multi-step round keeps no logits, so a row that reports logprobs makes it a single step
+        if k == 1 or not seqs or any(s.request.beam or s.request.sampling.logprobs is not None for s in seqs):
             return None
         m = self.manager
         # the row's input token is already in s.tokens; it may sample up to max_tokens
@@ -371,11 +392,16 @@ class Scheduler:
             touched[req.request_id] = req
             if row.fork_tokens is not None:  # the samples fork from the placed first token, then each is checked
                 self._place(s, row.start, row.tokens[0])
-                for q in [s, *forks.fork_samples(self, s, row.fork_tokens)]:
-                    if self._take(q, len(q.tokens), [q.pending]):
+                children = forks.fork_samples(self, s, row.fork_tokens)
+                lps = [row.logprobs, *([lp] for lp in row.fork_logprobs)] if row.logprobs else [None] * (1 + len(children))
+                for q, lp in zip([s, *children], lps):
+                    if self._take(q, len(q.tokens), [q.pending], lp):
                         ended.append(req)
-            elif self._take(s, row.start, row.tokens):
+            elif self._take(s, row.start, row.tokens, row.logprobs):
                 ended.append(req)
+        for req, first, entries in result.prompt_logprobs:
+            have = req.prompt_logprobs  # scores land in prompt order; a chunk scored again adds nothing
+            have.extend(entries[len(have) - first :] if first <= len(have) else [])
         for cand in result.beams:
             live = [b for b in cand.beams if b.inflight]
             if not live:
@@ -403,25 +429,35 @@ class Scheduler:
         else:
             s.tokens.append(token)
 
-    def _take(self, s: Sequence, start: int, tokens: list[int]) -> bool:
-        """Place s's sampled tokens (index start on), counting each and stopping at a stop token or max_tokens;
-        the slots after a stop token are dropped. Returns whether s finished."""
+    def _take(self, s: Sequence, start: int, tokens: list[int], logprobs: list | None = None) -> bool:
+        """Place s's sampled tokens (index start on), counting each and stopping at a stop token, a stop string
+        or max_tokens; the slots after the stop are dropped. `logprobs`: each token's, kept beside the token.
+        Returns whether s finished."""
         sp = s.request.sampling
+        detok = self._detokenizer(s, start) if sp.stop or self.stream_text else None
         # The leading tokens that have slots and end nothing go in as one slice (a multi-step round's tokens into
         # its placeholder slots: what the loop below does token by token); the loop takes the rest.
         live = s.status is SeqStatus.RUNNING or s.status is SeqStatus.SWAPPED
         m = min(len(tokens), len(s.tokens) - start) if live else 0
         if (m > 1 and start + m - s.num_prompt < sp.max_tokens
-                and (sp.ignore_eos or not any(t in sp.stop_token_ids for t in tokens[:m]))):  # fmt: skip
+                and (sp.ignore_eos or not any(t in sp.stop_token_ids for t in tokens[:m])) and not sp.stop):  # fmt: skip
             s.tokens[start : start + m] = tokens[:m]
             self.num_generated_tokens += m
+            if detok is not None:
+                detok.feed_many(tokens[:m])
+            if logprobs:
+                s.logprobs.extend(logprobs[:m])
         else:
             m = 0
         for j in range(m, len(tokens)):
             token, index = tokens[j], start + j
             self._place(s, index, token)
             self.num_generated_tokens += 1
+            if logprobs:
+                s.logprobs.append(logprobs[j])
             why = check_stop(token, index + 1 - s.num_prompt, sp)
+            if detok is not None and detok.feed(token) and why != "stop":
+                why = "stop"  # a stop string completed: it ends the sequence like a stop token
             if s.status is SeqStatus.FINISHED:  # released ahead of its last token (by length)
                 if why == "stop" or j == len(tokens) - 1:
                     del s.tokens[index + 1 :]
@@ -437,3 +473,13 @@ class Scheduler:
                 self.release_seq(s)
                 return True
         return False
+
+    def _detokenizer(self, s: Sequence, start: int):
+        """s's incremental detokenizer, made on first use and given the output tokens before index `start`
+        (forks and beams start from their parent's)."""
+        if s.detok is None:
+            from jkv.detokenizer import IncrementalDetokenizer
+
+            s.detok = IncrementalDetokenizer(self.tokenizer, s.request.sampling.stop)
+            s.detok.feed_many(s.tokens[s.num_prompt : start])
+        return s.detok

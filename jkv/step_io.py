@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from jkv.forks import BeamCandidates
-from jkv.request import Request, Sequence
+from jkv.request import Request, Sequence, TokenLogprobs
 
 __all__ = ["BeamCandidates", "BlockCopies", "DecodeRow", "ModelRunnerOutput", "PrefillChunk", "SampledRow",
            "SchedulerOutput"]
@@ -53,6 +53,7 @@ class PrefillChunk:
     num_tokens: int
     samples: bool
     forks: bool = False
+    prompt_logprobs: bool = False  # the step also scores the chunk's next prompt tokens (echo with logprobs)
 
 
 @dataclass
@@ -82,6 +83,8 @@ class SampledRow:
     start: int
     tokens: list[int]
     fork_tokens: list[int] | None = None
+    logprobs: list[TokenLogprobs] | None = None  # per token, when the request asks for logprobs
+    fork_logprobs: list[TokenLogprobs] | None = None  # the fork tokens' (same request)
 
 
 @dataclass(frozen=True)
@@ -91,3 +94,5 @@ class ModelRunnerOutput:
     step: int
     rows: list[SampledRow] = field(default_factory=list)
     beams: list[BeamCandidates] = field(default_factory=list)
+    # echo with logprobs: (request, index of the first prompt token scored, its entries in prompt order)
+    prompt_logprobs: list[tuple[Request, int, list[TokenLogprobs]]] = field(default_factory=list)
