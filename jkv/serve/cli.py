@@ -1,0 +1,152 @@
+"""The `jkv serve` command: load the model, build the engine from the flags (sized by the planner unless
+`--num-blocks`), print the plan it serves with and where it listens, then run the app under uvicorn until
+SIGTERM or Ctrl-C.
+
+SIGTERM drains: the server stops accepting (new requests get 503 while connections close), in-flight requests
+finish within `--shutdown-timeout` seconds, the rest are aborted, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+
+log = logging.getLogger("jkv.serve")
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="OpenAI-compatible server over jkv's paged engine.")
+    p.add_argument("--model", required=True, help="preset name (random weights) or Hugging Face directory")
+    p.add_argument("--served-model-name", help="the name clients send as 'model' (default: --model)")
+    p.add_argument("--dtype", default="bfloat16", help="weights and compute: float32, bfloat16, float16")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("JKV_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $JKV_API_KEY)")
+    e = p.add_argument_group("engine")
+    e.add_argument("--hbm", help="device memory to plan for, e.g. 24GB (default: what JAX's pool has free)")
+    e.add_argument("--num-blocks", type=int, help="KV blocks (instead of planning them)")
+    e.add_argument("--block-size", type=int, default=16)
+    e.add_argument("--max-num-seqs", type=int, default=64)
+    e.add_argument("--max-num-batched-tokens", type=int, default=512)
+    e.add_argument("--max-seq-len", type=int, help="longest prompt + output (default: the model's positions)")
+    e.add_argument("--kv-dtype", help="bfloat16, float16, float32, int8, float8_e4m3fn, int4")
+    e.add_argument("--decode-steps", type=int, default=8, help="decode steps per device call (multi-step)")
+    e.add_argument("--no-prefix-caching", action="store_true")
+    e.add_argument("--no-async-scheduling", action="store_true")
+    e.add_argument("--preemption-mode", default="recompute", choices=("recompute", "swap"))
+    e.add_argument("--swap-blocks", type=int, default=0)
+    e.add_argument("--sliding-window", type=int)
+    e.add_argument("--attention", default="auto", choices=("auto", "pallas", "reference", "interpret"))
+    e.add_argument("--compile-cache", help="directory for JAX's persistent compilation cache")
+    e.add_argument("--no-warmup", action="store_true", help="skip compiling every step shape before serving")
+    s = p.add_argument_group("serving")
+    s.add_argument("--max-waiting", type=int, default=256,
+                   help="requests waiting for admission before new ones get 503 + Retry-After")
+    s.add_argument("--request-timeout", type=float, help="seconds a request may run before it is stopped (504)")
+    s.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds in-flight requests get to finish before they are aborted")
+    s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 beyond)")
+    s.add_argument("--chat-template", help="a Jinja2 chat template file (default: the model's tokenizer_config.json)")
+    s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    return p
+
+
+def main(argv: list[str] | None = None, prog: str = "jkv serve") -> int:
+    args = build_parser(prog).parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    for name, value, low in (("--port", args.port, 0), ("--max-waiting", args.max_waiting, 1),
+                             ("--max-body-bytes", args.max_body_bytes, 1)):  # fmt: skip
+        if value < low:
+            print(f"{prog}: {name} {value} must be at least {low}.", file=sys.stderr)
+            return 2
+    try:
+        app, engine, loop = build(args)
+    except (ValueError, RuntimeError) as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        return 2
+    return run(app, engine, loop, args)
+
+
+def build(args):
+    """(app, engine, engine loop) from the parsed flags; ValueError for a bad model or engine option."""
+    import jax
+
+    import jkv
+    from jkv.serve.app import ServerState, create_app
+    from jkv.serve.chat import load_chat_template
+    from jkv.serve.engine_loop import EngineLoop
+    from jkv.serve.metrics import ServerMetrics, plan_terms
+
+    model = jkv.load_model(args.model, dtype=args.dtype)
+    engine = jkv.Engine(
+        model, num_blocks=args.num_blocks, hbm=args.hbm, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_seq_len=args.max_seq_len, kv_dtype=args.kv_dtype,
+        enable_prefix_caching=not args.no_prefix_caching, preemption_mode=args.preemption_mode,
+        swap_blocks=args.swap_blocks, sliding_window=args.sliding_window, attention=args.attention,
+        compile_cache_dir=args.compile_cache, async_scheduling=not args.no_async_scheduling,
+        decode_steps=args.decode_steps, stream_text=True,
+    )  # fmt: skip
+    if engine.tokenizer is None:
+        engine.close()
+        raise ValueError(f"{args.model} has no tokenizer files (tokenizer.json or vocab.json + merges.txt): add them.")
+    template = load_chat_template(args.model if os.path.isdir(args.model) else None, args.chat_template)
+    name = args.served_model_name or args.model
+    param_bytes = sum(a.nbytes for a in jax.tree.leaves(model.params))
+    metrics = ServerMetrics(plan_terms(engine, param_bytes), name)
+    print_plan(engine, param_bytes, name)
+    if not args.no_warmup:
+        info = engine.warmup()
+        print(f"jkv serve: compiled {info['shapes']} step shapes in {info['seconds']:.1f} s", flush=True)
+    loop = EngineLoop(engine, metrics, max_waiting=args.max_waiting)
+    state = ServerState(loop, metrics, engine.tokenizer, name, engine.max_seq_len, engine.config.vocab_size,
+                        api_key=args.api_key, chat_template=template, request_timeout=args.request_timeout,
+                        max_body_bytes=args.max_body_bytes)  # fmt: skip
+    return create_app(state), engine, loop
+
+
+def print_plan(engine, param_bytes: int, name: str) -> None:
+    from planner.units import human_bytes
+
+    st = engine.stats()
+    shapes = engine.shapes
+    lines = [f"jkv serve: model {name} ({engine.config.name}), {st.blocks_total} KV blocks of {engine.block_size} "
+             f"tokens ({human_bytes(st.blocks_total * engine.bytes_per_block)}, {engine.kv_dtype}), max batch "
+             f"{shapes.max_num_seqs}, context {engine.max_seq_len}, decode steps {engine.decode_steps}"]  # fmt: skip
+    plan = engine.plan
+    if plan is not None:
+        lines.append(f"jkv serve: plan: parameters {human_bytes(plan.param_bytes)} + KV pool "
+                     f"{human_bytes(plan.kv_pool_bytes)} + activation workspace {human_bytes(plan.activation_bytes)} "
+                     f"+ runtime reserve {human_bytes(plan.reserve_bytes)} = {human_bytes(plan.peak_bytes)}")  # fmt: skip
+    else:
+        lines.append(f"jkv serve: no plan (pool sized directly): parameters {human_bytes(param_bytes)}")
+    print("\n".join(lines), flush=True)
+
+
+def run(app, engine, loop, args) -> int:
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn's server, marking the engine loop draining on the first exit signal; SIGTERM (a planned stop)
+        ends the process with status 0 rather than being re-raised once the server is down."""
+
+        def handle_exit(self, sig, frame) -> None:
+            loop.draining = True
+            super().handle_exit(sig, frame)
+            if sig == signal.SIGTERM and sig in self._captured_signals:
+                self._captured_signals.remove(sig)
+
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=args.shutdown_timeout, access_log=args.log_level == "debug")  # fmt: skip
+    server = DrainingServer(config)
+    loop.start()
+    print(f"jkv serve: starting on http://{args.host}:{args.port} (OpenAI API under /v1)", flush=True)
+    try:
+        server.run()
+    finally:
+        loop.stop()
+        engine.close()
+    return 0 if server.started else 1

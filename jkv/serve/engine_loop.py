@@ -1,0 +1,225 @@
+"""The server's one engine loop: a background thread that owns the `jkv.Engine` and steps it while any request
+exists, and the asyncio side that handlers talk to.
+
+Handlers never touch the engine. `submit()` hands a request to the thread through a queue and awaits the thread's
+verdict (accepted, or the engine's ValueError for bad input); the thread then pushes each `RequestOutput` the
+engine reports into the request's `RequestStream` with `loop.call_soon_threadsafe`, so a handler only ever awaits
+its own stream. `abort()` is queued the same way. The thread adds and aborts between steps, so a bad request or
+a vanished client never disturbs the others, and a multi-step round's tokens reach their streams as the round
+lands.
+
+Invariants: only the engine thread calls the engine (requests, aborts, steps, stats); a stream's queue is written
+only through the event loop (`call_soon_threadsafe`); `num_waiting` counts requests handed over but not yet
+admitted by the scheduler, which is what the overload bound (`max_waiting`) limits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from jkv.request import RequestOutput
+from jkv.sampling import SamplingParams
+from jkv.serve.metrics import ServerMetrics
+
+log = logging.getLogger("jkv.serve")
+
+IDLE_WAIT_S = 0.5  # the idle thread wakes at least this often (a missed wake-up costs at most this much)
+
+
+class Overloaded(Exception):
+    """The waiting queue is full (or the server is draining): answer 503 with Retry-After."""
+
+
+class EngineDead(Exception):
+    """The engine loop stopped on an internal error: every request fails until the server restarts."""
+
+
+@dataclass(eq=False)
+class RequestStream:
+    """One engine request as a handler sees it: its outputs (each carrying everything so far, the last one
+    finished) or the exception that ended it arrive in `queue`, which several requests of one HTTP call share."""
+
+    request_id: str
+    prompt_len: int
+    loop: asyncio.AbstractEventLoop
+    arrival: float
+    queue: asyncio.Queue
+    accepted: asyncio.Future | None = None
+    # engine-thread bookkeeping (latency metrics)
+    last_token_time: float | None = None
+    num_tokens: int = 0
+    first_token_seen: bool = False
+    queued_seen: bool = False
+
+
+class EngineLoop:
+    """Runs `engine` on a background thread; see the module docstring."""
+
+    def __init__(self, engine, metrics: ServerMetrics, *, max_waiting: int, clock=time.monotonic) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.max_waiting = max_waiting
+        self.clock = clock
+        self._inbox: collections.deque = collections.deque()  # (stream, prompt ids, sampling) to add
+        self._aborts: collections.deque = collections.deque()  # request ids to abort
+        self._wake = threading.Event()
+        self._streams: dict[str, RequestStream] = {}  # engine thread only
+        self._ids = itertools.count()
+        self._stop = False
+        self.draining = False
+        self.error: str | None = None
+        self._handed = 0  # requests submitted (event loop only)
+        self._left_waiting = 0  # of those: refused, admitted by the scheduler, or finished unadmitted (engine thread)
+        self.num_active = 0  # accepted and not finished
+        self._thread = threading.Thread(target=self._run, name="jkv-engine-loop", daemon=True)
+
+    # Event-loop side ---------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests handed over and not yet admitted (the inbox and the scheduler's waiting queue)."""
+        return self._handed - self._left_waiting
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    def new_request_id(self, prefix: str) -> str:
+        return f"{prefix}-{next(self._ids)}"
+
+    async def submit(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams,
+                     queue: asyncio.Queue) -> RequestStream:  # fmt: skip
+        """Queue a request whose outputs go to `queue`; returns its stream once the engine accepted it. Raises
+        ValueError (bad input, from the engine), Overloaded (queue full or draining), EngineDead."""
+        if self.error is not None:
+            raise EngineDead(self.error)
+        if self.draining:
+            raise Overloaded("the server is shutting down: retry against another replica or after it restarts.")
+        if self.num_waiting >= self.max_waiting:
+            raise Overloaded(f"the server's waiting queue is full ({self.max_waiting} requests): retry shortly.")
+        loop = asyncio.get_running_loop()
+        stream = RequestStream(request_id, len(prompt_ids), loop, self.clock(), queue)
+        stream.accepted = loop.create_future()
+        self._handed += 1
+        self._inbox.append((stream, prompt_ids, sampling))
+        self._wake.set()
+        await stream.accepted  # raises the engine's ValueError for bad input
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request (client gone, timeout): its blocks are freed at the thread's next turn."""
+        self._aborts.append(request_id)
+        self._wake.set()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Abort everything still running and end the thread (the engine stays open: its owner closes it)."""
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout)
+
+    # Engine thread -------------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        eng = self.engine
+        try:
+            while not self._stop:
+                self._take_inbox()
+                self._take_aborts()
+                if not eng.has_unfinished():
+                    self._refresh(force=True)
+                    self._wake.wait(IDLE_WAIT_S)
+                    self._wake.clear()
+                    continue
+                outs = eng.step()
+                now = self.clock()
+                for out in outs:
+                    self._deliver(out, now)
+                self._refresh()
+            for rid in list(self._streams):
+                eng.abort(rid)
+            while eng.has_unfinished():  # report the aborts (and read a round still in flight)
+                for out in eng.step():
+                    self._deliver(out, self.clock())
+        except Exception as err:  # an engine bug: fail every request, /health says so
+            log.exception("jkv serve: the engine loop stopped")
+            self.error = f"the engine loop stopped on an internal error ({type(err).__name__}: {err}): restart the server."
+            for stream in self._streams.values():
+                self._push(stream, EngineDead(self.error))
+            for stream, _, _ in self._inbox:
+                self._settle(stream, EngineDead(self.error))
+
+    def _take_inbox(self) -> None:
+        while self._inbox:
+            stream, ids, sampling = self._inbox.popleft()
+            try:
+                self.engine.add_request(ids, sampling, request_id=stream.request_id)
+            except (ValueError, TypeError) as err:
+                self._left_waiting += 1
+                self._settle(stream, ValueError(str(err)))
+                continue
+            self._streams[stream.request_id] = stream
+            self.num_active += 1
+            self.metrics.prompt_tokens.inc(stream.prompt_len)
+            self._settle(stream, None)
+
+    def _take_aborts(self) -> None:
+        while self._aborts:
+            self.engine.abort(self._aborts.popleft())
+
+    def _deliver(self, out: RequestOutput, now: float) -> None:
+        stream = self._streams.get(out.request_id)
+        if stream is None:
+            return
+        m, met = self.metrics, out.metrics
+        if not stream.queued_seen and (met.scheduled_time is not None or out.finished):
+            stream.queued_seen = True
+            self._left_waiting += 1
+            if met.scheduled_time is not None:
+                m.queue_time.observe(max(0.0, met.scheduled_time - met.arrival_time))
+        new = len(out.token_ids) - stream.num_tokens
+        if new > 0:
+            if not stream.first_token_seen:
+                stream.first_token_seen = True
+                m.ttft.observe(now - stream.arrival)
+            elif stream.last_token_time is not None:
+                gap = (now - stream.last_token_time) / new  # a multi-step round lands its tokens together
+                for _ in range(new):
+                    m.itl.observe(gap)
+            stream.last_token_time, stream.num_tokens = now, len(out.token_ids)
+        if out.finished:
+            del self._streams[out.request_id]
+            self.num_active -= 1
+            m.e2e.observe(now - stream.arrival)
+            m.finished.labels(reason=out.finish_reason or "unknown").inc()
+        self._push(stream, out)
+
+    def _refresh(self, force: bool = False) -> None:
+        self.metrics.refresh(self.engine, self.num_waiting, self.num_active, force=force)
+
+    @staticmethod
+    def _push(stream: RequestStream, item) -> None:
+        try:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+        except RuntimeError:  # the event loop is closed (shutdown): nobody is listening
+            pass
+
+    @staticmethod
+    def _settle(stream: RequestStream, error: BaseException | None) -> None:
+        def settle() -> None:
+            if not stream.accepted.done():
+                if error is None:
+                    stream.accepted.set_result(None)
+                else:
+                    stream.accepted.set_exception(error)
+
+        try:
+            stream.loop.call_soon_threadsafe(settle)
+        except RuntimeError:
+            pass
