@@ -45,10 +45,15 @@ def parallel_width(requested: int, budget: float, card: int, margin: int = 2 * 2
 
 # What the plan promises -------------------------------------------------------------------------------------
 def short_blocks(plan) -> tuple[int, int]:
-    """(shortest listed length, blocks one sequence of it holds): what the planner prices max_num_seqs at."""
+    """(shortest listed length, engine blocks one sequence of it holds): what the planner prices max_num_seqs at.
+
+    The planner counts one-layer blocks (a sliding layer may hold fewer); the engine's blocks span every layer, so
+    for the engine's models (every layer alike) that is the planner's count over the layers.
+    """
     from planner.plan import short_sequence
 
-    return short_sequence(plan.config, plan.options, plan.max_seq_len)
+    shortest, layer_blocks = short_sequence(plan.config, plan.options, plan.max_seq_len)
+    return shortest, -(-layer_blocks // plan.config.n_layer)
 
 
 def plan_activation(plan, batch: int) -> int:
