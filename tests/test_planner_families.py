@@ -266,3 +266,14 @@ def test_console_script_and_typed_packages_ship():
         assert (ROOT / package / "py.typed").is_file()
     r = subprocess.run([sys.executable, "-m", "jkv.cli", "nope"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "unknown command 'nope'" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "raw, needle",
+    [("{not json", "is not valid JSON"), ({k: v for k, v in LLAMA.items() if k != "vocab_size"}, "has no vocab_size"),
+     (LLAMA | {"num_attention_heads": 5, "num_key_value_heads": 1, "head_dim": None},
+      "hidden_size=32 is not divisible by num_attention_heads=5")],
+)  # fmt: skip
+def test_cli_bad_config_dir_is_one_line_exit_2(tmp_path, raw, needle):
+    r = _cli("--hbm", "24GB", "--model", str(_write(tmp_path, raw)))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and needle in r.stderr, r.stderr
