@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import time
 import weakref
+from pathlib import Path
 from collections.abc import Callable, Iterator, Sequence as Seq
 from functools import partial
 
@@ -20,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jkv.compile_cache import active_store, open_store
 from jkv.block_manager import BlockManager
 from jkv.executor import ModelExecutor
 from jkv.kv_cache import KVCache
@@ -67,7 +69,8 @@ class Engine:
         tokenizer: for `.text` in outputs and string prompts (default: the checkpoint directory's own tokenizer
             files, else GPT-2's when the vocabulary is GPT-2's, else none: token ids only).
         record_history: keep a per-step stats record (memory timeline).
-        compile_cache_dir: keep compiled steps in JAX's persistent compilation cache there (process-wide).
+        compile_cache_dir: keep compiled steps there as serialized executables that a restart loads without
+            tracing (jkv.compile_cache; one directory per process), and the rest in JAX's persistent cache.
         async_scheduling: dispatch each step before reading the previous step's sampled tokens; outputs report a
             token one call later, with the same tokens, finish reasons and counts (docs/engine.md).
         decode_steps: multi-step decode: the decode rows of a round without beam search run up to this many steps
@@ -134,9 +137,14 @@ class Engine:
         else:
             check_pool_fits(num_blocks, block_size * kv_bytes_per_token(config, planner_kv_dtype(self.kv_dtype)))
         if compile_cache_dir is not None:
-            jax.config.update("jax_compilation_cache_dir", str(compile_cache_dir))
+            # jkv's steps and block copies: serialized executables, loaded without tracing (jkv.compile_cache);
+            # anything else JAX compiles: its own persistent cache beside them.
+            self.compile_store = open_store(Path(compile_cache_dir) / "executables")
+            jax.config.update("jax_compilation_cache_dir", str(Path(compile_cache_dir) / "xla"))
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
             jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+        else:
+            self.compile_store = active_store()
         kv = KVCache(config, num_blocks=num_blocks, block_size=block_size, kv_dtype=self.kv_dtype,
                      swap_blocks=swap_blocks, max_seq_len=self.max_seq_len)  # fmt: skip
         self.bytes_per_block = kv.bytes_per_block
@@ -259,9 +267,10 @@ class Engine:
 
     # Warm-up, stats, lifecycle --------------------------------------------------------------------------------
     def warmup(self, greedy: bool | None = None, threads: int | None = None,
-               progress: Callable[[int, int], None] | None = None) -> dict:  # fmt: skip
-        """Compile every step shape this engine can meet before serving (jkv.warmup.warm_up); call it on an idle
-        engine. Returns {"shapes", "seconds", "parallel_failures"}."""
+               progress: Callable[[int, int], None] | bool | None = None) -> dict:  # fmt: skip
+        """Compile (or load from the compile cache) every step shape this engine can meet before serving
+        (jkv.warmup.warm_up; progress=True shows a progress bar); call it on an idle engine. Returns {"shapes",
+        "seconds", "parallel_failures", "loaded"}."""
         self._check_open()
         if self.has_unfinished():
             raise RuntimeError("warmup() runs on an idle engine: call it before adding requests or after they finish.")

@@ -262,7 +262,7 @@ class ModelExecutor:
         return self.runner.is_compiled(x, **call)
 
     def padding_compiler(self, shape: StepShape):
-        """(jitted step, its arguments) of a padding-only step of `shape`, for `fn.lower(*args).compile()`."""
+        """(stored step function, its arguments) of a padding-only step of `shape`, for `fn.precompile(*args)`."""
         x, call = self._padding(shape)
         ints, floats = pack(x)
         return self.runner.function(x, **call), (self.runner.params, self.kv.pools, ints, floats, self._tokens)

@@ -21,12 +21,12 @@ padding entries of block tables and padding tokens of a batch point at it; its c
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jkv.compile_cache import StoredFunction
 from pallas_kernels.common import INT4_PAGE_DTYPE, dequantize_int4, int4_groups, quantize_int4
 from kvspec.config import ModelConfig
 from kvspec.shapes import bucket, cdiv
@@ -170,22 +170,25 @@ def _map_pools(fn, pools: KVPools) -> KVPools:
     return jax.tree.map(fn, pools)
 
 
-@partial(jax.jit, donate_argnums=0)
-def copy_blocks(pools: KVPools, src: jax.Array, dst: jax.Array) -> KVPools:
+def _copy_blocks(pools: KVPools, src: jax.Array, dst: jax.Array) -> KVPools:
     """pool[dst] = pool[src] in every layer (copy-on-write); in place thanks to donation."""
     return _map_pools(lambda a: a.at[dst].set(a[src]), pools)
 
 
-@jax.jit
-def gather_blocks(pools: KVPools, blocks: jax.Array) -> KVPools:
+def _gather_blocks(pools: KVPools, blocks: jax.Array) -> KVPools:
     """The contents of `blocks` (all layers), to be moved to host memory when a sequence is swapped out."""
     return _map_pools(lambda a: a[blocks], pools)
 
 
-@partial(jax.jit, donate_argnums=0)
-def scatter_blocks(pools: KVPools, blocks: jax.Array, contents: KVPools) -> KVPools:
+def _scatter_blocks(pools: KVPools, blocks: jax.Array, contents: KVPools) -> KVPools:
     """pool[blocks] = contents in every layer (swap-in)."""
     return jax.tree.map(lambda a, c: a.at[blocks].set(c), pools, contents)
+
+
+# Jitted (the pools donated where they are rewritten), executables kept in the compile cache like the steps'.
+copy_blocks = StoredFunction("kv_cache.copy_blocks", _copy_blocks, donate_argnums=0)
+gather_blocks = StoredFunction("kv_cache.gather_blocks", _gather_blocks)
+scatter_blocks = StoredFunction("kv_cache.scatter_blocks", _scatter_blocks, donate_argnums=0)
 
 
 def to_host(tree: KVPools) -> KVPools:
@@ -220,8 +223,8 @@ class KVCache:
     def copy(self, pairs: list[tuple[int, int]]) -> None:
         """Copy-on-write: block dst = block src for each (src, dst), padded with null-block-to-itself copies."""
         pad = [0] * (bucket(len(pairs)) - len(pairs))
-        src = jnp.asarray([s for s, _ in pairs] + pad, jnp.int32)
-        dst = jnp.asarray([d for _, d in pairs] + pad, jnp.int32)
+        src = np.asarray([s for s, _ in pairs] + pad, np.int32)
+        dst = np.asarray([d for _, d in pairs] + pad, np.int32)
         self.pools = copy_blocks(self.pools, src, dst)
 
     def _pieces(self, n: int):
@@ -236,7 +239,7 @@ class KVCache:
         leaves = jax.tree.leaves(self.host_pools)
         for start, stop, size in self._pieces(len(dev)):
             ids = dev[start:stop] + [0] * (size - (stop - start))
-            data = jax.device_get(gather_blocks(self.pools, jnp.asarray(ids, jnp.int32)))
+            data = jax.device_get(gather_blocks(self.pools, np.asarray(ids, np.int32)))
             for h_arr, d_arr in zip(leaves, jax.tree.leaves(data)):
                 h_arr[host[start:stop]] = d_arr[: stop - start]
 
@@ -247,7 +250,7 @@ class KVCache:
             pad = size - (stop - start)
             idx = np.asarray(host[start:stop] + [host[start]] * pad)
             contents = jax.tree.map(lambda a, idx=idx: jnp.asarray(a[idx]), self.host_pools)
-            ids = jnp.asarray(dev[start:stop] + [0] * pad, jnp.int32)
+            ids = np.asarray(dev[start:stop] + [0] * pad, np.int32)
             self.pools = scatter_blocks(self.pools, ids, contents)
 
     def warm(self, copy_sizes: list[int]) -> None:

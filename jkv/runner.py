@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jkv.compile_cache import StoredFunction
 from jkv.kv_cache import KVPools, write_tokens
 from jkv.model import forward
 from jkv.sampling import sample_tokens, token_logprobs
@@ -283,13 +284,14 @@ _JITTED_MAX = 128  # entries kept for reuse (each holds its executables); live r
 
 
 def _cached_jit(key: tuple, fn):
-    """jax.jit(fn, donating the pools) for `key`, kept in the process-wide LRU `_JITTED` (made on first use)."""
+    """jax.jit(fn, donating the pools) for `key`, kept in the process-wide LRU `_JITTED` (made on first use); its
+    executables are loaded from, and stored in, the active compile cache (jkv.compile_cache)."""
     if key in _JITTED:
         _JITTED.move_to_end(key)
     else:
         while len(_JITTED) >= _JITTED_MAX:
             _JITTED.popitem(last=False)
-        _JITTED[key] = jax.jit(fn(), donate_argnums=1)
+        _JITTED[key] = StoredFunction(repr(key), fn(), donate_argnums=1)
     return _JITTED[key]
 
 

@@ -11,8 +11,9 @@ engine steps apart, so the batch varies) and counts the XLA compilations made wh
 covered every shape. The children's greedy tokens must agree (parallel compilation must not change a result).
 
 With --compile-cache DIR every child passes `Engine(compile_cache_dir=DIR)`: the first child fills the cache and
-the later ones measure a restart that loads the compiled steps from disk (`--threads 8,8`); each row counts the
-executables loaded from the cache.
+the later ones measure a restart that loads the stored executables from disk, without tracing (`--threads 8,8`);
+each row counts the executables loaded (and JAX persistent-cache hits for anything else). "start s" is the child's
+whole time to ready: imports, random weights, engine, warm-up.
 Prints one row per thread count; --out writes the rows as JSON.
 """
 
@@ -60,14 +61,17 @@ def main() -> None:
     print(
         f"{rows[0]['device']}, JAX {rows[0]['jax']}: {args.model}, batch {args.batch}, contexts <= "
         f"{args.max_seq_len}, decode_steps {args.decode_steps}; tokens equal across rows"
-        + (f"; persistent compilation cache {args.compile_cache}" if args.compile_cache else "")
+        + (f"; compile cache {args.compile_cache}" if args.compile_cache else "")
     )
-    heads = ("threads", "shapes", "warm-up s", "XLA compiles", "cache loads", "while serving", "failed")
-    print(" ".join(f"{h:>{w}s}" for h, w in zip(heads, (7, 6, 9, 12, 11, 13, 6), strict=True)))
+    heads = ("threads", "shapes", "start s", "warm-up s", "XLA compiles", "stored loads", "xla hits", "while serving",
+             "failed")  # fmt: skip
+    widths = (7, 6, 7, 9, 12, 12, 8, 13, 6)
+    print(" ".join(f"{h:>{w}s}" for h, w in zip(heads, widths, strict=True)))
     for r in rows:
         print(
-            f"{r['threads']:7d} {r['shapes']:6d} {r['warmup_s']:9.1f} {r['compiles_in_warmup']:12d} "
-            f"{r['cache_loads_in_warmup']:11d} {r['compiles_while_serving']:13d} {r['parallel_failures']:6d}"
+            f"{r['threads']:7d} {r['shapes']:6d} {r['start_s']:7.1f} {r['warmup_s']:9.1f} {r['compiles_in_warmup']:12d} "
+            f"{r['executables_loaded']:12d} {r['cache_loads_in_warmup']:8d} {r['compiles_while_serving']:13d} "
+            f"{r['parallel_failures']:6d}"
         )
 
 

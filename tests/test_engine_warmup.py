@@ -145,12 +145,12 @@ def test_copy_on_write_is_warmed(model):
     # n > 1 samples share their prompt's last block until each appends: copy-on-write copies of varying counts
     eng = jkv.Engine(model, **SMALL)
     eng.warmup(greedy=False)
-    size = copy_blocks._cache_size()
+    size = copy_blocks.cache_size()
     prompt = list(range(1, 12))  # 11 tokens: the last block is partly filled, so the forks copy it
     for seed in range(3):
         eng.add_request(prompt, jkv.SamplingParams(max_tokens=5, n=3 - seed % 2, temperature=1.0, seed=seed))
     eng.run()
-    assert copy_blocks._cache_size() == size
+    assert copy_blocks.cache_size() == size
 
 
 def test_warmup_refuses_a_busy_engine(model):

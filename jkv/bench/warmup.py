@@ -26,6 +26,7 @@ BLOCK_SIZE = 16
 def warmup_child(model: str, batch: int, max_seq_len: int, decode_steps: int, threads: int,
                  compile_cache: str | None = None) -> dict:  # fmt: skip
     """One thread count's row (module docstring), in a fresh process."""
+    started = time.perf_counter()
     import warnings
 
     import jax
@@ -48,6 +49,7 @@ def warmup_child(model: str, batch: int, max_seq_len: int, decode_steps: int, th
         lambda event, **_: hits.append(event) if event == CACHE_HIT_EVENT else None
     )
     report = eng.warmup(greedy=True, threads=threads)
+    start_s = time.perf_counter() - started  # imports, random weights, engine, warm-up: ready to serve
     warm_compiles, warm_hits = len(compiles), len(hits)
     rng = np.random.default_rng(0)
     reqs = []
@@ -71,7 +73,8 @@ def warmup_child(model: str, batch: int, max_seq_len: int, decode_steps: int, th
             "parallel_failures": report["parallel_failures"], "compiles_in_warmup": warm_compiles - warm_hits,
             "compiles_while_serving": len(compiles) - warm_compiles - (len(hits) - warm_hits),
             "serve_s": time.perf_counter() - t0,
-            "cache_loads_in_warmup": warm_hits, "compile_cache": compile_cache,
+            "cache_loads_in_warmup": warm_hits, "compile_cache": compile_cache, "start_s": start_s,
+            "executables_loaded": report["loaded"],
             "tokens_sha256": digest, "device": jax.devices()[0].device_kind, "jax": jax.__version__}  # fmt: skip
 
 
