@@ -87,6 +87,17 @@ def _linear(shapes: Shapes, name: str, out: int, inp: int, bias: bool) -> None:
         shapes[f"{name}.bias"] = (out,)
 
 
+def _fused_block(shapes: Shapes, attn: str, mlp: str, widths: tuple[int, int, int, int], attn_bias: bool,
+                 mlp_bias: bool) -> None:  # fmt: skip
+    """A fused-QKV block (gpt_neox, falcon): query_key_value and dense, dense_h_to_4h and dense_4h_to_h. A
+    row-parallel projection's bias has the full output width, so `_linear` gives it whole."""
+    qkv, q, f, e = widths
+    _linear(shapes, f"{attn}.query_key_value", qkv, e, attn_bias)
+    _linear(shapes, f"{attn}.dense", e, q, attn_bias)
+    _linear(shapes, f"{mlp}.dense_h_to_4h", f, e, mlp_bias)
+    _linear(shapes, f"{mlp}.dense_4h_to_h", e, f, mlp_bias)
+
+
 def _gpt_neox(c: ModelConfig, tp: int) -> Shapes:
     e, f, hd = c.n_embd, c.mlp_dim // tp, c.head_dim
     q, kv = c.n_head // tp * hd, kv_heads_per_device(c, tp) * hd
@@ -96,12 +107,7 @@ def _gpt_neox(c: ModelConfig, tp: int) -> Shapes:
         p = f"gpt_neox.layers.{i}"
         for norm in ("input_layernorm", "post_attention_layernorm"):
             shapes[f"{p}.{norm}.weight"] = shapes[f"{p}.{norm}.bias"] = (e,)
-        _linear(shapes, f"{p}.attention.query_key_value", q + 2 * kv, e, b)
-        _linear(shapes, f"{p}.attention.dense", e, q, False)
-        if b:
-            shapes[f"{p}.attention.dense.bias"] = (e,)
-        _linear(shapes, f"{p}.mlp.dense_h_to_4h", f, e, True)
-        _linear(shapes, f"{p}.mlp.dense_4h_to_h", e, f, True)
+        _fused_block(shapes, f"{p}.attention", f"{p}.mlp", (q + 2 * kv, q, f, e), b, True)
     shapes["gpt_neox.final_layer_norm.weight"] = shapes["gpt_neox.final_layer_norm.bias"] = (e,)
     if not c.tie_word_embeddings:
         shapes["lm_head.weight"] = (vocab_rows(c, tp), e)
@@ -117,14 +123,7 @@ def _falcon(c: ModelConfig, tp: int) -> Shapes:
     shapes: Shapes = {"transformer.word_embeddings.weight": (vocab_rows(c, tp), e)}
     for i in range(c.n_layer):
         p = f"transformer.h.{i}"
-        _linear(shapes, f"{p}.self_attention.query_key_value", q + 2 * kv, e, b)
-        _linear(shapes, f"{p}.self_attention.dense", e, q, False)
-        if b:
-            shapes[f"{p}.self_attention.dense.bias"] = (e,)
-        _linear(shapes, f"{p}.mlp.dense_h_to_4h", f, e, b)
-        _linear(shapes, f"{p}.mlp.dense_4h_to_h", e, f, False)
-        if b:
-            shapes[f"{p}.mlp.dense_4h_to_h.bias"] = (e,)
+        _fused_block(shapes, f"{p}.self_attention", f"{p}.mlp", (q + 2 * kv, q, f, e), b, b)
         for norm in norms:
             shapes[f"{p}.{norm}.weight"] = shapes[f"{p}.{norm}.bias"] = (e,)
     shapes["transformer.ln_f.weight"] = shapes["transformer.ln_f.bias"] = (e,)
