@@ -5,11 +5,11 @@ Architecture (as Hugging Face's `GPT2LMHeadModel`): learned token and position e
 logits from the tied token embedding. Weights and compute use the dtype of the parameters (float32, bfloat16 or
 float16); LayerNorm, softmax and the logits are computed in float32, and float32 matmuls run at HIGHEST precision.
 
-Why linen rather than NNX: everything above this module wants `forward(params, ...)` to be a pure function of a
-plain nested-dict parameter pytree -- the weight loader fills it by a tree map, orbax saves it as is, and the
-paged engine jits and donates around it. Linen's `Module.apply({"params": params}, ...)` is exactly that. NNX
-keeps state inside mutable module objects, so the same purity would need `nnx.split`/`nnx.merge` around every
-call for no gain here.
+Why plain functions rather than Linen or NNX modules: everything above this module wants `forward(params, ...)`
+to be a pure function of a plain nested-dict parameter pytree -- the weight loader fills it by a tree map, orbax
+saves it as is, and the paged engine jits and donates around it. The tree keeps Flax's layout, so checkpoints
+written by the earlier Linen model load unchanged; without `Module.apply` a trace skips Linen's per-parameter
+checks.
 
 Parameter names are Hugging Face's (`wte`, `wpe`, `h_{i}/ln_1`, `h_{i}/attn/c_attn`, `h_{i}/attn/c_proj`,
 `h_{i}/ln_2`, `h_{i}/mlp/c_fc`, `h_{i}/mlp/c_proj`, `ln_f`) with Flax leaf names (`embedding`, `kernel`, `bias`,
@@ -40,7 +40,6 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -103,114 +102,56 @@ def attend_no_cache(
     return masked_attention(q, k, v, jnp.broadcast_to(causal, (q.shape[0], t, t))), cache
 
 
-# Modules ----------------------------------------------------------------------------------------------------
-class LayerNorm(nn.Module):
+# The decoder as functions of the parameter pytree ------------------------------------------------------------
+# Plain functions, not Linen modules: tracing a step then costs only the computation (Linen's `apply` checked
+# every parameter's shape against its initializer on each trace, a sixth of a restart's tracing). Numerics are
+# those of Flax's `Dense` / `Embed` the checkpoints were written for: inputs cast to the weights' dtype, one
+# `dot_general` at `matmul_precision`, the bias added in that dtype.
+def layer_norm(p: Params, x: jax.Array, epsilon: float) -> jax.Array:
     """LayerNorm computed in float32 whatever the weight dtype (as GPT-2's reference does); returns x's dtype."""
-
-    epsilon: float
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        e = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (e,), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (e,), self.param_dtype)
-        x32 = x.astype(jnp.float32)
-        mean = x32.mean(-1, keepdims=True)
-        var = jnp.square(x32 - mean).mean(-1, keepdims=True)  # two-pass variance, as torch
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
-        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)  # two-pass variance, as torch
+    y = (x32 - mean) * jax.lax.rsqrt(var + epsilon)
+    return (y * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)).astype(x.dtype)
 
 
-def _dense(features: int, dtype: Any, name: str) -> nn.Dense:
-    # HF GPT-2 uses Conv1D, whose weight is stored [in, out] -- the same layout as a Flax Dense kernel, so a
-    # checkpoint's Conv1D weights load WITHOUT a transpose. (torch nn.Linear, e.g. lm_head, is [out, in].)
-    return nn.Dense(features, dtype=dtype, param_dtype=dtype, precision=matmul_precision(dtype), name=name)
+def dense(p: Params, x: jax.Array) -> jax.Array:
+    """x @ kernel + bias. HF GPT-2's Conv1D stores its weight [in, out], a Flax kernel's layout: no transpose."""
+    kernel = p["kernel"]
+    y = jax.lax.dot_general(x.astype(kernel.dtype), kernel, (((x.ndim - 1,), (0,)), ((), ())),
+                            precision=matmul_precision(kernel.dtype))  # fmt: skip
+    return y + p["bias"].astype(kernel.dtype)
 
 
-class Attention(nn.Module):
-    config: ModelConfig
-    layer_index: int
-    dtype: Any
-
-    @nn.compact
-    def __call__(self, x: jax.Array, cache: Any, attend: AttentionFn) -> tuple[jax.Array, Any]:
-        c = self.config
-        b, t, e = x.shape
-        h, hkv, d = c.n_head, c.kv_heads, c.head_dim
-        qkv = _dense(c.qkv_dim, self.dtype, "c_attn")(x)  # [B, T, E + 2 * Hkv * D]
-        if getattr(attend, "takes_qkv", False):
-            out, cache = attend(self.layer_index, qkv.reshape(b, t, h + 2 * hkv, d), None, None, cache)
-        else:
-            q, k, v = jnp.split(qkv, [e, e + hkv * d], axis=-1)
-            q = q.reshape(b, t, h, d)  # [B, T, H, D]
-            k = k.reshape(b, t, hkv, d)  # [B, T, Hkv, D]
-            v = v.reshape(b, t, hkv, d)  # [B, T, Hkv, D]
-            out, cache = attend(self.layer_index, q, k, v, cache)
-        out = out.reshape(b, t, e)  # [B, T, E]
-        return _dense(e, self.dtype, "c_proj")(out), cache
+def attention(p: Params, config: ModelConfig, layer_index: int, x: jax.Array, cache: Any,
+              attend: AttentionFn) -> tuple[jax.Array, Any]:  # fmt: skip
+    b, t, e = x.shape
+    h, hkv, d = config.n_head, config.kv_heads, config.head_dim
+    qkv = dense(p["c_attn"], x)  # [B, T, H * D + 2 * Hkv * D]
+    if getattr(attend, "takes_qkv", False):
+        out, cache = attend(layer_index, qkv.reshape(b, t, h + 2 * hkv, d), None, None, cache)
+    else:
+        q, k, v = jnp.split(qkv, [h * d, (h + hkv) * d], axis=-1)
+        q = q.reshape(b, t, h, d)  # [B, T, H, D]
+        k = k.reshape(b, t, hkv, d)  # [B, T, Hkv, D]
+        v = v.reshape(b, t, hkv, d)  # [B, T, Hkv, D]
+        out, cache = attend(layer_index, q, k, v, cache)
+    return dense(p["c_proj"], out.reshape(b, t, h * d)), cache  # [B, T, E]
 
 
-class MLP(nn.Module):
-    config: ModelConfig
-    dtype: Any
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = _dense(self.config.mlp_dim, self.dtype, "c_fc")(x)  # [B, T, F]
-        y = jax.nn.gelu(y.astype(jnp.float32), approximate=True).astype(
-            self.dtype
-        )  # GPT-2's "gelu_new" (tanh)
-        return _dense(self.config.n_embd, self.dtype, "c_proj")(y)  # [B, T, E]
+def mlp(p: Params, x: jax.Array) -> jax.Array:
+    y = dense(p["c_fc"], x)  # [B, T, F]
+    y = jax.nn.gelu(y.astype(jnp.float32), approximate=True).astype(y.dtype)  # GPT-2's "gelu_new" (tanh)
+    return dense(p["c_proj"], y)  # [B, T, E]
 
 
-class Block(nn.Module):
-    config: ModelConfig
-    layer_index: int
-    dtype: Any
-
-    @nn.compact
-    def __call__(self, x: jax.Array, cache: Any, attend: AttentionFn) -> tuple[jax.Array, Any]:
-        eps = self.config.layer_norm_epsilon
-        a, cache = Attention(self.config, self.layer_index, self.dtype, name="attn")(
-            LayerNorm(eps, self.dtype, name="ln_1")(x), cache, attend
-        )
-        x = x + a
-        x = x + MLP(self.config, self.dtype, name="mlp")(LayerNorm(eps, self.dtype, name="ln_2")(x))
-        return x, cache
-
-
-class GPT2(nn.Module):
-    """The decoder; call through `forward`, which takes the dtype from the parameters."""
-
-    config: ModelConfig
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(
-        self,
-        tokens: jax.Array,
-        positions: jax.Array,
-        cache: Any,
-        attend: AttentionFn,
-        logits_index: jax.Array | None = None,
-    ) -> tuple[jax.Array, Any]:
-        c = self.config
-        wte = nn.Embed(c.vocab_size, c.n_embd, dtype=self.dtype, param_dtype=self.dtype, name="wte")
-        wpe = nn.Embed(c.n_positions, c.n_embd, dtype=self.dtype, param_dtype=self.dtype, name="wpe")
-        x = wte(tokens) + wpe(positions)  # [B, T, E]
-        for i in range(c.n_layer):
-            x, cache = Block(c, i, self.dtype, name=f"h_{i}")(x, cache, attend)
-        x = LayerNorm(c.layer_norm_epsilon, self.dtype, name="ln_f")(x)  # [B, T, E]
-        if logits_index is not None:
-            x = x[jnp.arange(x.shape[0]), logits_index]  # [B, E]
-        if c.tie_word_embeddings:
-            table = wte.embedding  # [V, E]
-        else:
-            table = self.param("lm_head", nn.initializers.normal(0.02), (c.vocab_size, c.n_embd), self.dtype)
-        prec = matmul_precision(self.dtype)
-        logits = jnp.einsum("...e,ve->...v", x, table, precision=prec, preferred_element_type=jnp.float32)
-        return logits.astype(jnp.float32), cache  # [B, (T,) V]
+def block(p: Params, config: ModelConfig, layer_index: int, x: jax.Array, cache: Any,
+          attend: AttentionFn) -> tuple[jax.Array, Any]:  # fmt: skip
+    eps = config.layer_norm_epsilon
+    a, cache = attention(p["attn"], config, layer_index, layer_norm(p["ln_1"], x, eps), cache, attend)
+    x = x + a
+    return x + mlp(p["mlp"], layer_norm(p["ln_2"], x, eps)), cache
 
 
 def forward(
@@ -231,8 +172,17 @@ def forward(
     always float32. Returns (logits, the cache as `attend` left it after the last layer).
     The compute dtype is the parameters' dtype.
     """
-    dtype = params["wte"]["embedding"].dtype
-    return GPT2(config, dtype=dtype).apply({"params": params}, tokens, positions, cache, attend, logits_index)
+    wte = params["wte"]["embedding"]
+    x = jnp.take(wte, tokens, axis=0) + jnp.take(params["wpe"]["embedding"], positions, axis=0)  # [B, T, E]
+    for i in range(config.n_layer):
+        x, cache = block(params[f"h_{i}"], config, i, x, cache, attend)
+    x = layer_norm(params["ln_f"], x, config.layer_norm_epsilon)  # [B, T, E]
+    if logits_index is not None:
+        x = x[jnp.arange(x.shape[0]), logits_index]  # [B, E]
+    table = wte if config.tie_word_embeddings else params["lm_head"]  # [V, E]
+    logits = jnp.einsum("...e,ve->...v", x, table, precision=matmul_precision(table.dtype),
+                        preferred_element_type=jnp.float32)  # fmt: skip
+    return logits.astype(jnp.float32), cache  # [B, (T,) V]
 
 
 _forward_jit = jax.jit(forward, static_argnums=(1, 5))
