@@ -1,4 +1,4 @@
-"""Flax GPT-2 decoder: a pure `forward` whose attention goes through one pluggable function.
+"""GPT-2 decoder: a pure `forward` over a Flax-layout parameter tree, its attention one pluggable function.
 
 Architecture (as Hugging Face's `GPT2LMHeadModel`): learned token and position embeddings, pre-LayerNorm blocks
 (`x + attn(ln_1(x))`, `x + mlp(ln_2(x))`), GELU with the tanh approximation ("gelu_new"), a final `ln_f`, and
