@@ -139,6 +139,13 @@ def run(app, engine, loop, args) -> int:
             if sig == signal.SIGTERM and sig in self._captured_signals:
                 self._captured_signals.remove(sig)
 
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            if self.should_exit:
+                return
+            host, port = self.servers[0].sockets[0].getsockname()[:2]  # the real port, also for --port 0
+            print(f"jkv serve: listening on http://{host}:{port} (OpenAI API under /v1)", flush=True)
+
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.shutdown_timeout, access_log=args.log_level == "debug")  # fmt: skip
     server = DrainingServer(config)

@@ -1,5 +1,5 @@
 """A `jkv serve` child process on 127.0.0.1 and a free port, for tests and benchmarks: started, its listening
-port read from uvicorn's startup line, its output kept, and stopped with SIGTERM (then SIGKILL) at the end.
+port read from the server's own startup line, its output kept, and stopped with SIGTERM (then SIGKILL) at the end.
 Every wait is bounded in time.
 """
 
@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 
-_LISTENING = re.compile(r"Uvicorn running on http://([\d.]+):(\d+)")
+_LISTENING = re.compile(r"jkv serve: listening on http://([\d.]+):(\d+)")  # printed whatever --log-level says
 
 
 class ServerProcess:
