@@ -67,7 +67,7 @@ def reference(model, prompts, **sampling):
 
 def raw(server, path: str, body, key: str | None = API_KEY, **kw) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    content = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    content = json.dumps(body) if isinstance(body, (dict, list)) else body  # bytes, or an iterator of them (chunked)
     return httpx.post(server.url + path, content=content, headers={"content-type": "application/json", **headers},
                       timeout=60, **kw)  # fmt: skip
 
@@ -84,8 +84,10 @@ def test_greedy_completions_equal_generate(client, model):
     assert all(c.finish_reason == "length" for c in out.choices)
     assert out.usage.completion_tokens == 8 * len(PROMPTS)
     assert out.usage.prompt_tokens == sum(len(r.prompt_token_ids) for r in ref)
-    ids = ref[0].prompt_token_ids  # a token-id prompt gives the same
-    assert client.completions.create(model="tiny", prompt=ids, max_tokens=8, temperature=0).choices[0].text == ref[0].text
+    ids = [r.prompt_token_ids for r in ref[:2]]  # token-id prompts give the same: one list, and a list of lists
+    assert client.completions.create(model="tiny", prompt=ids[0], max_tokens=8, temperature=0).choices[0].text == ref[0].text
+    out = client.completions.create(model="tiny", prompt=ids, max_tokens=8, temperature=0)
+    assert [c.text for c in sorted(out.choices, key=lambda c: c.index)] == [r.text for r in ref[:2]]
 
 
 def test_streaming_equals_generate(client, model):
@@ -119,6 +121,15 @@ def test_stop_strings_are_never_emitted(client, model):
     pieces = [c.choices[0].text for c in client.completions.create(
         model="tiny", prompt=PROMPTS[0], max_tokens=24, temperature=0, stop=stop, stream=True)]  # fmt: skip
     assert "".join(pieces) == want and all(stop not in p for p in pieces)
+
+
+def test_stop_token_ids_end_the_output_at_that_token(client, model, tok):
+    full = reference(model, PROMPTS[2], max_tokens=12)[0].token_ids
+    k = 3 + next(i for i, t in enumerate(full[3:]) if t not in full[:3])  # a token first generated at position k
+    out = client.completions.create(model="tiny", prompt=PROMPTS[2], max_tokens=12, temperature=0,
+                                    extra_body={"stop_token_ids": [full[k]]})  # fmt: skip
+    c = out.choices[0]  # as vLLM: the stop token is generated and kept (it is not a special token)
+    assert c.finish_reason == "stop" and out.usage.completion_tokens == k + 1 and c.text == tok.decode(full[: k + 1])
 
 
 def test_logprobs_and_echo_equal_dense_log_softmax(client, model, tok):
@@ -210,8 +221,13 @@ def test_api_key_body_limit_and_unknown_paths(server):
     assert raw(server, "/v1/completions", {"model": "tiny", "prompt": "hi"}, key="wrong").status_code == 401
     r = raw(server, "/v1/completions", {"model": "tiny", "prompt": "x" * 5000})
     assert r.status_code == 413 and "limit of 4096 bytes" in r.json()["error"]["message"]
+    chunked = (b'{"model": "tiny", "prompt": "' + b"x" * 1000 for _ in range(5))  # no Content-Length: counted
+    r = raw(server, "/v1/completions", chunked)
+    assert r.status_code == 413 and "limit of 4096 bytes" in r.json()["error"]["message"]
     r = httpx.get(server.url + "/v1/nothing", timeout=10)
     assert r.status_code == 404 and "error" in r.json()
+    r = httpx.put(server.url + "/v1/completions", timeout=10)
+    assert r.status_code == 405 and r.json()["error"]["code"] == 405
 
 
 def test_metrics_show_the_engine(server, client):

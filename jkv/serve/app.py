@@ -3,9 +3,10 @@
 
 Every error a client can cause is an OpenAI error object with one sentence saying what to do: 400 for bad input
 (malformed JSON, wrong types, an unknown model, bad sampling values, a prompt the context or the pool can never
-hold), 401 without the API key, 413 for a body over the limit, 503 with Retry-After when the waiting queue is full
-or the server is draining, 504 past the request timeout. Handlers only validate, tokenize and await their
-requests' outputs; the engine runs on its own thread (jkv.serve.engine_loop).
+hold), 401 without the API key, 413 for a body over the limit, 503 with Retry-After while the engine warms up
+(`/health` says "starting" until then), when the waiting queue is full or when the server is draining, 504 past
+the request timeout. Handlers only validate, tokenize and await their requests' outputs; the engine runs on its
+own thread (jkv.serve.engine_loop).
 """
 
 from __future__ import annotations
@@ -127,9 +128,13 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        if not state.loop.alive:
-            return _error(503, state.loop.error or "the engine loop is not running: restart the server.",
-                          "server_error")  # fmt: skip
+        loop = state.loop
+        if not loop.alive:
+            return _error(503, loop.error or "the engine loop is not running: restart the server.", "server_error")
+        if not loop.ready:  # warming up: a readiness probe sees 503 until the engine is warm
+            done, total = loop.warmup_progress or (0, None)
+            return JSONResponse({"status": "starting", "message": loop.starting_message(), "shapes_done": done,
+                                 "shapes_total": total}, status_code=503)  # fmt: skip
         return {"status": "ok"}
 
     @app.get("/metrics")

@@ -1,6 +1,7 @@
 """The `jkv serve` command: load the model, build the engine from the flags (sized by the planner unless
-`--num-blocks`), print the plan it serves with and where it listens, then run the app under uvicorn until
-SIGTERM or Ctrl-C.
+`--num-blocks`), print the plan it serves with, listen, warm the engine up in the background (`/health` says
+"starting" and generation requests get 503 until it is done; then `jkv serve: ready` is printed), and run the app
+under uvicorn until SIGTERM or Ctrl-C.
 
 SIGTERM drains: the server stops accepting (new requests get 503 while connections close), in-flight requests
 finish within `--shutdown-timeout` seconds, the rest are aborted, and the process exits 0.
@@ -41,8 +42,12 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     e.add_argument("--swap-blocks", type=int, default=0)
     e.add_argument("--sliding-window", type=int)
     e.add_argument("--attention", default="auto", choices=("auto", "pallas", "reference", "interpret"))
-    e.add_argument("--compile-cache", help="directory for JAX's persistent compilation cache")
-    e.add_argument("--no-warmup", action="store_true", help="skip compiling every step shape before serving")
+    e.add_argument("--compile-cache", metavar="DIR",
+                   help="jkv's store of compiled step executables (Engine(compile_cache_dir=DIR)): a restart loads "
+                        "them instead of tracing and compiling again")  # fmt: skip
+    e.add_argument("--no-warmup", action="store_true",
+                   help="serve at once, compiling each step shape when a request first needs it (default: compile "
+                        "or load every shape first, in the background, while /health says 'starting')")  # fmt: skip
     s = p.add_argument_group("serving")
     s.add_argument("--max-waiting", type=int, default=256,
                    help="requests waiting for admission before new ones get 503 + Retry-After")
@@ -98,10 +103,8 @@ def build(args):
     param_bytes = sum(a.nbytes for a in jax.tree.leaves(model.params))
     metrics = ServerMetrics(plan_terms(engine, param_bytes), name)
     print_plan(engine, param_bytes, name)
-    if not args.no_warmup:
-        info = engine.warmup()
-        print(f"jkv serve: compiled {info['shapes']} step shapes in {info['seconds']:.1f} s", flush=True)
-    loop = EngineLoop(engine, metrics, max_waiting=args.max_waiting)
+    loop = EngineLoop(engine, metrics, max_waiting=args.max_waiting, warmup=not args.no_warmup, on_ready=print_ready,
+                      progress_bar=sys.stderr.isatty())  # fmt: skip
     state = ServerState(loop, metrics, engine.tokenizer, name, engine.max_seq_len, engine.config.vocab_size,
                         api_key=args.api_key, chat_template=template, request_timeout=args.request_timeout,
                         max_body_bytes=args.max_body_bytes)  # fmt: skip
@@ -126,6 +129,14 @@ def print_plan(engine, param_bytes: int, name: str) -> None:
     print("\n".join(lines), flush=True)
 
 
+def print_ready(info: dict | None) -> None:
+    """Called on the engine thread once it takes requests; the `ready` line is printed whatever --log-level says."""
+    if info is not None:
+        print(f"jkv serve: warm-up: {info['shapes']} step shapes ready ({info['loaded']} loaded from the compile "
+              f"cache) in {info['seconds']:.1f} s", flush=True)  # fmt: skip
+    print("jkv serve: ready", flush=True)
+
+
 def run(app, engine, loop, args) -> int:
     import uvicorn
 
@@ -145,15 +156,18 @@ def run(app, engine, loop, args) -> int:
                 return
             host, port = self.servers[0].sockets[0].getsockname()[:2]  # the real port, also for --port 0
             print(f"jkv serve: listening on http://{host}:{port} (OpenAI API under /v1)", flush=True)
+            loop.start()  # warm-up, then serving, on the engine thread; no handler runs before this line
 
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.shutdown_timeout, access_log=args.log_level == "debug")  # fmt: skip
     server = DrainingServer(config)
-    loop.start()
     print(f"jkv serve: starting on http://{args.host}:{args.port} (OpenAI API under /v1)", flush=True)
     try:
         server.run()
     finally:
         loop.stop()
-        engine.close()
+        if loop.running:  # still inside one compilation: the process is ending, leave the engine to it
+            log.warning("jkv serve: the engine thread did not stop in time; exiting without closing the engine")
+        else:
+            engine.close()
     return 0 if server.started else 1

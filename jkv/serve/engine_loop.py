@@ -8,8 +8,13 @@ its own stream. `abort()` is queued the same way. The thread adds and aborts bet
 a vanished client never disturbs the others, and a multi-step round's tokens reach their streams as the round
 lands.
 
-Invariants: only the engine thread calls the engine (requests, aborts, steps, stats); a stream's queue is written
-only through the event loop (`call_soon_threadsafe`); `num_waiting` counts requests handed over but not yet
+Start-up: the server listens before the engine is warm. The thread's first job is `engine.warmup()` (every step
+shape compiled or loaded from the compile cache); until it is done `ready` is False, `/health` says "starting"
+with the shapes done so far, and `submit()` refuses requests (503: `NotReady`). A stop during warm-up ends it at
+the next shape.
+
+Invariants: only the engine thread calls the engine (warm-up, requests, aborts, steps, stats); a stream's queue is
+written only through the event loop (`call_soon_threadsafe`); `num_waiting` counts requests handed over but not yet
 admitted by the scheduler, which is what the overload bound (`max_waiting`) limits.
 """
 
@@ -17,10 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from jkv.request import RequestOutput
@@ -34,6 +41,14 @@ IDLE_WAIT_S = 0.5  # the idle thread wakes at least this often (a missed wake-up
 
 class Overloaded(Exception):
     """The waiting queue is full (or the server is draining): answer 503 with Retry-After."""
+
+
+class NotReady(Overloaded):
+    """The engine is still warming up: answer 503 with Retry-After."""
+
+
+class _WarmupStopped(Exception):
+    """Raised from warm-up's progress report when the loop is stopped during warm-up."""
 
 
 class EngineDead(Exception):
@@ -61,7 +76,12 @@ class RequestStream:
 class EngineLoop:
     """Runs `engine` on a background thread; see the module docstring."""
 
-    def __init__(self, engine, metrics: ServerMetrics, *, max_waiting: int, clock=time.monotonic) -> None:
+    def __init__(self, engine, metrics: ServerMetrics, *, max_waiting: int, warmup: bool = False,
+                 on_ready: Callable[[dict | None], None] | None = None, progress_bar: bool = False,
+                 clock=time.monotonic) -> None:  # fmt: skip
+        """warmup: run `engine.warmup()` on the thread before serving (else ready at once); on_ready(warm-up's
+        info, or None without warm-up) is called on the thread once serving starts; progress_bar: show warm-up's
+        rich progress bar on stderr."""
         self.engine = engine
         self.metrics = metrics
         self.max_waiting = max_waiting
@@ -77,6 +97,9 @@ class EngineLoop:
         self._handed = 0  # requests submitted (event loop only)
         self._left_waiting = 0  # of those: refused, admitted by the scheduler, or finished unadmitted (engine thread)
         self.num_active = 0  # accepted and not finished
+        self._warmup, self._on_ready, self._progress_bar = warmup, on_ready, progress_bar
+        self.ready = False  # warm-up done: requests are taken
+        self.warmup_progress: tuple[int, int] | None = None  # (shapes done, shapes to do) while warming up
         self._thread = threading.Thread(target=self._run, name="jkv-engine-loop", daemon=True)
 
     # Event-loop side ---------------------------------------------------------------------------------------
@@ -92,6 +115,16 @@ class EngineLoop:
     def alive(self) -> bool:
         return self._thread.is_alive() and self.error is None
 
+    @property
+    def running(self) -> bool:
+        """The thread is still running (after stop(): it did not end within the timeout)."""
+        return self._thread.is_alive()
+
+    def starting_message(self) -> str:
+        done = self.warmup_progress
+        what = f" ({done[0]} of {done[1]} step shapes compiled)" if done else ""
+        return f"the server is warming up{what}: retry when GET /health says ok."
+
     def new_request_id(self, prefix: str) -> str:
         return f"{prefix}-{next(self._ids)}"
 
@@ -101,6 +134,8 @@ class EngineLoop:
         ValueError (bad input, from the engine), Overloaded (queue full or draining), EngineDead."""
         if self.error is not None:
             raise EngineDead(self.error)
+        if not self.ready:
+            raise NotReady(self.starting_message())
         if self.draining:
             raise Overloaded("the server is shutting down: retry against another replica or after it restarts.")
         if self.num_waiting >= self.max_waiting:
@@ -123,12 +158,15 @@ class EngineLoop:
         """Abort everything still running and end the thread (the engine stays open: its owner closes it)."""
         self._stop = True
         self._wake.set()
-        self._thread.join(timeout)
+        if self._thread.ident is not None:  # started
+            self._thread.join(timeout)
 
     # Engine thread -------------------------------------------------------------------------------------------
     def _run(self) -> None:
         eng = self.engine
         try:
+            if not self._warm_up():
+                return
             while not self._stop:
                 self._take_inbox()
                 self._take_aborts()
@@ -154,6 +192,31 @@ class EngineLoop:
                 self._push(stream, EngineDead(self.error))
             for stream, _, _ in self._inbox:
                 self._settle(stream, EngineDead(self.error))
+
+    def _warm_up(self) -> bool:
+        """Warm the engine up (when asked), then mark the loop ready; False when stopped during warm-up."""
+        info = None
+        if self._warmup:
+            from jkv.warmup import progress_bar
+
+            with progress_bar() if self._progress_bar else contextlib.nullcontext() as bar:
+
+                def report(done: int, total: int) -> None:
+                    self.warmup_progress = (done, total)
+                    if bar is not None:
+                        bar(done, total)
+                    if self._stop:
+                        raise _WarmupStopped()
+
+                try:
+                    info = self.engine.warmup(progress=report)
+                except _WarmupStopped:
+                    return False
+        self.ready = True
+        self._refresh(force=True)
+        if self._on_ready is not None:
+            self._on_ready(info)
+        return True
 
     def _take_inbox(self) -> None:
         while self._inbox:

@@ -21,11 +21,12 @@ from starlette.requests import Request
 from jkv.request import RequestOutput
 from jkv.sampling import SamplingParams
 from jkv.serve import protocol as P
-from jkv.serve.engine_loop import EngineDead, EngineLoop, Overloaded, RequestStream
+from jkv.serve.engine_loop import EngineDead, EngineLoop, NotReady, Overloaded, RequestStream
 
 log = logging.getLogger("jkv.serve")
 
 DISCONNECT_POLL_S = 1.0  # a non-streamed request checks for a vanished client this often
+STARTING_RETRY_S = 5  # Retry-After while the engine warms up (warm-up takes seconds to minutes)
 
 
 @dataclass
@@ -55,6 +56,9 @@ async def submit(loop: EngineLoop, call: Call) -> None:
     except ValueError as err:
         abort_all(loop, call)
         raise P.RequestError(f"{err}" if len(call.prompts) == 1 else f"prompt {i}: {err}", "prompt") from None
+    except NotReady as err:
+        abort_all(loop, call)
+        raise P.RequestError(str(err), None, 503, "server_starting", {"Retry-After": str(STARTING_RETRY_S)}) from None
     except Overloaded as err:
         abort_all(loop, call)
         raise P.RequestError(str(err), None, 503, "server_overloaded", {"Retry-After": "1"}) from None
