@@ -163,30 +163,42 @@ def test_request_timeout_answers_504_and_aborts():
     assert "c-0" in aborted_streamed
 
 
-def test_stopping_the_loop_aborts_running_requests_and_frees_their_blocks(model):
-    """SIGTERM past --shutdown-timeout: the loop's stop aborts what still runs, and its stream hears it."""
-    eng = jkv.Engine(model, **ENGINE)
+def test_the_drain_deadline_aborts_running_requests_and_ends_their_streams(model):
+    """SIGTERM past --shutdown-timeout: `abort_everything` aborts what still runs (one request running, one
+    waiting behind it); each SSE stream ends with finish_reason "abort" and [DONE], and the blocks are free."""
+    eng = jkv.Engine(model, **ENGINE | {"max_num_seqs": 1})
     loop = EngineLoop(eng, ServerMetrics(plan_terms(eng, 0), "tiny"), max_waiting=4)
     loop.start()
+    token_text = P.TokenText(eng.tokenizer)
+
+    async def follow(call: G.Call, first: asyncio.Event) -> list[dict | str]:
+        await G.submit(loop, call)
+        chunks = []
+        async for e in G.stream(loop, call, WAIT_S, token_text):
+            data = e.decode().removeprefix("data: ").strip()
+            chunks.append(data if data == "[DONE]" else json.loads(data))
+            first.set()
+        return chunks
 
     async def main():
-        queue = asyncio.Queue()
         sampling = jkv.SamplingParams(max_tokens=100, temperature=0, ignore_eos=True)
-        await loop.submit("r", eng.tokenizer.encode("Hello world"), sampling, queue)
-        first = await queue.get()
-        await asyncio.to_thread(loop.stop, WAIT_S)
-        last = first
-        while not last.finished:
-            last = await queue.get()
-        return first, last
+        calls = [G.Call("completion", "tiny", [eng.tokenizer.encode("Hello world")], [None], sampling,
+                        include_usage=True, call_id=f"c{i}") for i in range(2)]  # fmt: skip
+        first = asyncio.Event()
+        tasks = [asyncio.ensure_future(follow(c, first)) for c in calls]
+        await first.wait()  # the running request has streamed a chunk; the other waits for its seat
+        loop.abort_everything()
+        return await asyncio.gather(*tasks)
 
     try:
-        first, last = asyncio.run(asyncio.wait_for(main(), WAIT_S))
+        streams = asyncio.run(asyncio.wait_for(main(), WAIT_S))
         blocks_used = eng.stats().blocks_used
     finally:
         loop.stop()
         eng.close()
-    assert not first.finished and last.finish_reason == "aborted" and len(last.token_ids) < 100
+    for chunks in streams:  # ..., the aborted finish, usage, [DONE]
+        assert chunks[-1] == "[DONE]" and chunks[-3]["choices"][0]["finish_reason"] == "abort", chunks[-3:]
+        assert chunks[-2]["usage"]["completion_tokens"] < 100
     assert blocks_used == 0 and not loop.running
 
 

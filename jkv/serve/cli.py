@@ -4,7 +4,8 @@
 under uvicorn until SIGTERM or Ctrl-C.
 
 SIGTERM drains: the server stops accepting (new requests get 503 while connections close), in-flight requests
-finish within `--shutdown-timeout` seconds, the rest are aborted, and the process exits 0.
+finish within `--shutdown-timeout` seconds, the rest are aborted (a stream ends with finish_reason "abort" and
+`data: [DONE]`, a whole response says "abort" too), and the process exits 0.
 """
 
 from __future__ import annotations
@@ -14,8 +15,11 @@ import logging
 import os
 import signal
 import sys
+import threading
 
 log = logging.getLogger("jkv.serve")
+
+DRAIN_GRACE_S = 10.0  # after the drain's aborts, how long uvicorn waits for responses to end before cancelling them
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
@@ -141,11 +145,16 @@ def run(app, engine, loop, args) -> int:
     import uvicorn
 
     class DrainingServer(uvicorn.Server):
-        """uvicorn's server, marking the engine loop draining on the first exit signal; SIGTERM (a planned stop)
-        ends the process with status 0 rather than being re-raised once the server is down."""
+        """uvicorn's server, marking the engine loop draining on the first exit signal (and aborting what still runs
+        `--shutdown-timeout` s later); SIGTERM (a planned stop) ends the process with status 0 rather than being
+        re-raised once the server is down."""
 
         def handle_exit(self, sig, frame) -> None:
-            loop.draining = True
+            if not loop.draining:  # the first exit signal: abort what is still running at the drain's deadline
+                loop.draining = True
+                timer = threading.Timer(args.shutdown_timeout, loop.abort_everything)
+                timer.daemon = True
+                timer.start()
             super().handle_exit(sig, frame)
             if sig == signal.SIGTERM and sig in self._captured_signals:
                 self._captured_signals.remove(sig)
@@ -159,7 +168,7 @@ def run(app, engine, loop, args) -> int:
             loop.start()  # warm-up, then serving, on the engine thread; no handler runs before this line
 
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=args.shutdown_timeout, access_log=args.log_level == "debug")  # fmt: skip
+                            timeout_graceful_shutdown=args.shutdown_timeout + DRAIN_GRACE_S, access_log=args.log_level == "debug")  # fmt: skip
     server = DrainingServer(config)
     print(f"jkv serve: starting on http://{args.host}:{args.port} (OpenAI API under /v1)", flush=True)
     try:

@@ -92,6 +92,7 @@ class EngineLoop:
         self._streams: dict[str, RequestStream] = {}  # engine thread only
         self._ids = itertools.count()
         self._stop = False
+        self._abort_everything = False
         self.draining = False
         self.error: str | None = None
         self._handed = 0  # requests submitted (event loop only)
@@ -152,6 +153,12 @@ class EngineLoop:
     def abort(self, request_id: str) -> None:
         """Stop a request (client gone, timeout): its blocks are freed at the thread's next turn."""
         self._aborts.append(request_id)
+        self._wake.set()
+
+    def abort_everything(self) -> None:
+        """Abort every request accepted so far (the drain's deadline passed): each stream hears its request finish
+        as aborted, so its HTTP response ends properly. New requests are refused while draining."""
+        self._abort_everything = True
         self._wake.set()
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -235,6 +242,9 @@ class EngineLoop:
     def _take_aborts(self) -> None:
         while self._aborts:
             self.engine.abort(self._aborts.popleft())
+        if self._abort_everything:
+            for rid in list(self._streams):
+                self.engine.abort(rid)
 
     def _deliver(self, out: RequestOutput, now: float) -> None:
         stream = self._streams.get(out.request_id)
