@@ -10,6 +10,8 @@ place. Design notes: docs/engine.md.
 
 from __future__ import annotations
 
+import dataclasses
+
 import itertools
 import time
 import weakref
@@ -65,7 +67,8 @@ class Engine:
         attention: 'auto' (Pallas on GPU, jnp reference elsewhere), 'pallas', 'reference' or 'interpret'.
         kv_dtype: storage of the pools: 'bfloat16' (default: the model's dtype), 'float16', 'float32', 'int8',
             'float8_e4m3fn', 'int4' (quantized on write, dequantized inside the attention kernels).
-        sliding_window: attend to the last W tokens only; blocks out of the window are freed.
+        sliding_window: attend to the last W tokens only; blocks out of the window are freed (default: the
+            model's own window, e.g. Mistral's).
         tokenizer: for `.text` in outputs and string prompts (default: the checkpoint directory's own tokenizer
             files, else GPT-2's when the vocabulary is GPT-2's, else none: token ids only).
         record_history: keep a per-step stats record (memory timeline).
@@ -109,7 +112,12 @@ class Engine:
         config = model.config
         if sliding_window is not None:
             config = config.replace(sliding_window=_positive_int("sliding_window", sliding_window))
+        if config.hybrid_attention:
+            raise ValueError(f"{config.name} mixes sliding-window and full-attention layers, which this engine does "
+                             "not serve yet: use a model whose layers all attend alike.")  # fmt: skip
+        sliding_window = config.sliding_window  # the model's own window unless the caller set one
         self.config = config
+        self.eos_token_ids = tuple(getattr(model, "eos_token_ids", ()))
         block_size = _positive_int("block_size", block_size)
         if block_size & (block_size - 1):
             raise ValueError(f"block_size={block_size} must be a power of two.")
@@ -122,7 +130,7 @@ class Engine:
         if num_blocks is not None and hbm is not None:
             raise ValueError("pass num_blocks or hbm, not both: num_blocks sizes the pool itself.")
         params = model.params
-        weight_dtype = jnp.dtype(params["wte"]["embedding"].dtype).name
+        weight_dtype = jnp.dtype(model.dtype).name
         self.kv_dtype = kv_dtype or weight_dtype
         planner_kv_dtype(self.kv_dtype)  # validates the name
         self.block_size = block_size
@@ -183,6 +191,9 @@ class Engine:
         if request_id in self.scheduler.requests:
             raise ValueError(f"request id {request_id!r} is already in use: pick another.")
         ids = self._check_request(prompt, sampling)
+        extra = [t for t in self.eos_token_ids if t not in sampling.stop_token_ids and t < self.config.vocab_size]
+        if extra and not sampling.ignore_eos:  # the model's end-of-sequence ids stop every request, as in vLLM
+            sampling = dataclasses.replace(sampling, stop_token_ids=(*sampling.stop_token_ids, *extra))
         self.scheduler.add_request(request_id, ids, sampling)
         return request_id
 

@@ -1,4 +1,5 @@
-"""GPT-2 decoder: a pure `forward` over a Flax-layout parameter tree, its attention one pluggable function.
+"""The model seam: `forward` for every family (GPT-2 here, the Llama family in `jkv.llama`), the attention
+contract, and the GPT-2 decoder as pure functions over a Flax-layout parameter tree.
 
 Architecture (as Hugging Face's `GPT2LMHeadModel`): learned token and position embeddings, pre-LayerNorm blocks
 (`x + attn(ln_1(x))`, `x + mlp(ln_2(x))`), GELU with the tanh approximation ("gelu_new"), a final `ln_f`, and
@@ -96,10 +97,22 @@ def attend_no_cache(
 
     Right-padded rows are fine: a real token never sees the padding after it.
     """
-    del layer_index
-    t = q.shape[1]
-    causal = jnp.tril(jnp.ones((t, t), dtype=bool))  # [T, T]
-    return masked_attention(q, k, v, jnp.broadcast_to(causal, (q.shape[0], t, t))), cache
+    return causal_attend(None)(layer_index, q, k, v, cache)
+
+
+@functools.cache
+def causal_attend(window: int | None) -> AttentionFn:
+    """`attend_no_cache` limited to a sliding window: query i sees keys j with i - window < j <= i (the same
+    function object per window, so it can be a static jit argument)."""
+
+    def attend(layer_index: int, q: jax.Array, k: jax.Array, v: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
+        del layer_index
+        t = q.shape[1]
+        i, j = np.arange(t)[:, None], np.arange(t)[None, :]
+        mask = (j <= i) if window is None else (j <= i) & (j > i - window)  # [T, T]
+        return masked_attention(q, k, v, jnp.broadcast_to(jnp.asarray(mask), (q.shape[0], t, t))), cache
+
+    return attend
 
 
 # The decoder as functions of the parameter pytree ------------------------------------------------------------
@@ -164,6 +177,27 @@ def forward(
     *,
     logits_index: jax.Array | None = None,
 ) -> tuple[jax.Array, Any]:
+    """One decoder pass of the family `config.model_type` names: GPT-2 below, the Llama family in `jkv.llama`.
+
+    Pure, so `jax.jit(forward, static_argnums=(1, 5))` works; every family keeps the contract of `gpt2_forward`.
+    """
+    if config.model_type == "gpt2":
+        return gpt2_forward(params, config, tokens, positions, cache, attend, logits_index=logits_index)
+    from jkv import llama
+
+    return llama.forward(params, config, tokens, positions, cache, attend, logits_index=logits_index)
+
+
+def gpt2_forward(
+    params: Params,
+    config: ModelConfig,
+    tokens: jax.Array,
+    positions: jax.Array,
+    cache: Any,
+    attend: AttentionFn,
+    *,
+    logits_index: jax.Array | None = None,
+) -> tuple[jax.Array, Any]:
     """One decoder pass over new tokens; pure, so `jax.jit(forward, static_argnums=(1, 5))` works.
 
     tokens, positions [B, T] int32 (positions index the learned position table; for a cache they are the
@@ -189,17 +223,20 @@ _forward_jit = jax.jit(forward, static_argnums=(1, 5))
 
 
 class Model:
-    """A loaded GPT-2: `.config` (kvspec.ModelConfig), `.params` (pytree), `.dtype`, `.source`.
+    """A loaded model: `.config` (kvspec.ModelConfig), `.params` (pytree), `.dtype`, `.source`, `.eos_token_ids`.
 
     Made by `jkv.load_model`; `source` is the preset name or checkpoint directory it came from (the tokenizer
-    getter takes the same string).
+    getter takes the same string); `eos_token_ids` are generation_config.json's end-of-sequence ids (empty when
+    the checkpoint names none), which `jkv.generate` and the server stop on unless told to ignore them.
     """
 
-    def __init__(self, config: ModelConfig, params: Params, dtype: Any, source: str = "") -> None:
+    def __init__(self, config: ModelConfig, params: Params, dtype: Any, source: str = "",
+                 eos_token_ids: tuple[int, ...] = ()) -> None:  # fmt: skip
         self.config = config
         self.params = params
         self.dtype = jnp.dtype(dtype)
         self.source = source
+        self.eos_token_ids = tuple(int(t) for t in eos_token_ids)
 
     def __repr__(self) -> str:
         return f"Model({self.config.name!r}, dtype={self.dtype.name}, source={self.source!r})"
@@ -227,7 +264,6 @@ class Model:
         """Full forward over one sequence, no cache: a float32 numpy array [T, vocab]."""
         ids = self.check_tokens(token_ids)
         t = ids.shape[0]
-        logits, _ = _forward_jit(
-            self.params, self.config, ids[None], np.arange(t, dtype=np.int32)[None], None, attend_no_cache
-        )
+        logits, _ = _forward_jit(self.params, self.config, ids[None], np.arange(t, dtype=np.int32)[None], None,
+                                 causal_attend(self.config.sliding_window))  # fmt: skip
         return np.asarray(logits[0], dtype=np.float32)

@@ -22,13 +22,14 @@ temperature > 0, request i's token at step s (s = 0 for the first generated toke
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jkv.model import Model, attend_no_cache, forward, masked_attention
+from jkv.model import Model, causal_attend, forward, masked_attention
 from jkv.prompts import as_prompt_list, as_token_ids
 from kvspec.config import ModelConfig
 
@@ -59,11 +60,28 @@ def dense_attend(
     layer_index: int, q: jax.Array, k: jax.Array, v: jax.Array, cache: DenseCache
 ) -> tuple[jax.Array, DenseCache]:
     """The `AttentionFn` over a `DenseCache`: write this call's K/V, attend causally over the row's prefix."""
+    return _dense_attend(layer_index, q, k, v, cache, None)
+
+
+@functools.cache
+def windowed_dense_attend(window: int | None):
+    """`dense_attend` over the last `window` positions (query i sees keys i - window < j <= i); one function
+    object per window, so it can be a static jit argument."""
+    if window is None:
+        return dense_attend
+    return functools.partial(_dense_attend, window=window)
+
+
+def _dense_attend(layer_index: int, q: jax.Array, k: jax.Array, v: jax.Array, cache: DenseCache,
+                  window: int | None) -> tuple[jax.Array, DenseCache]:  # fmt: skip
     k_all = _write_rows(cache.k[layer_index], k, cache.lengths)  # [B, S, Hkv, D]
     v_all = _write_rows(cache.v[layer_index], v, cache.lengths)  # [B, S, Hkv, D]
     t, s = q.shape[1], k_all.shape[1]
     q_pos = cache.lengths[:, None] + jnp.arange(t)[None, :]  # [B, T]
-    mask = jnp.arange(s)[None, None, :] <= q_pos[:, :, None]  # [B, T, S]
+    key_pos = jnp.arange(s)[None, None, :]
+    mask = key_pos <= q_pos[:, :, None]  # [B, T, S]
+    if window is not None:
+        mask &= key_pos > q_pos[:, :, None] - window
     out = masked_attention(q, k_all, v_all, mask)  # [B, T, H, D]
     i = layer_index
     cache = cache._replace(
@@ -73,11 +91,13 @@ def dense_attend(
 
 
 def _forward_with_cache(params, config, tokens, positions, cache, logits_index):
-    return forward(params, config, tokens, positions, cache, dense_attend, logits_index=logits_index)
+    attend = windowed_dense_attend(config.sliding_window)
+    return forward(params, config, tokens, positions, cache, attend, logits_index=logits_index)
 
 
 def _forward_no_cache(params, config, tokens, positions, logits_index):
-    return forward(params, config, tokens, positions, None, attend_no_cache, logits_index=logits_index)[0]
+    attend = causal_attend(config.sliding_window)
+    return forward(params, config, tokens, positions, None, attend, logits_index=logits_index)[0]
 
 
 _step_cached = jax.jit(_forward_with_cache, static_argnums=(1,))

@@ -39,7 +39,8 @@ def score_through_cache(
     config = model.config if sliding_window is None else model.config.replace(sliding_window=sliding_window)
     if t > config.n_positions:
         raise ValueError(f"sequences of {t} tokens exceed the model's {config.n_positions} positions.")
-    kv_dtype = kv_dtype or np.dtype(model.params["wte"]["embedding"].dtype).name
+    kv_dtype = kv_dtype or np.dtype(model.dtype).name
+    sliding_window = config.sliding_window
     per_seq = math.ceil(t / block_size)
     pools = allocate_pools(config, b * per_seq + 1, block_size, kv_dtype)
     tables = [list(range(1 + r * per_seq, 1 + (r + 1) * per_seq)) for r in range(b)]

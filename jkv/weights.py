@@ -1,17 +1,22 @@
-"""Weights for jkv's GPT-2: `load_model`, Hugging Face checkpoints, random presets, orbax save/restore.
+"""Weights for jkv's models: `load_model`, Hugging Face checkpoints, random presets, orbax save/restore.
 
-A Hugging Face GPT-2 directory holds `config.json` and one of `model.safetensors`, `model.safetensors.index.json`
-(sharded) or `flax_model.msgpack`; jkv's own converted form (`scripts/convert.py`) holds `config.json` and an
-orbax checkpoint in `params/`. Every tensor is checked against the shapes `config.json` implies before any is
-loaded: a missing, unexpected or mis-shaped tensor is a `CheckpointError` that names it and both shapes.
-Nothing is ever downloaded.
+Families: GPT-2 (`jkv.model`) and the Llama family, llama / mistral / qwen2 / qwen3 (`jkv.llama`).
+
+A Hugging Face directory holds `config.json` and one of `model.safetensors`, `model.safetensors.index.json`
+(sharded) or (GPT-2) `flax_model.msgpack`; jkv's own converted form (`scripts/convert.py`) holds `config.json`
+and an orbax checkpoint in `params/`. Every tensor is checked against the shapes `config.json` implies before any
+is loaded: a missing, unexpected or mis-shaped tensor is a `CheckpointError` that names it and both shapes.
+Tensors then stream onto the device one at a time (the host holds one tensor, never the model). End-of-sequence
+ids come from `generation_config.json`, else config.json. Nothing is ever downloaded.
 
 Layouts (the one place they are handled):
 - torch GPT-2 `Conv1D` weights (`c_attn`, `c_proj`, `c_fc`) are stored [in, out], the same as a Flax Dense
   kernel: copied as they are. Hugging Face's *Flax* GPT-2 stores those kernels [out, in] (its FlaxConv1D
   transposes at use), and its untied `lm_head` kernel [in, out]: every Flax `kernel` is transposed on load.
-- `h.{i}.attn.bias` / `h.{i}.attn.masked_bias` are causal-mask buffers, not weights: ignored.
-- `lm_head.weight` next to a tied embedding must equal `wte.weight` and is then dropped.
+- `h.{i}.attn.bias` / `h.{i}.attn.masked_bias` (GPT-2) and `rotary_emb.inv_freq` (older Llama exports) are
+  buffers, not weights: ignored.
+- Llama-family weights keep torch's [out, in] layout (`jkv.llama.linear` contracts the input dimension).
+- `lm_head.weight` next to a tied embedding must equal the embedding and is then dropped.
 """
 
 from __future__ import annotations
@@ -29,12 +34,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from jkv.model import Model, Params
-from kvspec.config import PRESETS, ModelConfig, config_from_hf, family_presets, load_config, read_json_object
+from kvspec.config import (
+    PRESET_DIR,
+    PRESETS,
+    ConfigError,
+    ModelConfig,
+    config_from_hf,
+    family_presets,
+    load_config,
+    read_json_object,
+)
 from kvspec.hf_config import SUPPORTED_MODEL_TYPES
 
 DTYPES = ("float32", "bfloat16", "float16")
+SERVED_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
 ORBAX_DIR = "params"  # jkv's converted checkpoints: DIR/config.json + DIR/params/ (orbax)
-_BUFFER = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
+_BUFFER = re.compile(r"^(h\.\d+\.attn\.(bias|masked_bias)|model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq)$")
 _HF_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # all the tanh approximation
 
 
@@ -54,11 +69,21 @@ def resolve_dtype(dtype: Any) -> jnp.dtype:
 
 
 # Names ------------------------------------------------------------------------------------------------------
+def embedding_name(config: ModelConfig) -> str:
+    """The token embedding's Hugging Face tensor name (the one a tied lm-head must equal)."""
+    return "wte.weight" if config.model_type == "gpt2" else "model.embed_tokens.weight"
+
+
 def hf_tensor_names(config: ModelConfig) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
     """Hugging Face tensor name (torch layout, no `transformer.` prefix) -> (jkv parameter path, shape).
 
-    The shapes are the same on both sides: Conv1D's [in, out] is a Flax Dense kernel's layout.
+    The shapes are the same on both sides: Conv1D's [in, out] is a Flax Dense kernel's layout, and the Llama
+    family keeps torch's [out, in].
     """
+    if config.model_type != "gpt2":
+        from jkv.llama import param_path
+
+        return {name: (param_path(name), shape) for name, shape in config.param_shapes().items()}
     out = {}
     for key, shape in config.param_shapes().items():
         if key in ("wte", "wpe"):
@@ -99,10 +124,10 @@ def _normal(key: jax.Array, shape: tuple[int, ...], dtype: Any, std: jax.Array) 
 
 
 def random_params(config: ModelConfig, dtype: Any = "float32", seed: int = 0) -> Params:
-    """Hugging Face's GPT-2 initialisation, drawn straight on the device (no Flax init trace, fast for gpt2-xl).
+    """Hugging Face's initialisation, drawn straight on the device one tensor at a time (no init trace).
 
-    Weights N(0, 0.02); the residual projections (`attn/c_proj`, `mlp/c_proj`) N(0, 0.02 / sqrt(2 n_layer));
-    biases 0; LayerNorm scales 1.
+    GPT-2: weights N(0, 0.02); the residual projections (`attn/c_proj`, `mlp/c_proj`) N(0, 0.02 / sqrt(2
+    n_layer)); biases 0; LayerNorm scales 1. Llama family: matrices N(0, 0.02), norms 1, biases 0.
     """
     dt = resolve_dtype(dtype)
     key = jax.random.key(seed)
@@ -111,7 +136,7 @@ def random_params(config: ModelConfig, dtype: Any = "float32", seed: int = 0) ->
     for i, (name, (path, shape)) in enumerate(hf_tensor_names(config).items()):
         if path[-1] == "bias":
             value = jnp.zeros(shape, dt)
-        elif path[-1] == "scale":
+        elif path[-1] == "scale" or name.endswith("norm.weight"):
             value = jnp.ones(shape, dt)
         else:
             std = resid_std if name.endswith("c_proj.weight") else 0.02
@@ -122,15 +147,21 @@ def random_params(config: ModelConfig, dtype: Any = "float32", seed: int = 0) ->
 
 # Hugging Face checkpoints -----------------------------------------------------------------------------------
 def load_hf_config(path: str | Path) -> ModelConfig:
-    """The directory's config.json as a ModelConfig, refusing GPT-2 options jkv's model does not reproduce."""
+    """The directory's config.json as a ModelConfig, refusing options jkv's models do not reproduce."""
     path = Path(path)
     where = path / "config.json"
     if where.is_file():
         model_type = read_json_object(where).get("model_type")
-        if model_type in SUPPORTED_MODEL_TYPES and model_type != "gpt2":
+        if model_type in SUPPORTED_MODEL_TYPES and model_type not in SERVED_MODEL_TYPES:
             raise CheckpointError(refuse_family(model_type, str(where)))
     config = config_from_hf(path)
     raw = json.loads(where.read_text())
+    if config.model_type != "gpt2":
+        check_served(config, str(where))
+        act = raw.get("hidden_act", "silu")
+        if act != "silu":
+            raise CheckpointError(f"{where}: hidden_act={act!r} is not supported: jkv's Llama family uses silu.")
+        return config
     act = raw.get("activation_function", "gelu_new")
     if act not in _HF_ACTIVATIONS:
         raise CheckpointError(
@@ -151,12 +182,26 @@ def refuse_family(model_type: str, where: str) -> str:
     """The one sentence for a family the planner knows but jkv's model does not run yet."""
     return (
         f"{where}: model_type={model_type!r} is planned by `jkv plan --model` but jkv's engine serves "
-        "GPT-2 checkpoints only so far: plan it with `jkv plan`, or serve a gpt2 model."
+        f"{', '.join(SERVED_MODEL_TYPES)} only so far: plan it with `jkv plan`, or serve one of those."
     )
 
 
+def check_served(config: ModelConfig, where: str) -> None:
+    """Raise CheckpointError unless jkv's engine runs this config exactly (family, windows, rotary scaling)."""
+    from jkv.llama import check_config
+
+    if config.model_type == "gpt2":
+        return
+    try:
+        check_config(config, where)
+    except ConfigError as err:
+        raise CheckpointError(str(err)) from None
+
+
 def config_to_hf(config: ModelConfig) -> dict[str, Any]:
-    """A Hugging Face GPT-2 config.json for `config` (what `load_hf_config` reads back)."""
+    """A Hugging Face config.json for `config` (what `load_hf_config` reads back to an equal config)."""
+    if config.model_type != "gpt2":
+        return _llama_config_to_hf(config)
     raw = {
         "model_type": "gpt2",
         "architectures": ["GPT2LMHeadModel"],
@@ -173,6 +218,37 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     }
     if config.n_kv_head is not None:
         raw["n_kv_head"] = config.n_kv_head
+    return raw
+
+
+def _llama_config_to_hf(config: ModelConfig) -> dict[str, Any]:
+    raw: dict[str, Any] = {
+        "model_type": config.model_type,
+        "_name_or_path": config.name,
+        "vocab_size": config.vocab_size,
+        "max_position_embeddings": config.n_positions,
+        "hidden_size": config.n_embd,
+        "intermediate_size": config.mlp_dim,
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.kv_heads,
+        "head_dim": config.head_dim,
+        "rms_norm_eps": config.layer_norm_epsilon,
+        "hidden_act": "silu",
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "rope_theta": config.rope_theta if config.rope_theta is not None else 10000.0,
+    }
+    rope = {k: v for k, v in dict(config.rope_scaling).items() if k != "rope_theta"}
+    if rope and rope.get("rope_type", rope.get("type")) != "default":
+        raw["rope_scaling"] = rope
+    if config.model_type == "llama":
+        raw["attention_bias"], raw["mlp_bias"] = config.attention_bias, config.mlp_bias
+    if config.sliding_window is not None:
+        raw["sliding_window"] = config.sliding_window
+        if config.model_type.startswith("qwen"):
+            raw["use_sliding_window"], raw["max_window_layers"] = True, 0
+    if config.weight_dtype:
+        raw["torch_dtype"] = config.weight_dtype
     return raw
 
 
@@ -250,8 +326,9 @@ def _check(tensors: _Tensors, config: ModelConfig) -> None:
             or (name == "lm_head.weight" and config.tie_word_embeddings)
         ):
             continue
-        problems.append(f"tensor {name!r} (shape {shape}) is not part of this GPT-2 (no expected shape)")
-    lm_head, wte_shape = tensors.shapes.get("lm_head.weight"), expected["wte.weight"][1]
+        problems.append(f"tensor {name!r} (shape {shape}) is not part of this {config.model_type} model (no "
+                        "expected shape)")  # fmt: skip
+    lm_head, wte_shape = tensors.shapes.get("lm_head.weight"), expected[embedding_name(config)][1]
     if config.tie_word_embeddings and lm_head is not None and lm_head != wte_shape:
         problems.append(
             f"tensor 'lm_head.weight' has shape {lm_head} where the tied embedding implies {wte_shape}"
@@ -265,22 +342,27 @@ def _check(tensors: _Tensors, config: ModelConfig) -> None:
 
 
 def _load_tensors(tensors: _Tensors, config: ModelConfig, dtype: jnp.dtype) -> Params:
+    """Every tensor onto the default device, one at a time, cast there: the host never holds two."""
     _check(tensors, config)
-    params: Params = {}
-    for name, (path, _) in hf_tensor_names(config).items():
-        _set(params, path, jnp.asarray(tensors.read(name)).astype(dtype))
+    embed = embedding_name(config)
     if (
         config.tie_word_embeddings
         and "lm_head.weight" in tensors.shapes
-        and not np.array_equal(
-            np.asarray(tensors.read("lm_head.weight")), np.asarray(tensors.read("wte.weight"))
-        )
+        and not np.array_equal(np.asarray(tensors.read("lm_head.weight")), np.asarray(tensors.read(embed)))
     ):
         raise CheckpointError(
-            f"{tensors.where}: tensor 'lm_head.weight' differs from 'wte.weight' although config.json sets "
+            f"{tensors.where}: tensor 'lm_head.weight' differs from {embed!r} although config.json sets "
             "tie_word_embeddings=true; set it to false in config.json."
         )
+    params: Params = {}
+    for name, (path, _) in hf_tensor_names(config).items():
+        _set(params, path, _to_device(tensors.read(name), dtype))
     return params
+
+
+def _to_device(value: Any, dtype: jnp.dtype) -> jax.Array:
+    array = jnp.asarray(value)  # safetensors' flax reader already returns a device array; numpy is copied once
+    return array if array.dtype == dtype else array.astype(dtype)
 
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "flax_model.msgpack", f"{ORBAX_DIR}/")
@@ -306,7 +388,7 @@ def load_params(path: str | Path, config: ModelConfig, dtype: Any = "float32") -
         hint = " It has pytorch_model.bin, which jkv cannot read without torch: re-save it with safetensors."
     raise CheckpointError(
         f"{path} holds no weights jkv can read (looked for {', '.join(WEIGHT_FILES)}): point at a Hugging Face "
-        f"GPT-2 checkpoint directory.{hint}"
+        f"checkpoint directory.{hint}"
     )
 
 
@@ -361,33 +443,54 @@ def save_safetensors(params: Params, config: ModelConfig, out: str | Path) -> Pa
 
 
 # load_model -------------------------------------------------------------------------------------------------
-def load_model(name_or_dir: str | Path, dtype: str = "float32", *, seed: int = 0) -> Model:
-    """A GPT-2 by preset name (random weights, with a warning) or from a checkpoint directory.
+def eos_token_ids(*files: Path) -> tuple[int, ...]:
+    """End-of-sequence ids: the first of `files` that exists and names `eos_token_id` (an id or a list)."""
+    for file in files:
+        if file.is_file():
+            value = read_json_object(file).get("eos_token_id")
+            if value is None:
+                continue
+            ids = value if isinstance(value, list) else [value]
+            if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+                raise CheckpointError(f"{file}: eos_token_id={value!r} must be a token id or a list of them.")
+            return tuple(ids)
+    return ()
 
-    Names: gpt2, gpt2-medium, gpt2-large, gpt2-xl. A directory: config.json plus model.safetensors (or a sharded
-    index, flax_model.msgpack, or jkv's orbax `params/`). `dtype` is the weight and compute dtype: float32,
-    bfloat16 or float16. A directory with a config.json wins over a preset of the same name.
+
+def default_dtype(config: ModelConfig) -> str:
+    """The weight dtype a model loads in when none is asked: config.json's torch_dtype, else float32."""
+    return config.weight_dtype if config.weight_dtype in DTYPES else "float32"
+
+
+def load_model(name_or_dir: str | Path, dtype: str | None = None, *, seed: int = 0) -> Model:
+    """A model by preset name (random weights, with a warning) or from a checkpoint directory.
+
+    Presets: gpt2, gpt2-medium, gpt2-large, gpt2-xl, and the Llama-family shapes (llama-3.1-8b, llama-3.2-1b,
+    mistral-7b, qwen2.5-1.5b, qwen3-8b, ...). A directory: config.json plus model.safetensors (or a sharded index,
+    GPT-2's flax_model.msgpack, or jkv's orbax `params/`). `dtype` is the weight and compute dtype: float32,
+    bfloat16 or float16; None takes config.json's torch_dtype (float32 where it names none). A directory with a
+    config.json wins over a preset of the same name.
     """
-    dt = resolve_dtype(dtype)
     key = str(name_or_dir)
     path = Path(key)
     if (path / "config.json").is_file():
         config = load_hf_config(path)
-        return Model(config, load_params(path, config, dt), dt, key)
-    if key in family_presets():
-        raise CheckpointError(refuse_family(load_config(key).model_type, key))
-    if key in PRESETS:
+        dt = resolve_dtype(dtype or default_dtype(config))
+        eos = eos_token_ids(path / "generation_config.json", path / "config.json")
+        return Model(config, load_params(path, config, dt), dt, key, eos)
+    if key in PRESETS or key in family_presets():
+        config = PRESETS[key] if key in PRESETS else load_config(key)
+        check_served(config, key)
+        dt = resolve_dtype(dtype or default_dtype(config))
         warnings.warn(
             f"jkv: {key} has RANDOM weights (no checkpoint was given), so its text is meaningless; pass a Hugging "
-            "Face GPT-2 directory for real weights.",
+            "Face checkpoint directory for real weights.",
             stacklevel=2,
         )
-        config = PRESETS[key]
-        return Model(config, random_params(config, dt, seed), dt, key)
+        eos = () if key in PRESETS else eos_token_ids(PRESET_DIR / f"{key}.json")
+        return Model(config, random_params(config, dt, seed), dt, key, eos)
     if path.is_dir():
-        raise CheckpointError(
-            f"{path} has no config.json: point at a Hugging Face GPT-2 checkpoint directory."
-        )
-    raise ValueError(
-        f"unknown model {key!r}: use one of {', '.join(PRESETS)} or a GPT-2 checkpoint directory."
-    )
+        raise CheckpointError(f"{path} has no config.json: point at a Hugging Face checkpoint directory.")
+    served = [*PRESETS, *(p for p in family_presets() if load_config(p).model_type in SERVED_MODEL_TYPES)]
+    raise ValueError(f"unknown model {key!r}: use one of {', '.join(served)} or a checkpoint directory.")
+
