@@ -238,9 +238,8 @@ def _llama_config_to_hf(config: ModelConfig) -> dict[str, Any]:
         "tie_word_embeddings": config.tie_word_embeddings,
         "rope_theta": config.rope_theta if config.rope_theta is not None else 10000.0,
     }
-    rope = {k: v for k, v in dict(config.rope_scaling).items() if k != "rope_theta"}
-    if rope and rope.get("rope_type", rope.get("type")) != "default":
-        raw["rope_scaling"] = rope
+    if config.rope_scaling:  # as config.json gave it: transformers 5's rope_parameters or 4's rope_scaling
+        raw["rope_parameters"] = dict(config.rope_scaling)
     if config.model_type == "llama":
         raw["attention_bias"], raw["mlp_bias"] = config.attention_bias, config.mlp_bias
     if config.sliding_window is not None:

@@ -1,0 +1,110 @@
+"""The paged engine on the Llama family: greedy tokens equal transformers' through chunked prefill, prefix
+caching, preemption, forks, beams, every KV dtype and the interpreted Pallas kernels (fixtures: tests/llama_fixtures.py)."""
+
+
+import numpy as np
+import pytest
+from llama_fixtures import ENGINE, NAMES, fixture, greedy
+
+import jkv
+from jkv.kv_cache import dequantize, quantize
+from jkv.model import _forward_jit, causal_attend
+
+TIGHT = {"num_blocks": 12, "block_size": 8, "max_num_seqs": 4, "max_num_batched_tokens": 16}  # preempts
+
+
+# The paged engine ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+def test_engine_greedy_equals_transformers(name):
+    # chunked prefill (8-token chunks), prefix caching, multi-step decode (jkv.generate's default)
+    model, expected, _ = fixture(name)
+    outs = jkv.generate(model, expected["prompts"], greedy(), **ENGINE, enable_prefix_caching=True)
+    assert [o.token_ids for o in outs] == expected["greedy"]
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral"])
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_preemption_keeps_transformers_tokens(name, mode):
+    model, expected, _ = fixture(name)
+    prompts = expected["prompts"] * 2
+    tight = TIGHT | {"num_blocks": 7} if name == "mistral" else TIGHT  # the window frees blocks: a smaller pool
+    eng = jkv.Engine(model, **tight, preemption_mode=mode, swap_blocks=32 if mode == "swap" else 0)
+    ids = [eng.add_request(p, greedy()) for p in prompts]
+    final = eng.run()
+    stats = eng.stats()
+    assert (stats.preemptions_swap if mode == "swap" else stats.preemptions_recompute) > 0
+    assert [final[i].token_ids for i in ids] == expected["greedy"] * 2
+    assert stats.blocks_used == 0
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral"])
+def test_prefix_hits_forks_and_beams(name):
+    model, expected, _ = fixture(name)
+    p0, p1 = expected["prompts"]
+    eng = jkv.Engine(model, **ENGINE)
+    first = eng.add_request(p1, greedy())
+    done = eng.run()
+    again = eng.add_request(p1, greedy(n=3))  # the whole prompt's full blocks are cached: forks share them
+    beam = eng.add_request(p0, jkv.SamplingParams(max_tokens=5, beam_width=3, ignore_eos=True))
+    done |= eng.run()
+    assert done[first].token_ids == expected["greedy"][1]
+    assert [s.token_ids for s in done[again].samples] == [expected["greedy"][1]] * 3
+    assert eng.stats().prefix_hit_rate > 0
+    assert done[beam].token_ids == beam_reference(model, p0, 3, 5)
+    assert eng.stats().blocks_used == 0
+
+
+def beam_reference(model, prompt, width, max_tokens):
+    """Host beam search over full-recompute logits (the engine's rules: 2 * width candidates, length-normalised
+    scores, no stop tokens)."""
+    beams = [(0.0, [])]
+    for _ in range(max_tokens):
+        cands = []
+        for cum, toks in beams:
+            logits = model.logits(prompt + toks)[-1].astype(np.float64)
+            logp = logits - np.logaddexp.reduce(logits)
+            cands += [(cum + logp[t], toks + [int(t)]) for t in np.argsort(-logp)[: 2 * width]]
+        beams = sorted(cands, key=lambda c: -c[0])[:width]
+    return max(beams, key=lambda b: b[0])[1]
+
+
+def fake_quantized_greedy(model, prompt, max_tokens, kv_dtype):
+    """Greedy by full recompute with every K/V row rounded through `kv_dtype` and back: what that cache gives."""
+    window = causal_attend(model.config.sliding_window)
+
+    def fake(x):
+        if kv_dtype in ("bfloat16", "float16"):
+            return x.astype(kv_dtype).astype(x.dtype)
+        return dequantize(*quantize(x, kv_dtype)).astype(x.dtype)
+
+    def attend(layer, q, k, v, cache):
+        return window(layer, q, fake(k), fake(v), cache)
+
+    buf = np.zeros((1, len(prompt) + max_tokens), np.int32)
+    buf[0, : len(prompt)] = prompt
+    pos = np.arange(buf.shape[1], dtype=np.int32)[None]
+    for i in range(len(prompt), buf.shape[1]):
+        logits, _ = _forward_jit(model.params, model.config, buf, pos, None, attend)
+        buf[0, i] = int(np.asarray(logits)[0, i - 1].argmax())
+    return buf[0, len(prompt) :].tolist()
+
+
+@pytest.mark.parametrize("kv_dtype", ["bfloat16", "float16", "int8", "float8_e4m3fn", "int4"])
+def test_every_kv_dtype_equals_a_fake_quantized_dense_model(kv_dtype):
+    model, expected, _ = fixture("mistral")
+    prompt = expected["prompts"][1]
+    outs = jkv.generate(model, [prompt], greedy(12), **ENGINE, kv_dtype=kv_dtype)
+    assert outs[0].token_ids == fake_quantized_greedy(model, prompt, 12, kv_dtype)
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen3"])
+def test_pallas_kernels_interpreted_equal_transformers(name):
+    # float32 pools: the fused write-and-attend decode kernel reads [q | k | v] after the rotation
+    model, expected, _ = fixture(name)
+    eng = jkv.Engine(model, **ENGINE, attention="interpret", decode_steps=4)
+    ids = [eng.add_request(p, greedy()) for p in expected["prompts"]]
+    final = eng.run()
+    assert eng.executor.runner.backend == "interpret"
+    assert [final[i].token_ids for i in ids] == expected["greedy"]
+
+
