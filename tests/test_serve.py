@@ -237,7 +237,7 @@ def test_metrics_show_the_engine(server, client):
     for name in ("jkv:num_requests_running", "jkv:num_requests_waiting", "jkv:num_requests_swapped",
                  "jkv:kv_cache_usage_perc", 'jkv:kv_blocks{state="free"}', 'jkv:kv_blocks{state="cached"}',
                  "jkv:kv_internal_fragmentation", 'jkv:num_preemptions_total{kind="swap"}', "jkv:swap_bytes_total",
-                 'jkv:plan_bytes{term="kv_pool"}', "jkv:prefix_cache_hits_total"):  # fmt: skip
+                 'jkv:plan_bytes{term="kv_pool"}', "jkv:prefix_cache_hits_total", "jkv:xla_compilations_total"):  # fmt: skip
         assert name in values, name
     assert values["jkv:prompt_tokens_total"] > 0 and values["jkv:generation_tokens_total"] > 0
     assert values["jkv:prefix_cache_queries_total"] >= values["jkv:prefix_cache_hits_total"] > 0  # PROMPTS repeat

@@ -207,3 +207,22 @@ def test_cli_defaults_bind_this_machine_only():
     assert args.host == "127.0.0.1"
     text = build_parser("jkv serve").format_help()
     assert "persistent compilation cache" not in text and "compile_cache_dir" in text
+
+
+def test_a_handler_behind_the_engine_sends_each_request_s_latest_output_once():
+    def out(rid: str, n: int, finished: bool = False):
+        return jkv.RequestOutput(rid, [1], list(range(n)), [], None, finished, None, [])
+
+    async def main():
+        q = asyncio.Queue()
+        for item in (out("b", 1), out("a", 2), out("b", 3, True)):
+            q.put_nowait(item)
+        merged = G._latest(out("a", 1), q)
+        q.put_nowait(out("a", 3))
+        q.put_nowait(RuntimeError("engine gone"))
+        return merged, G._latest(out("a", 2), q), G._latest(out("c", 1), q)
+
+    merged, with_error, alone = asyncio.run(main())
+    assert [(o.request_id, len(o.token_ids), o.finished) for o in merged] == [("a", 2, False), ("b", 3, True)]
+    assert [getattr(o, "request_id", None) for o in with_error] == ["a", None] and len(with_error[0].token_ids) == 3
+    assert [o.request_id for o in alone] == ["c"]

@@ -182,16 +182,12 @@ class EngineLoop:
                     self._wake.wait(IDLE_WAIT_S)
                     self._wake.clear()
                     continue
-                outs = eng.step()
-                now = self.clock()
-                for out in outs:
-                    self._deliver(out, now)
+                self._deliver_all(eng.step())
                 self._refresh()
             for rid in list(self._streams):
                 eng.abort(rid)
             while eng.has_unfinished():  # report the aborts (and read a round still in flight)
-                for out in eng.step():
-                    self._deliver(out, self.clock())
+                self._deliver_all(eng.step())
         except Exception as err:  # an engine bug: fail every request, /health says so
             log.exception("jkv serve: the engine loop stopped")
             self.error = f"the engine loop stopped on an internal error ({type(err).__name__}: {err}): restart the server."
@@ -246,10 +242,25 @@ class EngineLoop:
             for rid in list(self._streams):
                 self.engine.abort(rid)
 
-    def _deliver(self, out: RequestOutput, now: float) -> None:
+    def _deliver_all(self, outs: list[RequestOutput]) -> None:
+        """Hand a step's outputs to their streams: one wake-up of each event loop per step, not one per output."""
+        now = self.clock()
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for out in outs:
+            stream = self._deliver(out, now)
+            if stream is not None:
+                by_loop.setdefault(stream.loop, []).append((stream.queue, out))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the event loop is closed (shutdown): nobody is listening
+                pass
+
+    def _deliver(self, out: RequestOutput, now: float) -> RequestStream | None:
+        """Bookkeeping and metrics for one output; its stream (None for a request nobody follows)."""
         stream = self._streams.get(out.request_id)
         if stream is None:
-            return
+            return None
         m, met = self.metrics, out.metrics
         if not stream.queued_seen and (met.scheduled_time is not None or out.finished):
             stream.queued_seen = True
@@ -262,16 +273,16 @@ class EngineLoop:
                 stream.first_token_seen = True
                 m.ttft.observe(now - stream.arrival)
             elif stream.last_token_time is not None:
-                gap = (now - stream.last_token_time) / new  # a multi-step round lands its tokens together
-                for _ in range(new):
-                    m.itl.observe(gap)
+                # a multi-step round lands its tokens together: one observation per round, of the gap per token
+                # (one per token would cost a locked observe per generated token on the engine thread)
+                m.itl.observe((now - stream.last_token_time) / new)
             stream.last_token_time, stream.num_tokens = now, len(out.token_ids)
         if out.finished:
             del self._streams[out.request_id]
             self.num_active -= 1
             m.e2e.observe(now - stream.arrival)
             m.finished.labels(reason=out.finish_reason or "unknown").inc()
-        self._push(stream, out)
+        return stream
 
     def _refresh(self, force: bool = False) -> None:
         self.metrics.refresh(self.engine, self.num_waiting, self.num_active, force=force)
@@ -296,3 +307,8 @@ class EngineLoop:
             stream.loop.call_soon_threadsafe(settle)
         except RuntimeError:
             pass
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)

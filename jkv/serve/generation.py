@@ -96,18 +96,37 @@ async def outputs(loop: EngineLoop, call: Call, request: Request | None, timeout
                                      None, 504, "timeout")  # fmt: skip
             wait = left if wait is None else min(wait, left)
         try:
-            item = await asyncio.wait_for(call.queue.get(), wait)
+            first = await asyncio.wait_for(call.queue.get(), wait)
         except TimeoutError:
             if request is not None and await request.is_disconnected():
                 abort_all(loop, call)
                 raise ClientGone() from None
             continue
+        for item in _latest(first, call.queue):
+            if isinstance(item, BaseException):
+                raise P.RequestError(str(item), None, 503, "server_error")
+            if item.request_id in pending:
+                if item.finished:
+                    pending.discard(item.request_id)
+                yield index[item.request_id], item
+
+
+def _latest(first, queue: asyncio.Queue) -> list:
+    """`first` and whatever else is queued, keeping each request's latest output only. Every output carries its
+    request's whole state so far, so a handler that fell behind (the server busy) sends one chunk for several
+    engine rounds instead of one per round."""
+    if queue.empty():
+        return [first]
+    latest: dict[str, RequestOutput] = {}
+    items = [first]
+    while not queue.empty():
+        items.append(queue.get_nowait())
+    for item in items:
         if isinstance(item, BaseException):
-            raise P.RequestError(str(item), None, 503, "server_error")
-        if item.request_id in pending:
-            if item.finished:
-                pending.discard(item.request_id)
-            yield index[item.request_id], item
+            return [*latest.values(), item]
+        latest.pop(item.request_id, None)  # re-insert: the dict keeps arrival order of the latest outputs
+        latest[item.request_id] = item
+    return list(latest.values())
 
 
 # Whole responses ------------------------------------------------------------------------------------------

@@ -3,8 +3,9 @@
 Gauges mirror the engine's state (queues, blocks, KV usage, fragmentation, device memory beside the plan's
 terms); counters follow the engine's cumulative counts (prefix-cache queries and hits in tokens, preemptions by
 kind, swap bytes, generated tokens) by adding what changed since the last refresh; histograms take one
-observation per request (time to first token, end-to-end latency, queue time) or per token (inter-token
-latency: a multi-step round's tokens land together, so each gets the round's gap divided among them).
+observation per request (time to first token, end-to-end latency, queue time) or per round that brings a request
+tokens (inter-token latency: a multi-step round's tokens land together; the observation is the round's gap divided
+by its tokens).
 
 Only the engine thread writes them (`EngineLoop`); prometheus_client's metrics are thread-safe for the scrape.
 """
@@ -41,10 +42,13 @@ class ServerMetrics:
         self.swap_bytes = c("swap_bytes", "Bytes moved between device and host by swapping.")
         self.prompt_tokens = c("prompt_tokens", "Prompt tokens of accepted requests.")
         self.generation_tokens = c("generation_tokens", "Tokens the engine generated.")
+        self.compilations = c("xla_compilations", "XLA compilations the engine's calls caused (warm-up included; "
+                              "none while serving after a complete warm-up).")  # fmt: skip
         self.finished = c("request_finished", "Requests finished, by finish reason.", ("reason",))
         self.rejected = c("request_rejected", "Requests refused, by HTTP status.", ("status",))
         self.ttft = h("time_to_first_token_seconds", "Arrival at the server to the first token handed to the stream.")
-        self.itl = h("inter_token_latency_seconds", "Gap between tokens handed to a stream.")
+        self.itl = h("inter_token_latency_seconds",
+                     "Gap between tokens handed to a stream (one observation per round: its gap / its tokens).")
         self.e2e = h("e2e_request_latency_seconds", "Arrival at the server to the finish.")
         self.queue_time = h("request_queue_time_seconds", "Arrival in the engine to the first admission.")
         info = g("model_info", "The model served (value 1).", ("model",))
@@ -84,6 +88,7 @@ class ServerMetrics:
         self._add(self.preemptions.labels(kind="swap"), "ps", st.preemptions_swap)
         self._add(self.swap_bytes, "sb", st.swap_bytes)
         self._add(self.generation_tokens, "gt", st.tokens_generated)
+        self._add(self.compilations, "xc", st.compilations)
         in_use = device_bytes_in_use()
         if in_use is not None:
             self.device_bytes.set(in_use)
