@@ -1,4 +1,4 @@
-"""Benchmark `jkv serve` over real HTTP (streaming completions, EOS ignored, the seeded mixed workload of
+"""Benchmark `jkv serve` over real HTTP (streaming completions, EOS ignored, greedy, the seeded mixed workload of
 bench_generate.py), against the same engine offline.
 
 One phase against a running server:
@@ -6,13 +6,17 @@ One phase against a running server:
     python scripts/bench_serving.py --url http://127.0.0.1:8000 --model gpt2 --concurrency 32
 
 The whole comparison in one run (starts the server itself; what docs/benchmarks.md reports):
-    python scripts/bench_serving.py --suite --model gpt2 [--requests 600] [engine flags as jkv serve's]
+    python scripts/bench_serving.py --suite --model gpt2 [--requests 600] [--out DIR] [engine flags as jkv serve's]
 
---suite: (1) the engine offline in a child process: the saturated workload's output tok/s (every request queued
-at once) and, one request at a time, its time to first token; (2) `jkv serve` with the same engine flags: the
-saturated workload over HTTP (its req/s is the saturated rate R), Poisson arrivals at 50 / 80 / 100 % of R, and
-one request at a time (the server's added latency: served TTFT minus the engine's). Every phase is bounded
-(--phase-timeout).
+--suite: (1) the engine offline in two child processes, one after the other on one compile cache: as
+`jkv.generate` runs it (no streamed text; its warm-up fills the cache), then as the server runs it
+(`stream_text=True`, every step's outputs read): the saturated workload's output tok/s (every request queued at
+once) and, one request at a time, its time to first token; (2) `jkv serve` with the same engine flags, loading the
+cache: the saturated workload over HTTP (its req/s is the saturated rate R), a closed loop of max-num-seqs
+clients, Poisson arrivals at 50 / 80 / 100 % of R, and one request at a time (the server's added latency: served
+TTFT minus the engine's). XLA compilations while serving are read from the server's /metrics. Every phase is
+bounded (--phase-timeout; the children and the server's start by --startup-timeout). With --out, the results
+(JSON), the table (Markdown), the server's log and its last /metrics go there; the table is printed last.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
@@ -46,10 +51,14 @@ def parse() -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=50257)
     p.add_argument("--slo-ttft-ms", type=float, default=500.0)
     p.add_argument("--slo-tpot-ms", type=float, default=50.0)
-    p.add_argument("--phase-timeout", type=float, default=240.0)
+    p.add_argument("--phase-timeout", type=float, default=120.0, help="seconds one load phase may take")
+    p.add_argument("--startup-timeout", type=float, default=420.0,
+                   help="seconds an offline child, or the server's start (warm-up included), may take")
+    p.add_argument("--stream-text", action="store_true", help=argparse.SUPPRESS)  # the offline child: as served
+    p.add_argument("--out", help="--suite: a directory for results.json, table.md, server.log and metrics.txt")
     p.add_argument("--compile-cache", default="/tmp/jkv-bench-serving-cache")
     p.add_argument("--json", help="write the results there")
-    p.add_argument("--offline-results", help="--suite: the offline run's JSON from an earlier run (skips it)")
+    p.add_argument("--offline-results", help="--suite: results.json of an earlier run (its offline half is reused)")
     e = p.add_argument_group("engine (the server's and the offline run's)")
     e.add_argument("--dtype", default="bfloat16")
     e.add_argument("--hbm")
@@ -77,7 +86,8 @@ def phase(args, url: str, reqs, **how) -> dict:
 
 
 def offline(args) -> dict:
-    """The engine alone (this process owns the device): saturated tok/s and one-at-a-time TTFT."""
+    """The engine alone (this process owns the device): saturated tok/s and one-at-a-time TTFT. --stream-text: the
+    engine as the server runs it, also stepped reading every output (the server's engine thread does)."""
     import numpy as np
 
     import jkv
@@ -86,61 +96,141 @@ def offline(args) -> dict:
     model = jkv.load_model(args.model, dtype=args.dtype)
     eng = jkv.Engine(model, hbm=args.hbm, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
                      max_num_batched_tokens=args.max_num_batched_tokens, max_seq_len=args.max_seq_len,
-                     decode_steps=args.decode_steps, kv_dtype=args.kv_dtype, compile_cache_dir=args.compile_cache)  # fmt: skip
+                     decode_steps=args.decode_steps, kv_dtype=args.kv_dtype, compile_cache_dir=args.compile_cache,
+                     stream_text=args.stream_text)  # fmt: skip
     t0 = time.perf_counter()
-    eng.warmup()
+    info = eng.warmup()
     warm_s = time.perf_counter() - t0
     reqs = workload(args.requests, args.seed, args.max_len, args.vocab)
+    tokens = sum(o for _, o in reqs)
     drive(eng, reqs[:64])  # a first pass settles anything warm-up left (host caches, allocator)
     run = drive(eng, reqs)
+    out = {"tok_s": tokens / run.wall, "wall_s": run.wall, "warmup_s": warm_s, "warmup_shapes": info["shapes"],
+           "warmup_loaded": info["loaded"], "num_blocks": eng.stats().blocks_total}  # fmt: skip
+    if args.stream_text:  # every step's outputs, as the server's engine thread reads them
+        for prompt, out_len in reqs:
+            eng.add_request(prompt, jkv.SamplingParams(max_tokens=out_len, ignore_eos=True))
+        t0 = time.perf_counter()
+        while eng.has_unfinished():
+            eng.step()
+        out["every_output_tok_s"] = tokens / (time.perf_counter() - t0)
     ttfts = []
     for prompt, out_len in reqs[: args.low_load_requests]:
         rid = eng.add_request(prompt, jkv.SamplingParams(max_tokens=out_len, ignore_eos=True))
         first = None
         while eng.has_unfinished():
-            for out in eng.step():
-                if out.request_id == rid and first is None and out.token_ids:
-                    first = out.metrics.time_to_first_token
+            for o in eng.step():
+                if o.request_id == rid and first is None and o.token_ids:
+                    first = o.metrics.time_to_first_token
         ttfts.append(first)
-    tokens = sum(o for _, o in reqs)
-    return {"offline_tok_s": tokens / run.wall, "offline_wall_s": run.wall, "warmup_s": warm_s,
-            "engine_ttft_ms_p50": 1e3 * float(np.percentile(ttfts, 50)),
-            "engine_ttft_ms_p99": 1e3 * float(np.percentile(ttfts, 99))}  # fmt: skip
+    out["ttft_ms_p50"] = 1e3 * float(np.percentile(ttfts, 50))
+    out["ttft_ms_p99"] = 1e3 * float(np.percentile(ttfts, 99))
+    out["compilations"] = eng.stats().compilations
+    return out
+
+
+def run_offline_child(args, stream_text: bool) -> dict:
+    cmd = [sys.executable, __file__, "--offline", "--model", args.model, "--requests", str(args.requests),
+           "--low-load-requests", str(args.low_load_requests), "--seed", str(args.seed), "--max-len",
+           str(args.max_len), "--vocab", str(args.vocab), "--compile-cache", args.compile_cache, *engine_flags(args)]  # fmt: skip
+    if stream_text:
+        cmd.append("--stream-text")
+    child = subprocess.run(cmd, capture_output=True, text=True, timeout=args.startup_timeout, check=False)
+    if child.returncode != 0:
+        raise SystemExit(f"the offline run failed:\n{child.stderr[-3000:]}")
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+def scrape(url: str) -> dict[str, float]:
+    import httpx
+
+    text = httpx.get(url + "/metrics", timeout=30).text
+    return {ln.split(" ")[0]: float(ln.split(" ")[1]) for ln in text.splitlines() if ln and not ln.startswith("#")}
 
 
 def suite(args) -> dict:
     from jkv.serve.process import ServerProcess
 
-    cmd = [sys.executable, __file__, "--offline", "--model", args.model, "--requests", str(args.requests),
-           "--low-load-requests", str(args.low_load_requests), "--seed", str(args.seed), "--max-len",
-           str(args.max_len), "--vocab", str(args.vocab), "--compile-cache", args.compile_cache, *engine_flags(args)]  # fmt: skip
     if args.offline_results:
-        results = json.loads(args.offline_results) | {"offline_from_earlier_run": True}
+        with open(args.offline_results) as f:
+            earlier = json.load(f)
+        results = {k: earlier[k] for k in ("offline", "offline_streamed")} | {"offline_from_earlier_run": True}
     else:
-        child = subprocess.run(cmd, capture_output=True, text=True, timeout=args.phase_timeout * 2)
-        if child.returncode != 0:
-            raise SystemExit(f"the offline run failed:\n{child.stderr[-3000:]}")
-        results = json.loads(child.stdout.strip().splitlines()[-1])
-    print(f"offline: {results}", flush=True)
+        results = {"offline": run_offline_child(args, False)}
+        print(f"offline: {results['offline']}", flush=True)
+        save(args, results)
+        results["offline_streamed"] = run_offline_child(args, True)
+        print(f"offline, as served: {results['offline_streamed']}", flush=True)
+        save(args, results)
     reqs = workload(args.requests, args.seed, args.max_len, args.vocab)
     flags = ["--model", args.model, "--served-model-name", args.model, "--compile-cache", args.compile_cache,
              "--max-waiting", str(10 * args.requests), "--log-level", "warning", *engine_flags(args)]  # fmt: skip
     t0 = time.perf_counter()
-    with ServerProcess(flags, startup_timeout=args.phase_timeout * 2) as server:
-        results["server_start_s"] = time.perf_counter() - t0
+    with ServerProcess(flags, startup_timeout=args.startup_timeout) as server:
+        results["server_ready_s"] = time.perf_counter() - t0
+        results["server_warmup"] = next((ln.strip() for ln in server.lines if "warm-up:" in ln), None)
         phase(args, server.url, reqs[:64], arrivals=[0.0] * 64)  # settle, as offline
+        before = scrape(server.url)
         sat = phase(args, server.url, reqs, arrivals=[0.0] * len(reqs))
         results["saturated"] = sat
+        save(args, results)
+        results["closed_loop"] = phase(args, server.url, reqs, concurrency=args.max_num_seqs)
         rate = sat["req_s"]
         for frac in (0.5, 0.8, 1.0):
             arrivals = poisson_arrivals(len(reqs), frac * rate, seed=args.seed + 1)
             results[f"poisson_{int(frac * 100)}pct"] = phase(args, server.url, reqs, arrivals=arrivals) | {
                 "rate_req_s": frac * rate}
-        low = phase(args, server.url, reqs[: args.low_load_requests], concurrency=1)
-        results["low_load"] = low
-    results["served_over_offline"] = sat["output_tok_s"] / results["offline_tok_s"]
-    results["server_added_ttft_ms_p50"] = low["ttft_ms_p50"] - results["engine_ttft_ms_p50"]
+            save(args, results)
+        results["low_load"] = phase(args, server.url, reqs[: args.low_load_requests], concurrency=1)
+        after = scrape(server.url)
+        results["compilations_while_serving"] = after.get("jkv:xla_compilations_total", 0) - before.get(
+            "jkv:xla_compilations_total", 0)
+        if args.out:
+            metrics_text = "\n".join(f"{k} {v}" for k, v in after.items())
+            write(args.out, "metrics.txt", metrics_text)
+    if args.out:
+        write(args.out, "server.log", server.output)
+    results["served_over_offline"] = sat["output_tok_s"] / results["offline"]["tok_s"]
+    results["server_added_ttft_ms_p50"] = results["low_load"]["ttft_ms_p50"] - results["offline_streamed"]["ttft_ms_p50"]
     return results
+
+
+def table(r: dict) -> str:
+    off, st, sat = r["offline"], r["offline_streamed"], r["saturated"]
+    rows = [
+        ("engine offline (jkv.generate's way: no streamed text), output tok/s", f"{off['tok_s']:,.0f}"),
+        ("engine offline as served (stream_text, every output read), output tok/s",
+         f"{st['tok_s']:,.0f} / {st['every_output_tok_s']:,.0f}"),
+        ("served at saturation (all requests at t = 0), output tok/s", f"{sat['output_tok_s']:,.0f}"),
+        ("served / engine offline (target >= 90 %)", f"{100 * r['served_over_offline']:.0f} %"),
+        ("served, closed loop of max-num-seqs clients, output tok/s", f"{r['closed_loop']['output_tok_s']:,.0f}"),
+    ]
+    for pct in (50, 80, 100):
+        p = r[f"poisson_{pct}pct"]
+        what = f"Poisson at {pct} % of the saturated rate ({p['rate_req_s']:.0f} req/s): TTFT p50 / p99 ms, tok/s"
+        rows.append((what, f"{p['ttft_ms_p50']:.1f} / {p['ttft_ms_p99']:.1f}, {p['output_tok_s']:,.0f}"))
+    low = r["low_load"]
+    rows += [
+        ("one request at a time: served TTFT p50 / p99 ms", f"{low['ttft_ms_p50']:.2f} / {low['ttft_ms_p99']:.2f}"),
+        ("one request at a time: engine TTFT p50 / p99 ms", f"{st['ttft_ms_p50']:.2f} / {st['ttft_ms_p99']:.2f}"),
+        ("server's added latency (served - engine TTFT, p50) ms", f"{r['server_added_ttft_ms_p50']:.2f}"),
+        ("server start to ready (warm-up from the offline run's executables) s", f"{r['server_ready_s']:.1f}"),
+        ("XLA compilations while serving", f"{r['compilations_while_serving']:.0f}"),
+        ("failed requests (all phases)", str(sum(v["failed"] for v in r.values() if isinstance(v, dict) and "failed" in v))),
+    ]  # fmt: skip
+    return "\n".join(["| what | value |", "| --- | ---: |", *(f"| {a} | {b} |" for a, b in rows)])
+
+
+def save(args, results: dict) -> None:
+    """What the suite has so far, in case a later phase does not finish."""
+    if args.out:
+        write(args.out, "results.json", json.dumps(results, indent=1))
+
+
+def write(directory: str, name: str, text: str) -> None:
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, name), "w") as f:
+        f.write(text)
 
 
 def main() -> int:
@@ -154,9 +244,15 @@ def main() -> int:
             res = phase(args, args.url, reqs, arrivals=poisson_arrivals(len(reqs), args.rate, seed=args.seed + 1))
         else:
             res = phase(args, args.url, reqs, concurrency=args.concurrency or 1)
+        print(json.dumps(res, indent=1))
     else:
         res = suite(args)
-    print(json.dumps(res, indent=1))
+        print(json.dumps(res, indent=1))
+        text = table(res)
+        if args.out:
+            write(args.out, "results.json", json.dumps(res, indent=1))
+            write(args.out, "table.md", text + "\n")
+        print(text)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
