@@ -169,7 +169,8 @@ def suite(args) -> dict:
     with ServerProcess(flags, startup_timeout=args.startup_timeout) as server:
         results["server_ready_s"] = time.perf_counter() - t0
         results["server_warmup"] = next((ln.strip() for ln in server.lines if "warm-up:" in ln), None)
-        phase(args, server.url, reqs[:64], arrivals=[0.0] * 64)  # settle, as offline
+        settle = reqs[:64]
+        phase(args, server.url, settle, arrivals=[0.0] * len(settle))  # settle, as offline
         before = scrape(server.url)
         sat = phase(args, server.url, reqs, arrivals=[0.0] * len(reqs))
         results["saturated"] = sat
