@@ -11,20 +11,20 @@ place. Design notes: docs/engine.md.
 from __future__ import annotations
 
 import dataclasses
-
 import itertools
 import time
 import weakref
-from pathlib import Path
-from collections.abc import Callable, Iterator, Sequence as Seq
+from collections.abc import Callable, Iterator
+from collections.abc import Sequence as Seq
 from functools import partial
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jkv.compile_cache import active_store, open_store
 from jkv.block_manager import BlockManager
+from jkv.compile_cache import active_store, open_store
 from jkv.executor import ModelExecutor
 from jkv.kv_cache import KVCache
 from jkv.outputs import EngineStats, OutputBuilder, error_output
@@ -35,8 +35,9 @@ from jkv.runner import StepRunner, compilations
 from jkv.sampling import SamplingParams
 from jkv.scheduler import Scheduler
 from jkv.warmup import warm_up
+from kvspec.layout import blocks_for_tokens, kv_bytes_per_token
+from kvspec.layout import kv_dtype as planner_kv_dtype
 from kvspec.shapes import ShapePolicy, bucket
-from kvspec.layout import blocks_for_tokens, kv_bytes_per_token, kv_dtype as planner_kv_dtype
 
 # `generate()`'s default multi-step decode: 16 steps per round kept the GPU < 2 % idle where it was measured
 # (docs/benchmarks.md, "generate() at K = 16").
@@ -441,6 +442,6 @@ def generate(model, prompts, sampling: SamplingParams | None = None, **engine_op
             ref = weakref.ref(model)
             weakref.finalize(model, _release_last).atexit = False
         except TypeError:  # not weakly referable: held until another model or options come
-            ref = lambda: model  # noqa: E731
+            ref = lambda: model
         _last = (ref, dict(engine_options), llm)
     return _last[2].generate(prompts, sampling)

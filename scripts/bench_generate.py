@@ -3,8 +3,9 @@
 
     python scripts/bench_generate.py --model gpt2 --requests 256 --batch 32 [--hf-requests 64] [--out FILE]
 
-Workload: a seeded synthetic set of requests with log-normal prompt and output lengths (prompt + output <= the
-context), EOS ignored, random weights of the named GPT-2 size in bfloat16. In one run:
+Workload: a seeded synthetic set of requests with log-normal prompt and output lengths (prompt + output <=
+--max-seq-len), EOS ignored, random weights of the named preset (a GPT-2 size or a Llama-family shape such as
+llama-3.1-8b) in bfloat16. In one run:
 
 - jkv paged, continuous batching, at most --batch sequences at once, the decode rows of each round running
   --decode-steps steps per device call (multi-step decode; `--single-step-row` adds the same run at 1 step per
@@ -67,6 +68,12 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--max-seq-len", type=int, default=None,
+                    help="the engines' context and the workload's longest sequence (default: the model's, at most "
+                         "1024; Llama-3.1's 131072 would size every pool for 128k tokens)")  # fmt: skip
+    ap.add_argument("--warmup", choices=["all", "replay"], default="all",
+                    help="all: Engine.warmup() compiles every step shape first; replay: only the untimed replay of "
+                         "the same workload compiles (the shapes the timed offline run meets; large models)")  # fmt: skip
     ap.add_argument("--hf-requests", type=int, default=64, help="0 skips Hugging Face")
     ap.add_argument("--skip-static", action="store_true")
     ap.add_argument("--skip-memory-matched", action="store_true", help="only the paged run at --batch")
@@ -115,7 +122,10 @@ def main() -> None:
 
     warnings.filterwarnings("ignore", message=".*random.*")
     model = jkv.load_model(args.model, dtype="bfloat16")
-    cfg = model.config
+    max_len = min(model.config.n_positions, args.max_seq_len or 1024)
+    if args.warmup == "replay" and rates:
+        raise SystemExit("--arrival-rate needs --warmup all: online arrivals make shapes an offline replay does not.")
+    cfg = model.config.replace(n_positions=max_len)  # the context the engines and the workload use
     try:
         check_correct(model, args.block_size)
     except CheckFailed as err:
@@ -151,9 +161,11 @@ def main() -> None:
         )
     for name, cap, fused, ksteps in configs:
         eng = paged_engine(model, max_num_seqs=cap, num_blocks=blocks, block_size=bs, decode_steps=ksteps,
-                           history=True, fused_write=fused)  # fmt: skip
-        # every step shape compiled before anything is timed (online included)
-        warmed = eng.warmup(greedy=True, progress=warmup_progress)
+                           history=True, fused_write=fused, max_seq_len=max_len)  # fmt: skip
+        # every step shape compiled before anything is timed (online included), or with --warmup replay only the
+        # shapes the replay below meets
+        warmed = (eng.warmup(greedy=True, progress=warmup_progress) if args.warmup == "all"
+                  else {"shapes": 0, "seconds": 0.0})  # fmt: skip
         drive(eng, warm)
         eng.history.clear()
         wall, steps, drows, dsteps, final, _ = drive(eng, reqs)
@@ -172,7 +184,7 @@ def main() -> None:
             arrivals = poisson_arrivals(len(reqs), rate)  # warmup() compiled every shape arrivals can make
             row["online"].append(drive_online(eng, reqs, arrivals) | {"arrival_rate": rate})
         if cap == args.batch and full:
-            dev = time_decode_step(eng, cap, 512)
+            dev = time_decode_step(eng, cap, min(512, max_len))  # ctx 512 unless the context is shorter
             if (
                 ksteps == 1
             ):  # a multi-step run's rounds overlap each other and the prefill calls: not separable
@@ -195,7 +207,7 @@ def main() -> None:
     if args.hf_requests:
         try:
             sub = reqs[: args.hf_requests]
-            wall, useful, peak = hf_generate(sub, args.batch, cfg)
+            wall, useful, peak = hf_generate(sub, args.batch, model.config)
             rows.append({"name": f"HF generate(), batch {args.batch} ({len(sub)} requests)", "wall_s": wall,
                          "tokens": useful, "tok_s": useful / wall, "ms_per_token": 1e3 * wall / useful,
                          "kv_bytes": None, "kv_waste": None, "peak_bytes": peak})  # fmt: skip

@@ -1,4 +1,4 @@
-"""Check jkv against Hugging Face transformers on a random Llama-family model of any size (torch half only, so far).
+"""Check jkv against Hugging Face transformers on a random Llama-family model of any size.
 
     /tmp/hfvenv/bin/python scripts/check_llama_parity.py --stage hf --family llama --workdir /tmp/llama_parity \
         [--hidden 768 --layers 12 --heads 12 --kv-heads 4 --vocab 32000] [--tokens 64] [--new 32]
@@ -11,7 +11,12 @@ and scaled so attention is peaked (jkv/bench/hf_llama_torch.py), and writes to `
 - hf.json: ids, two prompts (7 and 19 tokens), their float64 greedy continuations (`--new` each, equal in
   float32), the smallest top-1/top-2 logit gap along them, mean max attention, versions.
 The default shape is a GPT-2-small-sized Llama (hidden 768, 12 layers, 12 heads, 4 kv heads, head_dim 64,
-intermediate 2048, vocab 32000). The jkv stage (JAX, on the GPU machine) compares against these files.
+intermediate 2048, vocab 32000).
+
+`--stage jkv` (JAX, jkv's environment; on the GPU machine) loads model/ in float32 and bfloat16 and prints one
+JSON object: float32 and bfloat16 logits against HF's float64 (max |diff|, and relative to the largest logit),
+HF's own float32 error for scale, and whether greedy tokens equal HF's through `reference_generate` (dense
+cache and full recompute) and through the paged engine (`jkv.generate`, chunked prefill and prefix caching).
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--stage", choices=["hf"], default="hf", help="hf: the torch part (the only one so far)")
+    ap.add_argument("--stage", choices=["hf", "jkv"], default="hf",
+                    help="hf: the torch part; jkv: the JAX part, against the hf stage's files")  # fmt: skip
     ap.add_argument("--workdir", required=True, help="where model/, hf.npz and hf.json go")
     ap.add_argument("--family", default="llama", choices=["llama", "mistral", "qwen2", "qwen3"])
     ap.add_argument("--hidden", type=int, default=768)
@@ -48,6 +54,9 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=32, help="greedy tokens per prompt")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    if args.stage == "jkv":
+        print(json.dumps(jkv_stage(Path(args.workdir)), indent=1))
+        return
     if args.head_dim is not None and args.family == "qwen2" and args.head_dim != args.hidden // args.heads:
         raise ValueError("qwen2 derives head_dim = hidden / heads: drop --head-dim or change --hidden")
     shape = {
@@ -73,6 +82,42 @@ def main() -> None:
         args.family, shape, args.tokens, args.new, Path(args.workdir), seed=args.seed
     )
     print(json.dumps({k: v for k, v in info.items() if k not in ("ids", "prompts", "greedy")}, indent=1))
+
+
+def jkv_stage(work: Path) -> dict:
+    import jax
+    import numpy as np
+
+    import jkv
+    from jkv.reference import reference_generate
+
+    info = json.loads((work / "hf.json").read_text())
+    logs = np.load(work / "hf.npz")
+    hf64, hf32 = logs["hf64"], logs["hf32"]
+    scale = float(np.abs(hf64).max())
+    out = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "family": info["family"],
+           "max_abs_logit": scale, "hf_float32_vs_float64": float(np.abs(hf32 - hf64).max()),
+           "hf_min_greedy_gap": info["min_gap"]}  # fmt: skip
+    new = len(info["greedy"][0])
+    for dtype in ("float32", "bfloat16"):
+        model = jkv.load_model(work / "model", dtype=dtype)
+        diff = float(np.abs(model.logits(info["ids"]) - hf64).max())
+        out[f"{dtype}_vs_hf64"], out[f"{dtype}_relative"] = diff, diff / scale
+        dense = reference_generate(model, info["prompts"], new)
+        out[f"{dtype}_greedy_dense_equal"] = dense == info["greedy"]
+        if dtype == "float32":
+            out["float32_greedy_recompute_equal"] = reference_generate(model, info["prompts"], new, use_cache=False) \
+                == info["greedy"]  # fmt: skip
+            paged = jkv.generate(model, info["prompts"], jkv.SamplingParams(max_tokens=new, ignore_eos=True),
+                                 block_size=16, max_num_batched_tokens=16, enable_prefix_caching=True,
+                                 max_seq_len=128, num_blocks=64)  # fmt: skip
+            out["float32_greedy_paged_equal"] = [o.token_ids for o in paged] == info["greedy"]
+        else:
+            first = [next((i for i, (a, b) in enumerate(zip(g, h)) if a != b), len(h))
+                     for g, h in zip(dense, info["greedy"])]  # fmt: skip
+            out["bfloat16_greedy_tokens_before_first_difference"] = first
+        del model
+    return out
 
 
 if __name__ == "__main__":

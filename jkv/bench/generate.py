@@ -43,11 +43,11 @@ def peak_bytes() -> int:
 
 
 def paged_engine(model, *, max_num_seqs: int, num_blocks: int, block_size: int, decode_steps: int,
-                 history: bool = False, fused_write: bool = True) -> jkv.Engine:  # fmt: skip
+                 history: bool = False, fused_write: bool = True, max_seq_len: int | None = None) -> jkv.Engine:  # fmt: skip
     """The benchmark's paged engine; fused_write=False: the K/V scatter before the decode kernel (the old step)."""
     eng = jkv.Engine(model, num_blocks=num_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
                      max_num_batched_tokens=2048, enable_prefix_caching=False, decode_steps=decode_steps,
-                     record_history=history)  # fmt: skip
+                     record_history=history, max_seq_len=max_seq_len)  # fmt: skip
     StepProbe(eng).fused_write = fused_write
     return eng
 
@@ -158,12 +158,21 @@ def hf_generate(reqs: Workload, batch: int, config, dtype: str = "bfloat16") -> 
     """Hugging Face `generate()` in PyTorch on the GPU, same lengths, batches of `batch`, left padding; (wall s,
     useful output tokens, peak bytes). Raises ImportError without torch and transformers."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+    import transformers
 
-    cfg = GPT2Config(n_embd=config.n_embd, n_layer=config.n_layer, n_head=config.n_head,
-                     n_positions=config.n_positions, vocab_size=config.vocab_size)  # fmt: skip
+    from jkv.weights import config_to_hf
+
+    raw = config_to_hf(config)
+    cfg = transformers.AutoConfig.for_model(raw.pop("model_type"),
+                                            **{k: v for k, v in raw.items() if k not in ("_name_or_path", "architectures")})  # fmt: skip
     torch.manual_seed(0)
-    m = GPT2LMHeadModel(cfg).to("cuda", dtype=getattr(torch, dtype)).eval()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))
+    try:
+        with torch.device("cuda"):  # initialised on the card: an 8B model in seconds, no host copy
+            m = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    finally:
+        torch.set_default_dtype(default)
     useful = 0
 
     def one(chunk):
