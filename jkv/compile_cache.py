@@ -155,7 +155,8 @@ class ExecutableStore:
         self.messages.append(message)
         log.warning(message)
 
-    def load(self, name: str, sig: str, in_tree) -> jax.stages.Compiled | None:
+    def load(self, name: str, sig: str, in_tree, devices=None) -> jax.stages.Compiled | None:
+        """The stored executable, loaded onto `devices` (those it was compiled for; None: every device)."""
         path = self.path(name, sig)
         if not path.is_file():
             return None
@@ -177,7 +178,7 @@ class ExecutableStore:
             return None
         try:
             out_tree = _decode_tree(header["out_tree"])
-            compiled = serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
+            compiled = serialize_executable.deserialize_and_load(payload, in_tree, out_tree, execution_devices=devices)
         except Exception as err:  # noqa: BLE001 - a file XLA or the tree decoder cannot take: recompile
             self._note("refused", f"compile cache: refused {path.name}: it does not load ({type(err).__name__}); "
                                   "recompiling.")  # fmt: skip
@@ -258,8 +259,11 @@ class StoredFunction:
     """`jax.jit(fn, donate_argnums=...)`, with its executables looked up by argument signature, loaded from the
     active store, or compiled and stored. `name` is the function's static key (its repr names one computation)."""
 
-    def __init__(self, name: str, fn, donate_argnums: int | tuple[int, ...] = ()) -> None:
+    def __init__(self, name: str, fn, donate_argnums: int | tuple[int, ...] = (), devices=None) -> None:
+        """devices: the devices the executables run on, in mesh order (a sharded step's mesh); None: every
+        device (a stored single-device executable loads onto the first)."""
         self.name = name
+        self.devices = None if devices is None else list(devices)
         self.jitted = jax.jit(fn, donate_argnums=donate_argnums)
         self._by_signature: dict[str, jax.stages.Compiled] = {}
         self._recent: list[jax.stages.Compiled] = []
@@ -296,7 +300,7 @@ class StoredFunction:
         store = _active
         in_tree = jax.tree.structure((args, {}))
         if store is not None:
-            compiled = store.load(self.name, sig, in_tree)
+            compiled = store.load(self.name, sig, in_tree, self.devices)
         if compiled is None:
             compiled = self.jitted.lower(*args).compile()
             if store is not None:

@@ -14,6 +14,7 @@ import dataclasses
 import itertools
 import time
 import weakref
+import zlib
 from collections.abc import Callable, Iterator
 from collections.abc import Sequence as Seq
 from functools import partial
@@ -34,6 +35,7 @@ from jkv.request import RequestOutput
 from jkv.runner import StepRunner, compilations
 from jkv.sampling import SamplingParams
 from jkv.scheduler import Scheduler
+from jkv.sharding import StepChannel, TensorParallel, broadcast, shard_bytes
 from jkv.warmup import warm_up
 from kvspec.layout import blocks_for_tokens, kv_bytes_per_token
 from kvspec.layout import kv_dtype as planner_kv_dtype
@@ -81,6 +83,10 @@ class Engine:
             in one device call; the host schedules and reads back once per round.
         stream_text: detokenize every sample as its tokens arrive, so each output's samples carry their text so
             far (a server streaming text); without it only samples with stop strings are detokenized on the way.
+        tensor_parallel_size: shard the model over this many devices (jkv.sharding: Megatron-style on a ("tp",)
+            mesh, K/V pools split by KV heads); 1 runs the same program on a one-device mesh. Under
+            jax.distributed it must be every device of every process: process 0 schedules and steps, the others
+            call `follow()`. The planner's figures (`plan`, `bytes_per_block`) are then per device.
 
     Device memory is freed when the engine is dropped or closed (`close()`, or `with jkv.Engine(...) as e:`).
     """
@@ -108,6 +114,7 @@ class Engine:
         async_scheduling: bool = True,
         decode_steps: int = 1,
         stream_text: bool = False,
+        tensor_parallel_size: int = 1,
     ) -> None:
         self._closed = True  # until everything below is built
         config = model.config
@@ -130,21 +137,32 @@ class Engine:
             raise ValueError(f"max_seq_len={self.max_seq_len} must be between 1 and {config.n_positions}.")
         if num_blocks is not None and hbm is not None:
             raise ValueError("pass num_blocks or hbm, not both: num_blocks sizes the pool itself.")
-        params = model.params
         weight_dtype = jnp.dtype(model.dtype).name
         self.kv_dtype = kv_dtype or weight_dtype
         planner_kv_dtype(self.kv_dtype)  # validates the name
+        tp = TensorParallel.create(config, tensor_parallel_size)  # checked before anything is allocated
+        if tp.multi_process and (preemption_mode == "swap" or swap_blocks):
+            raise ValueError("preemption_mode='swap' keeps host copies of the pools on one process: use "
+                             "'recompute' under jax.distributed.")  # fmt: skip
+        if tp.multi_process and compile_cache_dir is not None:
+            raise ValueError("compile_cache_dir stores one process's executables: leave it unset under "
+                             "jax.distributed.")  # fmt: skip
+        self.tp = tp
+        self.tensor_parallel_size = tp.size
         self.block_size = block_size
         self.plan = None
+        params = tp.place_params(model.params, config)
         if num_blocks is None:
-            params_bytes = sum(a.nbytes for a in jax.tree.leaves(params))
             num_blocks, self.plan = planned_blocks(
                 config, hbm=hbm, weight_dtype=weight_dtype, kv=self.kv_dtype, block_size=block_size,
                 max_seq_len=self.max_seq_len, max_num_seqs=max_num_seqs, prefill_chunk=max_num_batched_tokens,
-                params_bytes=params_bytes,
+                params_bytes=shard_bytes(params), tp=tp.size,
             )  # fmt: skip
         else:
-            check_pool_fits(num_blocks, block_size * kv_bytes_per_token(config, planner_kv_dtype(self.kv_dtype)))
+            per_token = kv_bytes_per_token(config, planner_kv_dtype(self.kv_dtype), tp.size)
+            check_pool_fits(num_blocks, block_size * per_token)
+        if tp.multi_process:  # every process allocates process 0's pool (free memory may differ between hosts)
+            num_blocks = int(broadcast(np.asarray([num_blocks], np.int32))[0])
         if compile_cache_dir is not None:
             # jkv's steps and block copies: serialized executables, loaded without tracing (jkv.compile_cache);
             # anything else JAX compiles: its own persistent cache beside them.
@@ -154,16 +172,23 @@ class Engine:
             jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
         else:
             self.compile_store = active_store()
-        kv = KVCache(config, num_blocks=num_blocks, block_size=block_size, kv_dtype=self.kv_dtype,
-                     swap_blocks=swap_blocks, max_seq_len=self.max_seq_len)  # fmt: skip
+        sharded_config = tp.model_config(config)  # KV heads repeated when fewer than devices
+        kv = KVCache(sharded_config, num_blocks=num_blocks, block_size=block_size, kv_dtype=self.kv_dtype,
+                     swap_blocks=swap_blocks, max_seq_len=self.max_seq_len, sharding=tp.pools)  # fmt: skip
         self.bytes_per_block = kv.bytes_per_block
         manager = BlockManager(
             num_blocks, block_size, enable_prefix_caching=enable_prefix_caching, watermark=watermark,
             num_swap_blocks=swap_blocks, sliding_window=sliding_window, bytes_per_block=kv.bytes_per_block,
         )  # fmt: skip
-        runner = StepRunner(params, config, block_size=block_size, backend=attention, sliding_window=sliding_window,
-                            token_slots=2 * bucket(max_num_seqs))  # fmt: skip
+        runner = StepRunner(params, sharded_config, block_size=block_size, backend=attention,
+                            sliding_window=sliding_window, token_slots=2 * bucket(max_num_seqs), tp=tp)  # fmt: skip
         runner.use_pools(kv.pools)  # the backend is final from here on (step shapes depend on it)
+        self._channel = None
+        if tp.multi_process:
+            self._channel = StepChannel()
+            _check_same_engine(runner, kv)
+            if jax.process_index() == 0:
+                runner.channel = kv.channel = self._channel
         self.shapes = ShapePolicy(block_size, max_num_seqs, max_num_batched_tokens, self.max_seq_len, self.decode_steps,
                                   full_width_prefill=runner.backend in ("pallas", "interpret"))  # fmt: skip
         self.outputs = OutputBuilder(tokenizer if tokenizer is not None else _default_tokenizer(model, config))
@@ -337,10 +362,30 @@ class Engine:
         self._check_open()
         self.executor.synchronize()
 
+    def follow(self) -> None:
+        """Under jax.distributed, on every process but 0: make each device call process 0's engine makes, on this
+        process's shards, until that engine closes; then close this one."""
+        self._check_open()
+        if self._channel is None or jax.process_index() == 0:
+            raise RuntimeError("follow() runs on the processes other than 0 under jax.distributed; process 0 "
+                               "schedules and steps (add_request / step / run).")  # fmt: skip
+        try:
+            while True:
+                op, statics, arrays = self._channel.receive()
+                if op == "close":
+                    break
+                self.executor.replay(op, statics, arrays)
+        finally:
+            self.close()
+
     def close(self) -> None:
-        """Free the engine's device memory now; requests still running are dropped. Closing twice is harmless."""
+        """Free the engine's device memory now; requests still running are dropped. Closing twice is harmless.
+        Under jax.distributed, closing process 0's engine ends the other processes' `follow()`."""
         if not self._closed:
             self._closed = True
+            if self._channel is not None and jax.process_index() == 0:
+                self.executor.synchronize()
+                self._channel.send("close")
             self.executor.close()
 
     @property
@@ -356,6 +401,20 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _check_same_engine(runner: StepRunner, kv: KVCache) -> None:
+    """Under jax.distributed: refuse, on every process, an engine whose device programs differ from process 0's
+    (each process replays process 0's calls, so parameters, pools and step options must agree)."""
+    pools = [(a.shape, a.dtype.name) for a in jax.tree.leaves(kv.pools)]
+    params = [(a.shape, a.dtype.name) for a in jax.tree.leaves(runner.params)]
+    mine = repr((runner.config, runner.backend, runner.window, runner.token_slots, runner.fuse_decode_write, pools,
+                 params))  # fmt: skip
+    digest = np.asarray([zlib.crc32(mine.encode()) & 0x7FFFFFFF], np.int32)
+    if int(broadcast(digest)[0]) != int(digest[0]):
+        raise ValueError(f"process {jax.process_index()} built an engine unlike process 0's (model, dtype, "
+                         "kv_dtype, block_size, max_num_seqs or attention differ): give every process the same "
+                         "model and engine options.")  # fmt: skip
 
 
 def _default_tokenizer(model, config):

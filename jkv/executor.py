@@ -203,6 +203,7 @@ class ModelExecutor:
             return None
         if self.events is not None:
             self.events.append(("dispatch", sched.step))
+        read = runner.tp.local(buf)  # the copy the host reads (under jax.distributed, this process's replica)
         if not sched.read_now:
             for part in parts:
                 part.logits = None  # the host needs none: keep no [B, V] array alive for a round longer
@@ -210,8 +211,8 @@ class ModelExecutor:
                     part.steps.copy_to_host_async()
                 for a in part.logprobs or ():
                     a.copy_to_host_async()
-            buf.copy_to_host_async()  # queued right behind this round, not behind the next one
-        return _Flight(sched.step, buf, parts, scores)
+            read.copy_to_host_async()  # queued right behind this round, not behind the next one
+        return _Flight(sched.step, read, parts, scores)
 
     def _land(self, flight: _Flight) -> ModelRunnerOutput:
         """Read a dispatched round's sampled tokens (one device->host copy per kind of part)."""
@@ -264,7 +265,7 @@ class ModelExecutor:
     def padding_compiler(self, shape: StepShape):
         """(stored step function, its arguments) of a padding-only step of `shape`, for `fn.precompile(*args)`."""
         x, call = self._padding(shape)
-        ints, floats = pack(x)
+        ints, floats = self.runner.tp.inputs(*pack(x))
         return self.runner.function(x, **call), (self.runner.params, self.kv.pools, ints, floats, self._tokens)
 
     def run_padding(self, shape: StepShape) -> None:
@@ -277,6 +278,14 @@ class ModelExecutor:
         else:
             _, _, self.kv.pools, self._tokens = r.run_step(self.kv.pools, x, self._tokens, decode=call["decode"],
                                                            greedy=call["greedy"])  # fmt: skip
+
+    def replay(self, op: str, statics: tuple[int, ...], arrays: list[np.ndarray]) -> None:
+        """Under jax.distributed, on a process other than 0: the device call process 0 announced (a step or a
+        block copy), on this process's shards of the pools and the token buffer."""
+        if op == "copy":
+            self.kv.copy_arrays(*arrays)
+        else:
+            self.kv.pools, self._tokens = self.runner.replay(op, statics, arrays, self.kv.pools, self._tokens)
 
     # Lifecycle ----------------------------------------------------------------------------------------------
     def synchronize(self) -> None:

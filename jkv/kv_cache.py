@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
 
 from jkv.compile_cache import StoredFunction
 from pallas_kernels.common import INT4_PAGE_DTYPE, dequantize_int4, int4_groups, quantize_int4
@@ -73,6 +74,11 @@ class KVPools:
             return self.k[i], self.v[i], self.k_scale[i], self.v_scale[i]
         return self.k[i], self.v[i], None, None
 
+    def only_layer(self, i: int) -> KVPools:
+        """Layer i's pools as a one-layer KVPools (what one shard of the attention takes and returns)."""
+        one = lambda t: None if t is None else (t[i],)
+        return KVPools(one(self.k), one(self.v), one(self.k_scale), one(self.v_scale))
+
     def with_layer(self, i: int, k, v, k_scale=None, v_scale=None) -> KVPools:
         put = lambda t, x: t[:i] + (x,) + t[i + 1 :]
         if self.quantized:
@@ -80,8 +86,10 @@ class KVPools:
         return KVPools(put(self.k, k), put(self.v, v))
 
 
-def allocate_pools(config: ModelConfig, num_blocks: int, block_size: int, kv_dtype: str = "bfloat16") -> KVPools:
-    """Allocate the pools once, zero-filled, on the default device."""
+def allocate_pools(config: ModelConfig, num_blocks: int, block_size: int, kv_dtype: str = "bfloat16",
+                   sharding: jax.sharding.Sharding | None = None) -> KVPools:  # fmt: skip
+    """Allocate the pools once, zero-filled, on the default device, or laid out as `sharding` says (a tensor-
+    parallel mesh splits every pool by KV heads: jkv.sharding.POOL)."""
     if kv_dtype not in FLOAT_KV and kv_dtype not in QUANT_KV and kv_dtype != INT4:
         raise ValueError(f"kv_dtype={kv_dtype!r} is not supported by the engine: use one of "
                          f"{', '.join([*FLOAT_KV, *QUANT_KV, INT4])}.")  # fmt: skip
@@ -89,7 +97,7 @@ def allocate_pools(config: ModelConfig, num_blocks: int, block_size: int, kv_dty
         raise ValueError(f"num_blocks={num_blocks} must be at least 2 (block 0 is the null block).")
     shape = (num_blocks, config.kv_heads, block_size, config.head_dim)
     layers = range(config.n_layer)
-    zeros = lambda shp, d: tuple(jnp.zeros(shp, d) for _ in layers)
+    zeros = lambda shp, d: tuple(jnp.zeros(shp, d, device=sharding) for _ in layers)
     if kv_dtype in FLOAT_KV:
         dt = FLOAT_KV[kv_dtype]
         return KVPools(zeros(shape, dt), zeros(shape, dt))
@@ -185,10 +193,27 @@ def _scatter_blocks(pools: KVPools, blocks: jax.Array, contents: KVPools) -> KVP
     return jax.tree.map(lambda a, c: a.at[blocks].set(c), pools, contents)
 
 
-# Jitted (the pools donated where they are rewritten), executables kept in the compile cache like the steps'.
+# Jitted (the pools donated where they are rewritten), executables kept in the compile cache like the steps'. An
+# executable runs on the devices it was compiled for: pools on other devices (a tensor-parallel mesh) get their own.
 copy_blocks = StoredFunction("kv_cache.copy_blocks", _copy_blocks, donate_argnums=0)
 gather_blocks = StoredFunction("kv_cache.gather_blocks", _gather_blocks)
 scatter_blocks = StoredFunction("kv_cache.scatter_blocks", _scatter_blocks, donate_argnums=0)
+_MESH_BLOCK_FNS: dict[tuple[int, ...], tuple[StoredFunction, StoredFunction, StoredFunction]] = {}
+
+
+def block_functions(pools: KVPools) -> tuple[StoredFunction, StoredFunction, StoredFunction]:
+    """(copy_blocks, gather_blocks, scatter_blocks) for pools laid out as `pools` are."""
+    sharding = pools.k[0].sharding
+    devices = list(sharding.mesh.devices.flat) if isinstance(sharding, NamedSharding) else list(sharding.device_set)
+    if devices == [jax.devices()[0]]:
+        return copy_blocks, gather_blocks, scatter_blocks
+    ids = tuple(d.id for d in devices)
+    if ids not in _MESH_BLOCK_FNS:
+        _MESH_BLOCK_FNS[ids] = tuple(
+            StoredFunction(f"kv_cache.{fn.__name__[1:]}@{list(ids)}", fn, donate_argnums=donate, devices=devices)
+            for fn, donate in ((_copy_blocks, 0), (_gather_blocks, ()), (_scatter_blocks, 0))
+        )
+    return _MESH_BLOCK_FNS[ids]
 
 
 def to_host(tree: KVPools) -> KVPools:
@@ -207,12 +232,15 @@ class KVCache:
     """
 
     def __init__(self, config: ModelConfig, *, num_blocks: int, block_size: int, kv_dtype: str, swap_blocks: int = 0,
-                 max_seq_len: int) -> None:  # fmt: skip
-        self.pools: KVPools = allocate_pools(config, num_blocks, block_size, kv_dtype)
+                 max_seq_len: int, sharding: jax.sharding.Sharding | None = None) -> None:  # fmt: skip
+        self.pools: KVPools = allocate_pools(config, num_blocks, block_size, kv_dtype, sharding)
+        self.channel = None  # process 0 of several (jkv.sharding.StepChannel): block copies are broadcast first
         self.host_pools: KVPools | None = None
         if swap_blocks:
             self.host_pools = jax.tree.map(lambda a: np.zeros((swap_blocks, *a.shape[1:]), a.dtype), self.pools)
-        self.bytes_per_block = sum(a.nbytes // a.shape[0] for a in jax.tree.leaves(self.pools))
+        # one device's bytes of a block (split by KV heads under tensor parallelism, as the planner counts them)
+        self.bytes_per_block = sum(a.addressable_shards[0].data.nbytes // a.shape[0]
+                                   for a in jax.tree.leaves(self.pools))  # fmt: skip
         self.swap_chunk = min(bucket(cdiv(max_seq_len, block_size)),
                               1 << max(0, (SWAP_STAGING_BYTES // self.bytes_per_block).bit_length() - 1))  # fmt: skip
 
@@ -225,7 +253,13 @@ class KVCache:
         pad = [0] * (bucket(len(pairs)) - len(pairs))
         src = np.asarray([s for s, _ in pairs] + pad, np.int32)
         dst = np.asarray([d for _, d in pairs] + pad, np.int32)
-        self.pools = copy_blocks(self.pools, src, dst)
+        if self.channel is not None:
+            self.channel.send("copy", (), (src, dst))
+        self.copy_arrays(src, dst)
+
+    def copy_arrays(self, src: np.ndarray, dst: np.ndarray) -> None:
+        """Block dst[i] = block src[i] (padded index arrays, as `copy` builds them)."""
+        self.pools = block_functions(self.pools)[0](self.pools, src, dst)
 
     def _pieces(self, n: int):
         """(start, stop, padded size) of each swap call moving n blocks."""
@@ -239,7 +273,7 @@ class KVCache:
         leaves = jax.tree.leaves(self.host_pools)
         for start, stop, size in self._pieces(len(dev)):
             ids = dev[start:stop] + [0] * (size - (stop - start))
-            data = jax.device_get(gather_blocks(self.pools, np.asarray(ids, np.int32)))
+            data = jax.device_get(block_functions(self.pools)[1](self.pools, np.asarray(ids, np.int32)))
             for h_arr, d_arr in zip(leaves, jax.tree.leaves(data)):
                 h_arr[host[start:stop]] = d_arr[: stop - start]
 
@@ -251,7 +285,7 @@ class KVCache:
             idx = np.asarray(host[start:stop] + [host[start]] * pad)
             contents = jax.tree.map(lambda a, idx=idx: jnp.asarray(a[idx]), self.host_pools)
             ids = np.asarray(dev[start:stop] + [0] * pad, np.int32)
-            self.pools = scatter_blocks(self.pools, ids, contents)
+            self.pools = block_functions(self.pools)[2](self.pools, ids, contents)
 
     def warm(self, copy_sizes: list[int]) -> None:
         """Compile every copy call size (the null block onto itself) and, with swap space, every swap call size

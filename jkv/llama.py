@@ -166,7 +166,7 @@ def linear(p: Params, x: jax.Array) -> jax.Array:
 
 
 def attention(p: Params, config: ModelConfig, layer_index: int, x: jax.Array, cos: jax.Array, sin: jax.Array,
-              cache: Any, attend) -> tuple[jax.Array, Any]:  # fmt: skip
+              cache: Any, attend, tp: int = 1) -> tuple[jax.Array, Any]:  # fmt: skip
     b, t, _ = x.shape
     h, hkv, d = config.n_head, config.kv_heads, config.head_dim
     q = linear(p["q_proj"], x).reshape(b, t, h, d)  # [B, T, H, D]
@@ -177,7 +177,10 @@ def attention(p: Params, config: ModelConfig, layer_index: int, x: jax.Array, co
         k = rms_norm(p["k_norm"], k, config.layer_norm_epsilon)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if getattr(attend, "takes_qkv", False):
-        out, cache = attend(layer_index, jnp.concatenate([q, k, v], axis=2), None, None, cache)
+        # grouped by tensor-parallel shard (jkv.sharding): [q_s | k_s | v_s] for s = 0 .. tp - 1
+        per_shard = [a.reshape(b, t, tp, a.shape[2] // tp, d) for a in (q, k, v)]  # [B, T, N, heads / N, D]
+        qkv = jnp.concatenate(per_shard, axis=3).reshape(b, t, h + 2 * hkv, d)
+        out, cache = attend(layer_index, qkv, None, None, cache)
     else:
         out, cache = attend(layer_index, q, k, v, cache)
     return linear(p["o_proj"], out.reshape(b, t, h * d)), cache  # [B, T, E]
@@ -190,31 +193,32 @@ def mlp(p: Params, x: jax.Array) -> jax.Array:
 
 
 def decoder_layer(p: Params, config: ModelConfig, layer_index: int, x: jax.Array, cos: jax.Array, sin: jax.Array,
-                  cache: Any, attend) -> tuple[jax.Array, Any]:  # fmt: skip
+                  cache: Any, attend, tp: int = 1) -> tuple[jax.Array, Any]:  # fmt: skip
     eps = config.layer_norm_epsilon
     a, cache = attention(p["self_attn"], config, layer_index, rms_norm(p["input_layernorm"], x, eps), cos, sin,
-                         cache, attend)  # fmt: skip
+                         cache, attend, tp)  # fmt: skip
     x = x + a
     return x + mlp(p["mlp"], rms_norm(p["post_attention_layernorm"], x, eps)), cache
 
 
 def forward(params: Params, config: ModelConfig, tokens: jax.Array, positions: jax.Array, cache: Any, attend, *,
-            logits_index: jax.Array | None = None) -> tuple[jax.Array, Any]:  # fmt: skip
+            logits_index: jax.Array | None = None, mesh=None) -> tuple[jax.Array, Any]:  # fmt: skip
     """One decoder pass over new tokens, with `jkv.model.forward`'s contract (positions drive the rotation)."""
-    from jkv.model import matmul_precision
+    from jkv.model import matmul_precision, vocab_logits
 
     embed = params["embed_tokens"]["weight"]  # [V, E]
     x = jnp.take(embed, tokens, axis=0)  # [B, T, E]
     cos, sin = rope_tables(config, positions)
+    tp = 1 if mesh is None else mesh.size
     for i in range(config.n_layer):
-        x, cache = decoder_layer(params[f"layers_{i}"], config, i, x, cos, sin, cache, attend)
+        x, cache = decoder_layer(params[f"layers_{i}"], config, i, x, cos, sin, cache, attend, tp)
     x = rms_norm(params["norm"], x, config.layer_norm_epsilon)
     if logits_index is not None:
         x = x[jnp.arange(x.shape[0]), logits_index]  # [B, E]
     table = embed if config.tie_word_embeddings else params["lm_head"]["weight"]  # [V, E]
     logits = jnp.einsum("...e,ve->...v", x.astype(table.dtype), table, precision=matmul_precision(table.dtype),
                         preferred_element_type=jnp.float32)  # fmt: skip
-    return logits.astype(jnp.float32), cache  # [B, (T,) V]
+    return vocab_logits(logits, config, mesh), cache  # [B, (T,) V]
 
 
 # Parameter names and random weights ---------------------------------------------------------------------------

@@ -44,6 +44,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from kvspec.config import ModelConfig
 
@@ -138,14 +139,15 @@ def dense(p: Params, x: jax.Array) -> jax.Array:
 
 
 def attention(p: Params, config: ModelConfig, layer_index: int, x: jax.Array, cache: Any,
-              attend: AttentionFn) -> tuple[jax.Array, Any]:  # fmt: skip
+              attend: AttentionFn, tp: int = 1) -> tuple[jax.Array, Any]:  # fmt: skip
     b, t, e = x.shape
     h, hkv, d = config.n_head, config.kv_heads, config.head_dim
-    qkv = dense(p["c_attn"], x)  # [B, T, H * D + 2 * Hkv * D]
+    qkv = dense(p["c_attn"], x)  # [B, T, H * D + 2 * Hkv * D], per shard [q_s | k_s | v_s] (jkv.sharding)
     if getattr(attend, "takes_qkv", False):
         out, cache = attend(layer_index, qkv.reshape(b, t, h + 2 * hkv, d), None, None, cache)
     else:
-        q, k, v = jnp.split(qkv, [h * d, (h + hkv) * d], axis=-1)
+        per_shard = qkv.reshape(b, t, tp, (h + 2 * hkv) // tp, d)  # [B, T, N, H/N + 2 Hkv/N, D]
+        q, k, v = jnp.split(per_shard, [h // tp, (h + hkv) // tp], axis=3)
         q = q.reshape(b, t, h, d)  # [B, T, H, D]
         k = k.reshape(b, t, hkv, d)  # [B, T, Hkv, D]
         v = v.reshape(b, t, hkv, d)  # [B, T, Hkv, D]
@@ -160,9 +162,9 @@ def mlp(p: Params, x: jax.Array) -> jax.Array:
 
 
 def block(p: Params, config: ModelConfig, layer_index: int, x: jax.Array, cache: Any,
-          attend: AttentionFn) -> tuple[jax.Array, Any]:  # fmt: skip
+          attend: AttentionFn, tp: int = 1) -> tuple[jax.Array, Any]:  # fmt: skip
     eps = config.layer_norm_epsilon
-    a, cache = attention(p["attn"], config, layer_index, layer_norm(p["ln_1"], x, eps), cache, attend)
+    a, cache = attention(p["attn"], config, layer_index, layer_norm(p["ln_1"], x, eps), cache, attend, tp)
     x = x + a
     return x + mlp(p["mlp"], layer_norm(p["ln_2"], x, eps)), cache
 
@@ -176,16 +178,20 @@ def forward(
     attend: AttentionFn,
     *,
     logits_index: jax.Array | None = None,
+    mesh: Mesh | None = None,
 ) -> tuple[jax.Array, Any]:
     """One decoder pass of the family `config.model_type` names: GPT-2 below, the Llama family in `jkv.llama`.
 
     Pure, so `jax.jit(forward, static_argnums=(1, 5))` works; every family keeps the contract of `gpt2_forward`.
+    mesh: the one-axis tensor-parallel mesh the parameters are laid out and sharded for (jkv.sharding); None: one
+    device. Over N devices GPT-2's fused QKV output and a `takes_qkv` attend's input are grouped by shard
+    ([q | k | v] of shard 0, then of shard 1, ...), and the lm-head's logits are computed split by vocabulary.
     """
     if config.model_type == "gpt2":
-        return gpt2_forward(params, config, tokens, positions, cache, attend, logits_index=logits_index)
+        return gpt2_forward(params, config, tokens, positions, cache, attend, logits_index=logits_index, mesh=mesh)
     from jkv import llama
 
-    return llama.forward(params, config, tokens, positions, cache, attend, logits_index=logits_index)
+    return llama.forward(params, config, tokens, positions, cache, attend, logits_index=logits_index, mesh=mesh)
 
 
 def gpt2_forward(
@@ -197,6 +203,7 @@ def gpt2_forward(
     attend: AttentionFn,
     *,
     logits_index: jax.Array | None = None,
+    mesh: Mesh | None = None,
 ) -> tuple[jax.Array, Any]:
     """One decoder pass over new tokens; pure, so `jax.jit(forward, static_argnums=(1, 5))` works.
 
@@ -208,15 +215,28 @@ def gpt2_forward(
     """
     wte = params["wte"]["embedding"]
     x = jnp.take(wte, tokens, axis=0) + jnp.take(params["wpe"]["embedding"], positions, axis=0)  # [B, T, E]
+    tp = 1 if mesh is None else mesh.size
     for i in range(config.n_layer):
-        x, cache = block(params[f"h_{i}"], config, i, x, cache, attend)
+        x, cache = block(params[f"h_{i}"], config, i, x, cache, attend, tp)
     x = layer_norm(params["ln_f"], x, config.layer_norm_epsilon)  # [B, T, E]
     if logits_index is not None:
         x = x[jnp.arange(x.shape[0]), logits_index]  # [B, E]
     table = wte if config.tie_word_embeddings else params["lm_head"]  # [V, E]
     logits = jnp.einsum("...e,ve->...v", x, table, precision=matmul_precision(table.dtype),
                         preferred_element_type=jnp.float32)  # fmt: skip
-    return logits.astype(jnp.float32), cache  # [B, (T,) V]
+    return vocab_logits(logits, config, mesh), cache  # [B, (T,) V]
+
+
+def vocab_logits(logits: jax.Array, config: ModelConfig, mesh: Mesh | None) -> jax.Array:
+    """The lm-head's output as the vocabulary's float32 logits. Over a mesh the logits stay split by vocabulary,
+    as the head's rows are (else XLA may gather the whole head onto every device instead of the logits); the
+    padding rows of a vocab-parallel head are dropped."""
+    if mesh is not None and mesh.size > 1:
+        spec = PartitionSpec(*(None,) * (logits.ndim - 1), mesh.axis_names[0])
+        logits = jax.lax.with_sharding_constraint(logits, NamedSharding(mesh, spec))
+    if logits.shape[-1] > config.vocab_size:
+        logits = logits[..., : config.vocab_size]
+    return logits.astype(jnp.float32)
 
 
 _forward_jit = jax.jit(forward, static_argnums=(1, 5))

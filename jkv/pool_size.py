@@ -67,8 +67,9 @@ def check_pool_fits(num_blocks: int, bytes_per_block: int) -> None:
 
 
 def planned_blocks(config, *, hbm, weight_dtype: str, kv: str, block_size: int, max_seq_len: int, max_num_seqs: int,
-                   prefill_chunk: int, params_bytes: int):  # fmt: skip
-    """(num_blocks, plan or None) for an engine.
+                   prefill_chunk: int, params_bytes: int, tp: int = 1):  # fmt: skip
+    """(num_blocks, plan or None) for an engine; under tp-way tensor parallelism every figure (`hbm`,
+    `params_bytes`, the plan's) is one device's.
 
     hbm: a byte budget (int or '24GB'); None plans against what JAX's pool has free on a GPU (the model's
     parameters, already resident, counted back in), and off the GPU gives a pool for max_num_seqs full-length
@@ -77,7 +78,7 @@ def planned_blocks(config, *, hbm, weight_dtype: str, kv: str, block_size: int, 
     pool = device_pool()
     if hbm is None and pool is None:
         per_seq = blocks_for_tokens(max_seq_len, block_size, config.sliding_window)
-        per_block = block_size * kv_bytes_per_token(config, kv_dtype(kv))
+        per_block = block_size * kv_bytes_per_token(config, kv_dtype(kv), tp)
         want = max_num_seqs * per_seq + 1
         cap = max(per_seq + 1, HOST_DEFAULT_POOL_BYTES // per_block)
         if want > cap:
@@ -90,7 +91,7 @@ def planned_blocks(config, *, hbm, weight_dtype: str, kv: str, block_size: int, 
     plan = make_plan(
         config,
         PlanOptions(hbm_bytes=budget, dtype=weight_dtype, kv_dtype=kv, block_size=block_size, max_seq_len=max_seq_len,
-                    max_num_seqs=max_num_seqs, prefill_chunk=prefill_chunk, reserve_bytes=None if hbm else 0),
+                    max_num_seqs=max_num_seqs, prefill_chunk=prefill_chunk, reserve_bytes=None if hbm else 0, tp=tp),
     )  # fmt: skip
     if pool is not None:
         need = plan.peak_bytes - plan.reserve_bytes - params_bytes  # what the engine adds inside JAX's pool

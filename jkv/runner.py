@@ -22,10 +22,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.sharding import PartitionSpec as P
+
 from jkv.compile_cache import StoredFunction
 from jkv.kv_cache import KVPools, write_tokens
 from jkv.model import forward
 from jkv.sampling import sample_tokens, token_logprobs
+from jkv.sharding import HEADS, POOL, StepChannel, TensorParallel
 from kvspec.shapes import bucket  # noqa: F401 - re-exported for callers of the runner
 from kvspec.config import ModelConfig
 
@@ -159,51 +162,68 @@ def unpack(ints: jax.Array, floats: jax.Array, b: int, c: int, m: int) -> StepIn
 
 
 def _forward_sample(params, pools: KVPools, x: StepInputs, tokens_in, *, config, backend, decode, greedy, window,
-                    fuse_write, all_positions=False):  # fmt: skip
+                    fuse_write, tp: TensorParallel, all_positions=False):  # fmt: skip
     """The model over `x` with input tokens `tokens_in` [B, C], then one sampled token per row.
 
+    The attention runs per shard of `tp`'s mesh (`jax.shard_map`): each device writes and reads its own KV heads
+    with its own query heads; `x` (block tables, lengths, slots) is the same on every device.
     Returns (tokens [B] int32, logits [B, V] float32, pools), and with `all_positions` also every position's
     logits [B, C, V] float32."""
     decode_fn, prefill_fn, decode_write_fn = attention_backend(backend)
+    heads = config.n_head // tp.size  # query heads per shard
 
-    def attend(layer, q, k, v, cache):
+    def shard_attend(q, k, v, cache: KVPools, x: StepInputs):  # one shard's heads, one layer's pools
         b, c, hkv, d = k.shape
         cache = write_tokens(
-            cache, layer, k.reshape(b * c, hkv, d), v.reshape(b * c, hkv, d),
+            cache, 0, k.reshape(b * c, hkv, d), v.reshape(b * c, hkv, d),
             x.slot_blocks.reshape(-1), x.slot_offsets.reshape(-1),
         )  # fmt: skip
-        kp, vp, ks, vs = cache.layer(layer)
+        kp, vp, ks, vs = cache.layer(0)
         if decode:
             out = decode_fn(q[:, 0], kp, vp, x.block_tables, x.context_lens + x.query_lens,
                             k_scales=ks, v_scales=vs, sliding_window=window)[:, None]  # fmt: skip
         else:
             out = prefill_fn(q, kp, vp, x.block_tables, x.context_lens, x.query_lens,
                              k_scales=ks, v_scales=vs, sliding_window=window)  # fmt: skip
-        return out.astype(q.dtype), cache  # [B, C, H, D]
+        return out.astype(q.dtype), cache  # [B, C, H / N, D]
+
+    def shard_attend_qkv(qkv, cache: KVPools, x: StepInputs):
+        # One kernel per layer writes the token's K/V and attends, reading q/k/v straight from the projection.
+        kp, vp, _, _ = cache.layer(0)
+        out, kp, vp = decode_write_fn(qkv[:, 0], kp, vp, x.block_tables, x.context_lens + x.query_lens,
+                                      num_heads=heads, sliding_window=window)  # fmt: skip
+        return out[:, None].astype(qkv.dtype), cache.with_layer(0, kp, vp)  # [B, 1, H / N, D]
+
+    per_shard = tp.per_shard(shard_attend, (HEADS, HEADS, HEADS, POOL, P()), (HEADS, POOL))
+    per_shard_qkv = tp.per_shard(shard_attend_qkv, (HEADS, POOL, P()), (HEADS, POOL))
+
+    def attend(layer, q, k, v, cache):
+        out, mine = per_shard(q, k, v, cache.only_layer(layer), x)
+        return out, cache.with_layer(layer, *mine.layer(0))  # [B, C, H, D]
 
     def attend_qkv(layer, qkv, k, v, cache):
-        # One kernel per layer writes the token's K/V and attends, reading q/k/v straight from the projection.
         del k, v
-        kp, vp, _, _ = cache.layer(layer)
-        out, kp, vp = decode_write_fn(qkv[:, 0], kp, vp, x.block_tables, x.context_lens + x.query_lens,
-                                      num_heads=config.n_head, sliding_window=window)  # fmt: skip
-        return out[:, None].astype(qkv.dtype), cache.with_layer(layer, kp, vp)  # [B, 1, H, D]
+        out, mine = per_shard_qkv(qkv, cache.only_layer(layer), x)
+        return out, cache.with_layer(layer, *mine.layer(0))  # [B, 1, H, D]
 
     attend_qkv.takes_qkv = True
     if fuse_write and decode and decode_write_fn is not None and not pools.quantized:
         attend = attend_qkv
     last = jnp.maximum(x.query_lens - 1, 0)
     if all_positions:
-        full, pools = forward(params, config, tokens_in, x.positions, pools, attend)  # [B, C, V]
-        full = full.astype(jnp.float32)
+        full, pools = forward(params, config, tokens_in, x.positions, pools, attend, mesh=tp.mesh)  # [B, C, V]
+        full = tp.constrain(full.astype(jnp.float32), tp.replicated)
         logits = jnp.take_along_axis(full, last[:, None, None], axis=1)[:, 0]  # [B, V]
     else:
-        logits, pools = forward(params, config, tokens_in, x.positions, pools, attend, logits_index=last)  # [B,V]
+        logits, pools = forward(params, config, tokens_in, x.positions, pools, attend, logits_index=last,
+                                mesh=tp.mesh)  # [B, V]  # fmt: skip
         logits = logits.astype(jnp.float32)
+    logits = tp.constrain(logits, tp.replicated)  # the vocab-parallel head's logits, gathered for sampling
     if greedy:
         tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     else:
         tokens = sample_tokens(logits, x.temperature, x.top_k, x.top_p, x.seeds, x.counters)
+    pools = tp.constrain(pools, tp.pools)
     return (tokens, logits, pools, full) if all_positions else (tokens, logits, pools)
 
 
@@ -215,7 +235,8 @@ def _decode_tokens_in(x: StepInputs, prev):
     return jnp.where(x.src_rows[:, None] >= 0, from_prev, x.tokens)
 
 
-def _step(params, pools: KVPools, ints, floats, prev, *, shape, config, backend, decode, greedy, window, fuse_write):
+def _step(params, pools: KVPools, ints, floats, prev, *, shape, config, backend, decode, greedy, window, fuse_write,
+          tp):  # fmt: skip
     """One model step. `prev` (int32 [S] or None) is the token buffer of the previous step: a decode row with
     src_rows >= 0 reads its input token there instead of from `tokens`, so the host need not have seen it.
     Returns the buffer with this step's sampled tokens written at [0, B) (decode) or [S/2, S/2 + B) (prefill).
@@ -223,20 +244,22 @@ def _step(params, pools: KVPools, ints, floats, prev, *, shape, config, backend,
     x = unpack(ints, floats, *shape)
     tokens_in = _decode_tokens_in(x, prev) if decode else x.tokens
     tokens, logits, pools = _forward_sample(params, pools, x, tokens_in, config=config, backend=backend,
-                                            decode=decode, greedy=greedy, window=window, fuse_write=fuse_write)  # fmt: skip
+                                            decode=decode, greedy=greedy, window=window, fuse_write=fuse_write,
+                                            tp=tp)  # fmt: skip
     if prev is None:
         return tokens, logits, pools, None
     offset = 0 if decode else prev.shape[0] // 2
     return tokens, logits, pools, jax.lax.dynamic_update_slice(prev, tokens, (offset,))
 
 
-def _scoring_step(params, pools: KVPools, ints, floats, prev, targets, *, shape, config, backend, greedy, window):
+def _scoring_step(params, pools: KVPools, ints, floats, prev, targets, *, shape, config, backend, greedy, window,
+                  tp):  # fmt: skip
     """A prefill step (as `_step`) that also scores `targets` [B, C] (int32, < 0: nothing) at every position:
     returns `_step`'s four results and (target log-probabilities [B, C], top values and ids [B, C, K])."""
     x = unpack(ints, floats, *shape)
     tokens, logits, pools, full = _forward_sample(params, pools, x, x.tokens, config=config, backend=backend,
                                                   decode=False, greedy=greedy, window=window, fuse_write=False,
-                                                  all_positions=True)  # fmt: skip
+                                                  tp=tp, all_positions=True)  # fmt: skip
     scored = token_logprobs(full, targets)
     if prev is None:
         return tokens, logits, pools, None, scored
@@ -244,7 +267,7 @@ def _scoring_step(params, pools: KVPools, ints, floats, prev, targets, *, shape,
 
 
 def _decode_steps(params, pools: KVPools, ints, floats, prev, *, shape, num_steps, block_size, config, backend, greedy,
-                  window, fuse_write):  # fmt: skip
+                  window, fuse_write, tp):  # fmt: skip
     """`num_steps` decode steps in one call, each step's sampled tokens feeding the next (multi-step decode).
 
     `x` describes the first step as for `_step`, except that `query_lens[b]` is the number of steps row b runs
@@ -269,7 +292,8 @@ def _decode_steps(params, pools: KVPools, ints, floats, prev, *, shape, num_step
             query_lens=active.astype(jnp.int32), counters=x.counters + j,
         )  # fmt: skip
         tokens, _, pools = _forward_sample(params, pools, xj, tokens_in, config=config, backend=backend,
-                                           decode=True, greedy=greedy, window=window, fuse_write=fuse_write)  # fmt: skip
+                                           decode=True, greedy=greedy, window=window, fuse_write=fuse_write,
+                                           tp=tp)  # fmt: skip
         tokens = jnp.where(active, tokens, tokens_in[:, 0])  # a finished row keeps its last token
         return pools, tokens[:, None], out.at[j].set(tokens)
 
@@ -291,12 +315,13 @@ def _cached_jit(key: tuple, fn):
     else:
         while len(_JITTED) >= _JITTED_MAX:
             _JITTED.popitem(last=False)
-        _JITTED[key] = StoredFunction(repr(key), fn(), donate_argnums=1)
+        tp = key[-1]  # every step's key ends with its mesh
+        _JITTED[key] = StoredFunction(repr(key), fn(), donate_argnums=1, devices=tp.mesh.devices.flat)
     return _JITTED[key]
 
 
 def _jitted_step(config: ModelConfig, backend: str, decode: bool, greedy: bool, shape: tuple[int, int, int],
-                 window: int | None, fuse_write: bool = True):  # fmt: skip
+                 window: int | None, fuse_write: bool, tp: TensorParallel):  # fmt: skip
     """The jitted step for one static configuration, shared by every runner of the process.
 
     Parameters, pools and inputs are arguments, so engines over the same model shape (a restarted engine, the
@@ -304,26 +329,27 @@ def _jitted_step(config: ModelConfig, backend: str, decode: bool, greedy: bool, 
     dtypes (a different kv_dtype or token buffer size is a different executable). At most _JITTED_MAX are
     kept for reuse, so a process that meets many model shapes does not hold every executable forever.
     """
-    key = (config, backend, decode, greedy, shape, window, fuse_write)
+    key = (config, backend, decode, greedy, shape, window, fuse_write, tp)
     return _cached_jit(key, lambda: partial(_step, shape=shape, config=config, backend=backend, decode=decode,
-                                            greedy=greedy, window=window, fuse_write=fuse_write))  # fmt: skip
+                                            greedy=greedy, window=window, fuse_write=fuse_write, tp=tp))  # fmt: skip
 
 
 def _jitted_decode_steps(config: ModelConfig, backend: str, greedy: bool, shape: tuple[int, int, int],
-                         window: int | None, fuse_write: bool, num_steps: int, block_size: int):  # fmt: skip
+                         window: int | None, fuse_write: bool, num_steps: int, block_size: int,
+                         tp: TensorParallel):  # fmt: skip
     """The jitted multi-step decode (`_decode_steps`) for one static configuration, cached like `_jitted_step`."""
-    key = ("steps", config, backend, greedy, shape, window, fuse_write, num_steps, block_size)
+    key = ("steps", config, backend, greedy, shape, window, fuse_write, num_steps, block_size, tp)
     return _cached_jit(key, lambda: partial(_decode_steps, shape=shape, num_steps=num_steps, block_size=block_size,
                                             config=config, backend=backend, greedy=greedy, window=window,
-                                            fuse_write=fuse_write))  # fmt: skip
+                                            fuse_write=fuse_write, tp=tp))  # fmt: skip
 
 
 def _jitted_scoring_step(config: ModelConfig, backend: str, greedy: bool, shape: tuple[int, int, int],
-                         window: int | None):  # fmt: skip
+                         window: int | None, tp: TensorParallel):  # fmt: skip
     """The jitted prefill-with-scores step (`_scoring_step`) for one static configuration, cached like `_jitted_step`."""
-    key = ("scoring", config, backend, greedy, shape, window)
+    key = ("scoring", config, backend, greedy, shape, window, tp)
     return _cached_jit(key, lambda: partial(_scoring_step, shape=shape, config=config, backend=backend,
-                                            greedy=greedy, window=window))  # fmt: skip
+                                            greedy=greedy, window=window, tp=tp))  # fmt: skip
 
 
 class StepRunner:
@@ -336,13 +362,18 @@ class StepRunner:
     """
 
     def __init__(self, params, config: ModelConfig, *, block_size: int, backend: str = "auto",
-                 sliding_window: int | None = None, token_slots: int = 0, fuse_decode_write: bool = True):  # fmt: skip
+                 sliding_window: int | None = None, token_slots: int = 0, fuse_decode_write: bool = True,
+                 tp: TensorParallel | None = None):  # fmt: skip
+        """tp: the mesh `params` are placed on (`TensorParallel.place_params`) and `config` is its
+        `model_config`; None: a one-device mesh over the default device."""
         if token_slots < 0 or token_slots % 2:
             raise ValueError(f"token_slots={token_slots} must be an even number >= 0.")
         self.token_slots = token_slots
         self._zero_tokens = None
         self.params = params
         self.config = config
+        self.tp = tp if tp is not None else TensorParallel.create(config, 1)
+        self.channel: StepChannel | None = None  # process 0 of several: each device call is broadcast first
         self.block_size = block_size
         self.requested_backend = backend
         self.backend = resolve_backend(backend, config.head_dim, block_size)  # refined by the pools' kind in run()
@@ -368,7 +399,7 @@ class StepRunner:
         fn_key = (decode, greedy, shape, self.fuse_decode_write)
         if fn_key not in self._fns:
             self._fns[fn_key] = _jitted_step(self.config, self.backend, decode, greedy, shape, self.window,
-                                             self.fuse_decode_write)
+                                             self.fuse_decode_write, self.tp)  # fmt: skip
             self.compiled.add(self._compiled_key(decode, greedy, shape, None))
         return self._fns[fn_key]
 
@@ -380,7 +411,7 @@ class StepRunner:
     def zero_tokens(self) -> jax.Array | None:
         """A token buffer of zeros (None without one)."""
         if self.token_slots and self._zero_tokens is None:
-            self._zero_tokens = jnp.zeros(self.token_slots, jnp.int32)
+            self._zero_tokens = jnp.zeros(self.token_slots, jnp.int32, device=self.tp.replicated)
         return self._zero_tokens
 
     def close(self) -> None:
@@ -402,16 +433,29 @@ class StepRunner:
         waits for the device.
         """
         ints, floats = self._prepare(pools, inputs, prev_tokens)
-        return self._fn(decode, greedy, self._shape(inputs))(self.params, pools, ints, floats, prev_tokens)
+        shape = self._shape(inputs)
+        if self.channel is not None:
+            self.channel.send("step", (decode, greedy, *shape), (ints, floats))
+        tokens, logits, pools, buf = self._fn(decode, greedy, shape)(self.params, pools, *self.tp.inputs(ints, floats),
+                                                                     prev_tokens)  # fmt: skip
+        return self.tp.local(tokens), self.tp.local(logits), pools, buf
 
     def run_scoring_step(self, pools: KVPools, inputs: StepInputs, prev_tokens: jax.Array | None, targets, *,
                          greedy: bool):  # fmt: skip
         """A prefill step that also scores `targets` [B, C] (the next prompt token at each position, < 0 for
         none): `run_step`'s results and (log-probabilities [B, C], top values [B, C, K], top ids [B, C, K])."""
         ints, floats = self._prepare(pools, inputs, prev_tokens)
-        fn = _jitted_scoring_step(self.config, self.backend, greedy, self._shape(inputs), self.window)
-        self.compiled.add((self.backend, "scoring", greedy, self._shape(inputs)))
-        return fn(self.params, pools, ints, floats, prev_tokens, np.asarray(targets, np.int32))
+        targets = np.asarray(targets, np.int32)
+        shape = self._shape(inputs)
+        if self.channel is not None:
+            self.channel.send("scoring", (greedy, *shape), (ints, floats, targets.ravel()))
+        tokens, logits, pools, buf, scored = self._scoring_fn(greedy, shape)(
+            self.params, pools, *self.tp.inputs(ints, floats), prev_tokens, *self.tp.inputs(targets))  # fmt: skip
+        return self.tp.local(tokens), self.tp.local(logits), pools, buf, tuple(self.tp.local(a) for a in scored)
+
+    def _scoring_fn(self, greedy: bool, shape: tuple[int, int, int]):
+        self.compiled.add((self.backend, "scoring", greedy, shape))
+        return _jitted_scoring_step(self.config, self.backend, greedy, shape, self.window, self.tp)
 
     def _prepare(self, pools: KVPools, inputs: StepInputs, prev_tokens: jax.Array | None):
         """Check the token buffer against the rows, resolve the backend for the pools; the packed inputs."""
@@ -424,7 +468,7 @@ class StepRunner:
         key = ("steps", greedy, shape, num_steps, self.fuse_decode_write)
         if key not in self._fns:
             self._fns[key] = _jitted_decode_steps(self.config, self.backend, greedy, shape, self.window,
-                                                  self.fuse_decode_write, num_steps, self.block_size)  # fmt: skip
+                                                  self.fuse_decode_write, num_steps, self.block_size, self.tp)  # fmt: skip
             self.compiled.add(self._compiled_key(True, greedy, shape, num_steps))
         return self._fns[key]
 
@@ -434,8 +478,33 @@ class StepRunner:
         number of steps row b runs). Returns (tokens [num_steps, B], new pools, new token buffer or None), all on
         the device; nothing waits for the device."""
         ints, floats = self._prepare(pools, inputs, prev_tokens)
-        fn = self.function(inputs, decode=True, greedy=greedy, num_steps=num_steps)
-        return fn(self.params, pools, ints, floats, prev_tokens)
+        shape = self._shape(inputs)
+        if self.channel is not None:
+            self.channel.send("steps", (greedy, num_steps, *shape), (ints, floats))
+        steps, pools, buf = self._steps_fn(greedy, shape, num_steps)(self.params, pools, *self.tp.inputs(ints, floats),
+                                                                     prev_tokens)  # fmt: skip
+        return self.tp.local(steps), pools, buf
+
+    def replay(self, op: str, statics: tuple[int, ...], arrays: list[np.ndarray], pools: KVPools, prev_tokens):
+        """Make the device call process 0 announced (`StepChannel`), on this process's shards; returns the new
+        (pools, token buffer). Nothing is read back."""
+        if op == "step":
+            decode, greedy, *shape = statics
+            out = self._fn(bool(decode), bool(greedy), tuple(shape))(self.params, pools, *self.tp.inputs(*arrays),
+                                                                     prev_tokens)  # fmt: skip
+        elif op == "scoring":
+            greedy, *shape = statics
+            ints, floats, targets = arrays
+            targets = targets.reshape(shape[0], shape[1])
+            out = self._scoring_fn(bool(greedy), tuple(shape))(
+                self.params, pools, *self.tp.inputs(ints, floats), prev_tokens, *self.tp.inputs(targets))  # fmt: skip
+        elif op == "steps":
+            greedy, num_steps, *shape = statics
+            out = (None, *self._steps_fn(bool(greedy), tuple(shape), num_steps)(
+                self.params, pools, *self.tp.inputs(*arrays), prev_tokens))  # fmt: skip
+        else:
+            raise AssertionError(f"not a step call: {op!r}")
+        return out[2], out[3]
 
     def is_compiled(self, inputs: StepInputs, *, decode: bool, greedy: bool, num_steps: int | None = None) -> bool:
         """Whether this runner already runs the step (or the multi-step decode, num_steps) of `inputs`' shape."""
@@ -453,7 +522,7 @@ class StepRunner:
         """The lowered step (for `.compile().memory_analysis()`); num_steps: the multi-step decode instead."""
         self.use_pools(pools)
         fn = self.function(inputs, decode=decode, greedy=greedy, num_steps=num_steps)
-        return fn.lower(self.params, pools, *pack(inputs), self.zero_tokens())
+        return fn.lower(self.params, pools, *self.tp.inputs(*pack(inputs)), self.zero_tokens())
 
 
 def build_inputs(
