@@ -173,7 +173,7 @@ def main() -> None:
                 rows.append(row)
                 p, q = row["planned"], row["measured"]
                 if row["failed"]:
-                    print(f"  OOM: {row['failed']}", flush=True)
+                    print(f"  failed: {row['failed']}", flush=True)
                 print(f"  stages: {json.dumps(row['stages'])}", flush=True)
                 print(f"{model:12s} {kv:9s} {budget:5s} peak plan {p['peak'] / 2**30:6.2f} GiB meas "
                       f"{q['peak'] / 2**30:6.2f} GiB ({100 * (p['peak'] / q['peak'] - 1):+.1f}%)  "

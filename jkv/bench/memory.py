@@ -214,6 +214,9 @@ def planned_stages(probe: StepProbe, plan, dev) -> tuple[dict, str | None]:
     for name, args in (("prefill", prefill_step(plan)),
                        ("decode_max_batch", (plan.max_num_seqs, shortest, 1)),
                        ("decode_max_len", (b_long, plan.max_seq_len, 1))):  # fmt: skip
+        if args[0] == 0:  # not one sequence of max_seq_len fits this budget (Llama-3.1's 131072 at 24 GB)
+            stages[name] = None
+            continue
         try:
             run_step(probe, *args)
         except Exception as err:  # noqa: BLE001 - an OOM here means the plan over-promised

@@ -177,7 +177,7 @@ def create_app(state: ServerState) -> FastAPI:
         if top is not None and not body.logprobs:
             raise P.RequestError("top_logprobs needs logprobs=true: set it or drop top_logprobs.", "top_logprobs")
         text = state.chat_template.render(message_dicts(body.messages), body.add_generation_prompt)
-        ids = state.tokenizer.encode(text)
+        ids = state.tokenizer.encode(text, add_special_tokens=False)  # the template wrote the BOS it wants
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         logprobs = (top or 0) if body.logprobs else None
         sampling = P.sampling_params(body, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=None,
