@@ -4,11 +4,12 @@ caching, preemption, forks, beams, every KV dtype and the interpreted Pallas ker
 
 import numpy as np
 import pytest
-from llama_fixtures import ENGINE, NAMES, fixture, greedy
+from llama_fixtures import ENGINE, FIXTURES, NAMES, fixture, greedy
 
 import jkv
 from jkv.kv_cache import dequantize, quantize
 from jkv.model import _forward_jit, causal_attend
+from jkv.reference import reference_generate
 
 TIGHT = {"num_blocks": 12, "block_size": 8, "max_num_seqs": 4, "max_num_batched_tokens": 16}  # preempts
 
@@ -108,3 +109,47 @@ def test_pallas_kernels_interpreted_equal_transformers(name):
     assert [final[i].token_ids for i in ids] == expected["greedy"]
 
 
+
+
+def test_chat_endpoint_renders_the_template_and_stops_at_the_models_eos():
+    # The app over a real engine loop, in process (httpx's ASGI transport): the rendered Llama-3 template is
+    # encoded without a second BOS, and the answer equals the dense reference's greedy continuation of those
+    # ids, cut at the model's EOS id.
+    import asyncio
+
+    import httpx
+
+    from jkv.serve.app import ServerState, create_app
+    from jkv.serve.chat import load_chat_template
+    from jkv.serve.engine_loop import EngineLoop
+    from jkv.serve.metrics import ServerMetrics, plan_terms
+
+    model, expected, _ = fixture("llama")
+    chat = expected["chat"]
+    want = reference_generate(model, [chat["ids"]], 40)[0]
+    # the fixture's EOS ids do not come up in 40 greedy tokens, so one that does stands in for them
+    eos = next(t for i, t in enumerate(want) if i >= 3 and t not in want[:i])
+    model = jkv.Model(model.config, model.params, "float32", str(FIXTURES / "llama"), eos_token_ids=(eos,))
+    eng = jkv.Engine(model, **ENGINE, decode_steps=1, async_scheduling=False)
+    metrics = ServerMetrics(plan_terms(eng, 0), "tiny-llama")
+    loop = EngineLoop(eng, metrics, max_waiting=4)
+    state = ServerState(loop, metrics, eng.tokenizer, "tiny-llama", eng.max_seq_len, eng.config.vocab_size,
+                        chat_template=load_chat_template(str(FIXTURES / "llama")))  # fmt: skip
+    body = {"model": "tiny-llama", "messages": chat["messages"], "max_tokens": 40, "temperature": 0}
+
+    async def main():
+        transport = httpx.ASGITransport(create_app(state))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=120) as c:
+            return await c.post("/v1/chat/completions", json=body)
+
+    loop.start()
+    try:
+        r = asyncio.run(asyncio.wait_for(main(), 120))
+    finally:
+        loop.stop()
+        eng.close()
+    assert r.status_code == 200, r.text
+    usage, choice = r.json()["usage"], r.json()["choices"][0]
+    assert usage["prompt_tokens"] == len(chat["ids"])  # one BOS: the template's
+    assert usage["completion_tokens"] == want.index(eos) + 1 and choice["finish_reason"] == "stop"
+    assert choice["message"]["content"] == eng.tokenizer.decode(want[: want.index(eos) + 1])
