@@ -125,6 +125,8 @@ class TensorParallel:
     # Placement ------------------------------------------------------------------------------------------------
     def put(self, value, sharding: NamedSharding) -> jax.Array:
         """A global array of `value` placed with `sharding`. Every process passes the same value."""
+        if isinstance(value, jax.Array) and value.sharding.is_equivalent_to(sharding, value.ndim):
+            return value  # already laid out so (tp = 1 on the model's device): no second copy of the weights
         if not self.multi_process:
             return jax.device_put(value, sharding)
         host = np.asarray(value)
