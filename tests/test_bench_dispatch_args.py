@@ -1,6 +1,7 @@
 """jkv.bench.dispatch on the CPU (scripts/bench_dispatch_args.py): one row per (arguments, donated) pair, each
 result checked first."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ SCRIPT = ROOT / "scripts" / "bench_dispatch_args.py"
 
 def test_rows_per_argument_count_and_donation():
     proc = subprocess.run([sys.executable, str(SCRIPT), "--counts", "1,8", "--donate", "0,4", "--calls", "5"],
-                          capture_output=True, text=True, env={"JAX_PLATFORMS": "cpu", "PATH": ""}, timeout=300,
+                          capture_output=True, text=True, env={"JAX_PLATFORMS": "cpu", "PATH": "", "XLA_FLAGS": os.environ["XLA_FLAGS"]}, timeout=300,
                           check=False)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [ln.split() for ln in proc.stdout.splitlines()[2:]]

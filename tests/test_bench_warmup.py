@@ -2,6 +2,7 @@
 the same tokens from every child."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ def test_two_thread_counts_same_tokens_nothing_compiled_while_serving(tmp_path):
     out = tmp_path / "rows.json"
     proc = subprocess.run([sys.executable, str(SCRIPT), "--model", str(TINY), "--batch", "2", "--max-seq-len", "32",
                            "--decode-steps", "2", "--threads", "2,1", "--out", str(out)],
-                          capture_output=True, text=True, env={"JAX_PLATFORMS": "cpu", "PATH": ""}, timeout=600,
+                          capture_output=True, text=True, env={"JAX_PLATFORMS": "cpu", "PATH": "", "XLA_FLAGS": os.environ["XLA_FLAGS"]}, timeout=600,
                           check=False)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.read_text())
@@ -29,7 +30,7 @@ def test_two_thread_counts_same_tokens_nothing_compiled_while_serving(tmp_path):
 
 def test_bad_thread_list_is_one_clear_line():
     proc = subprocess.run([sys.executable, str(SCRIPT), "--threads", "8,x"], capture_output=True, text=True,
-                          env={"JAX_PLATFORMS": "cpu", "PATH": ""}, timeout=120, check=False)  # fmt: skip
+                          env={"JAX_PLATFORMS": "cpu", "PATH": "", "XLA_FLAGS": os.environ["XLA_FLAGS"]}, timeout=120, check=False)  # fmt: skip
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1] == "--threads 8,x: give positive integers, e.g. 8,1."
 
@@ -39,7 +40,7 @@ def test_compile_cache_row_loads_every_step_instead_of_compiling(tmp_path):
     out, cache = tmp_path / "rows.json", tmp_path / "xla-cache"
     proc = subprocess.run([sys.executable, str(SCRIPT), "--model", str(TINY), "--batch", "2", "--max-seq-len", "32",
                            "--decode-steps", "2", "--threads", "2,2", "--compile-cache", str(cache), "--out", str(out)],
-                          capture_output=True, text=True, env={"JAX_PLATFORMS": "cpu", "PATH": ""}, timeout=600,
+                          capture_output=True, text=True, env={"JAX_PLATFORMS": "cpu", "PATH": "", "XLA_FLAGS": os.environ["XLA_FLAGS"]}, timeout=600,
                           check=False)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     cold, warm = json.loads(out.read_text())

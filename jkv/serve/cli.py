@@ -45,6 +45,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     e.add_argument("--preemption-mode", default="recompute", choices=("recompute", "swap"))
     e.add_argument("--swap-blocks", type=int, default=0)
     e.add_argument("--sliding-window", type=int)
+    e.add_argument("--tensor-parallel-size", "--tp", type=int, default=1, dest="tensor_parallel_size",
+                   help="shard the model over this many devices (Megatron-style; the plan is per device)")
     e.add_argument("--attention", default="auto", choices=("auto", "pallas", "reference", "interpret"))
     e.add_argument("--compile-cache", metavar="DIR",
                    help="jkv's store of compiled step executables (Engine(compile_cache_dir=DIR)): a restart loads "
@@ -82,13 +84,12 @@ def main(argv: list[str] | None = None, prog: str = "jkv serve") -> int:
 
 def build(args):
     """(app, engine, engine loop) from the parsed flags; ValueError for a bad model or engine option."""
-    import jax
-
     import jkv
     from jkv.serve.app import ServerState, create_app
     from jkv.serve.chat import load_chat_template
     from jkv.serve.engine_loop import EngineLoop
     from jkv.serve.metrics import ServerMetrics, plan_terms
+    from jkv.sharding import shard_bytes
 
     model = jkv.load_model(args.model, dtype=args.dtype)
     engine = jkv.Engine(
@@ -97,14 +98,14 @@ def build(args):
         enable_prefix_caching=not args.no_prefix_caching, preemption_mode=args.preemption_mode,
         swap_blocks=args.swap_blocks, sliding_window=args.sliding_window, attention=args.attention,
         compile_cache_dir=args.compile_cache, async_scheduling=not args.no_async_scheduling,
-        decode_steps=args.decode_steps, stream_text=True,
+        decode_steps=args.decode_steps, stream_text=True, tensor_parallel_size=args.tensor_parallel_size,
     )  # fmt: skip
     if engine.tokenizer is None:
         engine.close()
         raise ValueError(f"{args.model} has no tokenizer files (tokenizer.json or vocab.json + merges.txt): add them.")
     template = load_chat_template(args.model if os.path.isdir(args.model) else None, args.chat_template)
     name = args.served_model_name or args.model
-    param_bytes = sum(a.nbytes for a in jax.tree.leaves(model.params))
+    param_bytes = shard_bytes(engine.executor.runner.params)  # one device's share, as the plan counts
     metrics = ServerMetrics(plan_terms(engine, param_bytes), name)
     print_plan(engine, param_bytes, name)
     loop = EngineLoop(engine, metrics, max_waiting=args.max_waiting, warmup=not args.no_warmup, on_ready=print_ready,
@@ -122,7 +123,9 @@ def print_plan(engine, param_bytes: int, name: str) -> None:
     shapes = engine.shapes
     lines = [f"jkv serve: model {name} ({engine.config.name}), {st.blocks_total} KV blocks of {engine.block_size} "
              f"tokens ({human_bytes(st.blocks_total * engine.bytes_per_block)}, {engine.kv_dtype}), max batch "
-             f"{shapes.max_num_seqs}, context {engine.max_seq_len}, decode steps {engine.decode_steps}"]  # fmt: skip
+             f"{shapes.max_num_seqs}, context {engine.max_seq_len}, decode steps {engine.decode_steps}"
+             + (f", tensor parallel {engine.tensor_parallel_size} (figures per device)"
+                if engine.tensor_parallel_size > 1 else "")]  # fmt: skip
     plan = engine.plan
     if plan is not None:
         lines.append(f"jkv serve: plan: parameters {human_bytes(plan.param_bytes)} + KV pool "
