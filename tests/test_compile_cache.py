@@ -4,7 +4,6 @@ in one line and recompiled (jkv.compile_cache)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -139,7 +138,9 @@ print(json.dumps({"tokens": [o.token_ids for o in outs[0]], "compiled": compiled
 
 def _process(cache: Path) -> dict:
     r = subprocess.run([sys.executable, "-c", _RUN, str(FIXTURE), str(cache)], capture_output=True, text=True,
-                       cwd=ROOT, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "XLA_FLAGS": os.environ["XLA_FLAGS"]}, timeout=600)  # fmt: skip
+                       cwd=ROOT, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}, timeout=600)  # fmt: skip
+    # default XLA flags here: loading executables compiled under the suite's fast-compile flags aborted the
+    # process once on CI ("terminate called without an active exception"); users run the defaults
     assert r.returncode == 0, r.stderr[-2000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
