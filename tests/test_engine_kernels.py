@@ -11,23 +11,13 @@ import numpy as np
 import pytest
 
 import jkv
-from jkv.model import Model
-from jkv.weights import random_params
-from kvspec.config import ModelConfig
+from random_models import context_sensitive_gpt2  # tests/random_models.py
 
 
 @pytest.fixture(scope="module")
 def model():
     # head_dim 64: a shape the kernels take (the HF test fixture has head_dim 8)
-    config = ModelConfig("tiny-d64", vocab_size=256, n_positions=128, n_embd=128, n_layer=2, n_head=2)
-    params = random_params(config, "float32", seed=3)
-    # GPT-2's init (std 0.02) leaves a random model's next token almost a function of the current one; larger
-    # attention and value weights make every token depend on the cached context, so a wrong K/V shows up.
-    for i in range(config.n_layer):
-        attn = params[f"h_{i}"]["attn"]
-        attn["c_attn"]["kernel"] = attn["c_attn"]["kernel"] * 10
-        attn["c_proj"]["kernel"] = attn["c_proj"]["kernel"] * 20
-    return Model(config, params, "float32", "tiny-d64")
+    return context_sensitive_gpt2("tiny-d64", n_embd=128, n_head=2)
 
 
 @pytest.fixture(scope="module")

@@ -31,18 +31,10 @@ ENGINE = {"block_size": 8, "max_num_seqs": 4, "max_num_batched_tokens": 16, "max
 
 def gpt2_d64():
     """A random GPT-2 of head_dim 64 (4 heads, a shape the kernels take) whose tokens depend on the cached
-    context (tests/test_engine_kernels.py's scaling of the attention weights)."""
-    from jkv.model import Model
-    from jkv.weights import random_params
-    from kvspec.config import ModelConfig
+    context."""
+    from random_models import context_sensitive_gpt2
 
-    config = ModelConfig("tiny-d64-h4", vocab_size=256, n_positions=128, n_embd=256, n_layer=2, n_head=4)
-    params = random_params(config, "float32", seed=3)
-    for i in range(config.n_layer):
-        attn = params[f"h_{i}"]["attn"]
-        attn["c_attn"]["kernel"] = attn["c_attn"]["kernel"] * 10
-        attn["c_proj"]["kernel"] = attn["c_proj"]["kernel"] * 20
-    return Model(config, params, "float32", "tiny-d64-h4")
+    return context_sensitive_gpt2("tiny-d64-h4", n_embd=256, n_head=4)
 
 
 def workload(vocab: int):
