@@ -22,6 +22,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,7 +81,12 @@ def main() -> None:
         runs: dict[str, list[dict]] = {name: [] for name in trees}
         for _ in range(args.rounds):
             for name, tree in trees.items():
-                runs[name].append(run_child(tree, model, args))
+                t0 = time.perf_counter()
+                r = run_child(tree, model, args)
+                runs[name].append(r)
+                print(f"{model} {name}: first call {r['first_call']:.1f} s, calls "
+                      f"{' '.join(f'{t:.3f}' for t in r['times'])} s [{time.perf_counter() - t0:.0f} s]",
+                      flush=True)  # fmt: skip
         digests = {name: {hashlib.sha256(json.dumps(r["tokens"]).encode()).hexdigest()[:12] for r in rs}
                    for name, rs in runs.items()}  # fmt: skip
         cur, base = (runs[n][0]["tokens"] for n in trees)

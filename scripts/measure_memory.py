@@ -97,6 +97,8 @@ def print_calibrated(rows: list[dict], utilization: float) -> None:
 def print_summary(rows: list[dict]) -> None:
     print("\nterm          model        kv        budget   planned GiB  measured GiB   error")
     for row in rows:
+        if "measured" not in row:  # a search-only row (--outside)
+            continue
         for term in (
             "params",
             "kv_pool",
@@ -126,6 +128,22 @@ def print_summary(rows: list[dict]) -> None:
           "activation row)")  # fmt: skip
 
 
+def search_only(model: str, kv: str, budget: str, hbm: int, outside: int, args, env: dict, logs) -> dict:
+    """One row's real-maximum search alone, from a given outside-pool footprint (no plan-steps child)."""
+    if args.max_tries < 1:
+        raise SystemExit("measure_memory: --outside skips the plan's steps, so it needs --max-tries of 1 or more.")
+    width = parallel_width(args.parallel, hbm * args.utilization, gpu_total_bytes())
+    t0 = time.time()
+    print(f"{model} {kv} {budget}: real max batch search from {outside / 2**30:.3f} GiB outside JAX's pool, "
+          f"{width} side by side", flush=True)  # fmt: skip
+    mb = search_row(model, kv, hbm, args.utilization, outside, args.max_tries, env, logs, width)
+    print(f"{model:12s} {kv:9s} {budget:5s} max batch plan {mb['planned']:,} real {batch_cell(mb)} "
+          f"({mb['diff_pct']:+.2f}%, formula {mb['formula']:,})  search {mb['seconds']:.0f}s  "
+          f"[{time.time() - t0:.0f}s]", flush=True)  # fmt: skip
+    return {"model": model, "kv_dtype": kv, "budget": budget, "hbm": hbm, "outside_given": outside,
+            "planned_max_batch": mb["planned"], "max_batch": mb}  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="gpt2,gpt2-medium,gpt2-xl")
@@ -140,6 +158,12 @@ def main() -> None:
     )
     ap.add_argument("--out", default=None)
     ap.add_argument("--logs", default=None, help="a folder for every child's stderr (XLA's own messages)")
+    ap.add_argument(
+        "--outside",
+        default=None,
+        help="search only: skip the plan's steps and start each row's search from this outside-pool footprint "
+        "(e.g. 640MiB, as an earlier run of the same rows measured it)",
+    )
     ap.add_argument(
         "--parallel",
         type=int,
@@ -163,6 +187,9 @@ def main() -> None:
                 t0 = time.time()
                 if args.out and rows:  # after every row, so a run cut short keeps what it measured
                     Path(args.out).write_text(json.dumps(rows, indent=2))
+                if args.outside is not None:
+                    rows.append(search_only(model, kv, budget, hbm, parse_size(args.outside), args, env, logs))
+                    continue
                 kwargs = {"model_name": model, "kv": kv, "hbm": hbm, "utilization": args.utilization}
                 log_file = logs / f"{model}_{kv}_{hbm}_plan.log" if logs else None
                 row, stderr, *_ = harness.run("jkv.bench.memory:plan_child", kwargs, env, log_file=log_file)

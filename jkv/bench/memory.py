@@ -131,7 +131,8 @@ def calibrate(rows: list[dict], utilization: float) -> list[tuple[dict, int, int
     for row in rows:
         if "max_batch" not in row or row["max_batch"].get("real") is None:
             continue
-        reserve = measured_reserve(row["measured"]["reserve"])
+        outside = row["measured"]["reserve"] if "measured" in row else row["outside_given"]  # search-only rows
+        reserve = measured_reserve(outside)
         planned = plan_with_reserve(row["model"], row["kv_dtype"], row["hbm"], utilization, reserve)
         row["max_batch"]["planned_with_measured_reserve"] = planned
         out.append((row, reserve, planned, planned > row["max_batch"]["real"]))
