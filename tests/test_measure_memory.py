@@ -548,3 +548,19 @@ def test_calibrated_plan_adds_the_allowance_to_the_measured_reserve():
     row["max_batch"]["real"] = default - 1
     [(_, _, _, above)] = memory.calibrate([row], 0.9)
     assert above
+
+
+def test_calibrated_plan_of_a_search_only_row_uses_the_given_outside_bytes():
+    """A row searched with `measure_memory.py --outside` has no measured terms: the calibrated plan takes the
+    outside-pool bytes it was given, and a larger footprint plans fewer sequences."""
+    from planner.memory import RESERVE_ALLOWANCE_BYTES, runtime_reserve
+
+    cfg = load_config("gpt2")
+    default = plan().max_num_seqs
+    row = {"model": "gpt2", "kv_dtype": "bfloat16", "hbm": 24 * 10**9, "budget": "24GB",
+           "outside_given": runtime_reserve(cfg) - RESERVE_ALLOWANCE_BYTES, "max_batch": {"real": default}}  # fmt: skip
+    [(_, reserve, planned, above)] = memory.calibrate([row], 0.9)
+    assert reserve == runtime_reserve(cfg) and planned == default and not above
+    row["outside_given"] += 64 * 2**20
+    [(_, _, larger, _)] = memory.calibrate([row], 0.9)
+    assert larger < default
