@@ -5,6 +5,10 @@ multi-byte character (the decoded text ends in U+FFFD) adds nothing until the ch
 is always a prefix of `decode(all tokens)` and equals it once `flush()` ran. Special tokens (`<|endoftext|>`) are
 skipped, as OpenAI-style servers show them.
 
+For a `tokenizers` tokenizer the pieces come from its Rust `DecodeStream` (one call per token, or per round of
+tokens when no stop string needs them one at a time); `flush()` adds what a trailing incomplete character
+decodes to, as `decode` shows it.
+
 Stop strings are matched on that text as it grows: each feed looks only at the new text and the
 `longest stop - 1` characters before it, so a match that straddles tokens is found at the token completing it and
 a sequence's text is searched once overall. `visible_text` holds back the tail that could still begin a stop
@@ -18,6 +22,7 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer, stop: tuple[str, ...] = ()) -> None:
         self._decode = _decoder(tokenizer)
+        self._stream = _decode_stream(tokenizer)  # (tokenizers' DecodeStream, its Tokenizer), or None
         self.stop = stop
         self._hold = max((len(s) for s in stop), default=1) - 1  # chars that could begin a stop string
         self.ids: list[int] = []
@@ -32,17 +37,36 @@ class IncrementalDetokenizer:
         if self.stopped_at is not None:
             return True
         self.ids.append(int(token))
-        before = self._decode(self.ids[self._prefix : self._read])
-        now = self._decode(self.ids[self._prefix :])
-        if len(now) <= len(before) or now.endswith("\ufffd"):
-            return False  # an incomplete character (or a skipped special token): wait for more
-        searched = max(0, len(self.text) - self._hold)
-        self.text += now[len(before) :]
-        self._prefix, self._read = self._read, len(self.ids)  # the new piece is the next token's context
-        return self._match(searched)
+        return self._extend(int(token))
 
     def feed_many(self, tokens) -> bool:
-        return any([self.feed(t) for t in tokens])
+        """Add several tokens; True when a stop string now appears. Without stop strings the tokens go to the
+        decoder at once (a multi-step round's tokens: one call, not one per token)."""
+        if self.stop or self._stream is None:
+            return any([self.feed(t) for t in tokens])
+        tokens = [int(t) for t in tokens]
+        if not tokens:
+            return False
+        self.ids.extend(tokens)
+        return self._extend(tokens)
+
+    def _extend(self, new: int | list[int]) -> bool:
+        """Append what the ids just added (`new`) complete to the text; match stop strings on it."""
+        if self._stream is not None:
+            stream, inner = self._stream
+            piece = stream.step(inner, new)  # None: an incomplete character or a skipped special token
+            if not piece:
+                return False
+        else:
+            before = self._decode(self.ids[self._prefix : self._read])
+            now = self._decode(self.ids[self._prefix :])
+            if len(now) <= len(before) or now.endswith("\ufffd"):
+                return False  # an incomplete character (or a skipped special token): wait for more
+            piece = now[len(before) :]
+        searched = max(0, len(self.text) - self._hold)
+        self.text += piece
+        self._prefix, self._read = self._read, len(self.ids)  # the new piece is the next token's context
+        return self._match(searched)
 
     def flush(self) -> None:
         """The stream ended: keep whatever an incomplete last character decodes to."""
@@ -68,6 +92,20 @@ class IncrementalDetokenizer:
         if finished or self.stopped_at is not None or not self._hold:
             return self.text
         return self.text[: max(0, len(self.text) - self._hold)]
+
+
+def _decode_stream(tokenizer):
+    """(a `tokenizers.decoders.DecodeStream` skipping special tokens, the `tokenizers.Tokenizer` it decodes with)
+    for a jkv.tokenizer.Tokenizer; None for any other tokenizer (decoded by differences of `decode`)."""
+    inner = getattr(tokenizer, "tokenizer", None)
+    try:
+        from tokenizers import Tokenizer
+        from tokenizers.decoders import DecodeStream
+    except ImportError:
+        return None
+    if not isinstance(inner, Tokenizer):
+        return None
+    return DecodeStream(skip_special_tokens=True), inner
 
 
 def _decoder(tokenizer):

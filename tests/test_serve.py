@@ -185,6 +185,19 @@ def test_32_concurrent_streaming_clients(server, model):
     assert asyncio.run(main()) == [r.text for r in ref]
 
 
+def test_load_generator_in_two_processes_gets_every_stream_whole(server):
+    """bench_serving's load generator spread over two client processes (a closed loop of 4 clients): every
+    request's timing comes back in request order, complete (its usage equals its own output length)."""
+    from jkv.bench.http_load import run_load_in_processes
+
+    reqs = [([1 + i, 2, 3], 2 + i % 5) for i in range(10)]
+    timings, wall = run_load_in_processes(server.url, "tiny", reqs, concurrency=4, deadline_s=120, processes=2,
+                                          api_key=API_KEY)  # fmt: skip
+    assert [t.error for t in timings] == [None] * len(reqs)
+    assert [t.tokens for t in timings] == [n for _, n in reqs]
+    assert all(t.sent <= t.first <= t.end for t in timings) and wall > 0
+
+
 BAD = [  # (body, what the message names)
     (b"{not json", "not valid JSON"),
     ({"model": "tiny", "prompt": "hi", "max_tokens": "5"}, "max_tokens"),

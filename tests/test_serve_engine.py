@@ -43,6 +43,40 @@ def test_incremental_text_equals_full_decode(tok):
         assert all(d.text.startswith(s) for s in seen)  # text only ever grows
 
 
+class _DecodeOnly:
+    """A tokenizer seen only through `decode`: the detokenizer's fallback path (differences of full decodes)."""
+
+    def __init__(self, tok) -> None:
+        self.decode = lambda ids: tok.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("source", ["gpt2", "llama"])
+def test_streamed_and_batched_text_equal_full_decode_and_the_decode_path(tok, source):
+    """The DecodeStream path, fed a token at a time or a round at a time (feed_many), gives the text the
+    decode-difference path gives after every feed, and the full decode once flushed; on byte-level BPE (GPT-2)
+    and on the Llama fixture's tokenizer, where random ids split characters."""
+    if source == "llama":
+        tok = jkv.get_tokenizer(str(Path(__file__).parent / "fixtures" / "hf_tiny_llama" / "llama"))
+    rng = random.Random(1)
+    for _ in range(100):
+        ids = [rng.randrange(tok.vocab_size) for _ in range(rng.randrange(1, 40))]
+        streamed, by_decode, batched = IncrementalDetokenizer(tok), IncrementalDetokenizer(_DecodeOnly(tok)), \
+            IncrementalDetokenizer(tok)  # fmt: skip
+        assert streamed._stream is not None and by_decode._stream is None
+        for t in ids:
+            streamed.feed(t)
+            by_decode.feed(t)
+            assert streamed.text == by_decode.text
+        for k in range(0, len(ids), 8):
+            before = batched.text
+            batched.feed_many(ids[k : k + 8])
+            assert batched.text.startswith(before)
+        full = tok.tokenizer.decode(ids, skip_special_tokens=True)
+        for d in (streamed, by_decode, batched):
+            d.flush()
+            assert d.text == full
+
+
 def test_default_gpt2_tokenizer_keeps_multibyte_characters_whole():
     tok = jkv.get_tokenizer()  # GPT-2's byte-level BPE: "é" and emoji span several tokens
     text = "naïve café 🙂 done"

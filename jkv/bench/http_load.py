@@ -13,10 +13,12 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from jkv.bench.serving import Workload
+if TYPE_CHECKING:  # not at run time: a client process imports neither jkv's engine nor JAX
+    from jkv.bench.serving import Workload
 
 
 @dataclass
@@ -32,11 +34,12 @@ class Timing:
     error: str | None = None
 
 
-async def one_request(client, url: str, model: str, prompt: list[int], max_tokens: int, timing: Timing) -> None:
+async def one_request(client, url: str, model: str, prompt: list[int], max_tokens: int, timing: Timing,
+                      headers: dict | None = None) -> None:  # fmt: skip
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
     try:
-        async with client.stream("POST", url + "/v1/completions", json=body) as r:
+        async with client.stream("POST", url + "/v1/completions", json=body, headers=headers) as r:
             if r.status_code != 200:
                 timing.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
                 return
@@ -61,21 +64,26 @@ async def one_request(client, url: str, model: str, prompt: list[int], max_token
 
 
 async def run_load(url: str, model: str, reqs: Workload, *, arrivals: list[float] | None = None,
-                   concurrency: int | None = None, deadline_s: float = 300.0) -> tuple[list[Timing], float]:  # fmt: skip
+                   concurrency: int | None = None, deadline_s: float = 300.0, start_at: float | None = None,
+                   api_key: str | None = None) -> tuple[list[Timing], float]:  # fmt: skip
     """Send `reqs` at `arrivals` offsets (open loop) or `concurrency` at a time (closed loop); returns each
-    request's timing and the phase's wall seconds (first send to last finish)."""
+    request's timing and the phase's wall seconds (first send to last finish). start_at: the phase's start on
+    the host's monotonic clock (several processes share one; default: now). api_key: sent as a Bearer token."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
     import httpx
 
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     timings = [Timing(0.0) for _ in reqs]
     async with httpx.AsyncClient(timeout=httpx.Timeout(deadline_s), limits=limits) as client:
-        t0 = time.monotonic()
+        if start_at is not None:
+            await asyncio.sleep(max(0.0, start_at - time.monotonic()))
+        t0 = time.monotonic() if start_at is None else start_at
 
         async def send(i: int, delay: float) -> None:
             if delay > 0:
                 await asyncio.sleep(delay)
             timings[i].sent = time.monotonic()
-            await one_request(client, url, model, reqs[i][0], reqs[i][1], timings[i])
+            await one_request(client, url, model, reqs[i][0], reqs[i][1], timings[i], headers)
 
         if arrivals is not None:
             tasks = [asyncio.ensure_future(send(i, t0 + a - time.monotonic())) for i, a in enumerate(arrivals)]
@@ -95,6 +103,55 @@ async def run_load(url: str, model: str, reqs: Workload, *, arrivals: list[float
     for t in timings:
         if not t.ok and t.error is None:
             t.error = "unfinished at the phase deadline"
+    return timings, wall
+
+
+START_DELAY_S = 3.0  # run_load_in_processes: time for every client process to start before the phase's start
+
+
+def split_load(n: int, processes: int, arrivals: list[float] | None,
+               concurrency: int | None) -> list[tuple[list[int], list[float] | None, int | None]]:  # fmt: skip
+    """The load's share of each of `processes` clients: (request indices, their arrival offsets, concurrency).
+    Requests go round-robin; a closed loop's clients are spread as evenly as they go (none gets zero); an
+    open loop keeps every request's own arrival, so together the shares send exactly the schedule."""
+    processes = max(1, min(processes, n, concurrency or n))
+    shares = []
+    for k in range(processes):
+        idx = list(range(k, n, processes))
+        share_c = None if concurrency is None else concurrency // processes + (k < concurrency % processes)
+        shares.append((idx, None if arrivals is None else [arrivals[i] for i in idx], share_c))
+    return shares
+
+
+def _load_share(url: str, model: str, reqs: Workload, arrivals, concurrency, deadline_s: float, start_at: float,
+                api_key: str | None) -> tuple[list[Timing], float]:  # fmt: skip
+    return asyncio.run(run_load(url, model, reqs, arrivals=arrivals, concurrency=concurrency, deadline_s=deadline_s,
+                                start_at=start_at, api_key=api_key))  # fmt: skip
+
+
+def run_load_in_processes(url: str, model: str, reqs: Workload, *, arrivals: list[float] | None = None,
+                          concurrency: int | None = None, deadline_s: float = 300.0, processes: int = 1,
+                          api_key: str | None = None) -> tuple[list[Timing], float]:  # fmt: skip
+    """`run_load` spread over `processes` client processes (one Python client's parsing of every streamed chunk
+    must not be what limits a fast server): the same requests, arrivals and total concurrency, one shared start
+    on the host's monotonic clock; timings in request order and the phase's wall seconds (start to last finish)."""
+    if processes <= 1:
+        return asyncio.run(run_load(url, model, reqs, arrivals=arrivals, concurrency=concurrency,
+                                    deadline_s=deadline_s, api_key=api_key))  # fmt: skip
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    shares = split_load(len(reqs), processes, arrivals, concurrency)
+    start_at = time.monotonic() + START_DELAY_S
+    with ProcessPoolExecutor(len(shares), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_load_share, url, model, [reqs[i] for i in idx], arr, c, deadline_s, start_at, api_key)
+                   for idx, arr, c in shares]  # fmt: skip
+        results = [f.result() for f in futures]
+    timings: list[Timing] = [Timing(0.0)] * len(reqs)
+    for (idx, _, _), (share, _) in zip(shares, results, strict=True):
+        for i, t in zip(idx, share, strict=True):
+            timings[i] = t
+    wall = max((t.end for t in timings if t.end is not None), default=time.monotonic()) - start_at
     return timings, wall
 
 

@@ -95,8 +95,8 @@ async def outputs(loop: EngineLoop, call: Call, request: Request | None, timeout
                                      "stopped: ask for fewer tokens or retry when the server is less busy.",
                                      None, 504, "timeout")  # fmt: skip
             wait = left if wait is None else min(wait, left)
-        try:
-            first = await asyncio.wait_for(call.queue.get(), wait)
+        try:  # no wait_for without a bound: it costs a task per output
+            first = await (call.queue.get() if wait is None else asyncio.wait_for(call.queue.get(), wait))
         except TimeoutError:
             if request is not None and await request.is_disconnected():
                 abort_all(loop, call)
