@@ -14,12 +14,14 @@ almost nothing. Its offline rate (the same loop stepped without HTTP) is printed
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -116,25 +118,51 @@ class WordTokenizer:
         return "".join(f" w{t % 1000}" for t in ids)
 
 
-def serve_synthetic(port: int, max_num_seqs: int, steps: int, round_s: float, busy_s_per_token: float) -> None:
-    """The real `jkv serve` app and engine loop over a SyntheticEngine, on 127.0.0.1:port (a child process)."""
+def build_synthetic(args, front_end: bool = True):
+    """(engine, metrics) for an engine process (jkv.serve.engine_process's `build` hook): a SyntheticEngine."""
+    from jkv.serve.metrics import ServerMetrics
+
+    engine = SyntheticEngine(args.max_num_seqs, args.steps, args.round_s, args.busy_s_per_token)
+    engine.tokenizer, engine.max_seq_len, engine.config = WordTokenizer(), 100_000, SimpleNamespace(vocab_size=50_000)
+    engine.close = lambda: None
+    return engine, ServerMetrics({"parameters": 0, "kv_pool": 0}, "synthetic", front_end=front_end)
+
+
+def serve_synthetic(port: int, max_num_seqs: int, steps: int, round_s: float, busy_s_per_token: float,
+                    engine_process: bool = False) -> None:  # fmt: skip
+    """The real `jkv serve` app and engine loop over a SyntheticEngine, on 127.0.0.1:port (a child process);
+    engine_process: the engine loop in a process of its own, as `jkv serve --engine-process` runs it."""
     import uvicorn
 
     from jkv.serve.app import ServerState, create_app
     from jkv.serve.engine_loop import EngineLoop
-    from jkv.serve.metrics import ServerMetrics
+    from jkv.serve.engine_process import EngineProcess
+    from jkv.serve.metrics import FrontEndMetrics
 
-    metrics = ServerMetrics({"parameters": 0, "kv_pool": 0}, "synthetic")
-    loop = EngineLoop(SyntheticEngine(max_num_seqs, steps, round_s, busy_s_per_token), metrics, max_waiting=100_000)
+    knobs = SimpleNamespace(max_num_seqs=max_num_seqs, steps=steps, round_s=round_s, busy_s_per_token=busy_s_per_token,
+                            log_level="warning", no_warmup=True)  # fmt: skip
+    if engine_process:
+        loop = EngineProcess(knobs, max_waiting=100_000, build="scripts.bench_serve_frontend:build_synthetic")
+        metrics = FrontEndMetrics()
+    else:
+        engine, metrics = build_synthetic(knobs)
+        loop = EngineLoop(engine, metrics, max_waiting=100_000)
     state = ServerState(loop, metrics, WordTokenizer(), "synthetic", 100_000, 50_000)
 
     class Server(uvicorn.Server):
         async def startup(self, sockets=None) -> None:
             await super().startup(sockets)
             loop.start()
+            for _ in range(1000):  # the engine process says when it serves
+                if loop.ready:
+                    break
+                await asyncio.sleep(0.01)
             print("ready", flush=True)
 
-    Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning")).run()
+    try:
+        Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning")).run()
+    finally:
+        loop.stop()
 
 
 def offline_rate(requests: int, output_len: int, max_num_seqs: int, steps: int, round_s: float,
@@ -169,6 +197,7 @@ def main() -> None:
     ap.add_argument("--engine-us-per-token", type=float, default=0.0,
                     help="the engine thread's own Python work per token, GIL held")
     ap.add_argument("--client-processes", type=int, default=1)
+    ap.add_argument("--engine-process", action="store_true", help="the engine loop in its own process")
     ap.add_argument("--port", type=int, default=18765)
     ap.add_argument("--timeout", type=float, default=120.0)
     args = ap.parse_args()
@@ -176,10 +205,15 @@ def main() -> None:
 
     knobs = {"max_num_seqs": args.concurrency, "steps": args.decode_steps, "round_s": args.round_ms / 1e3,
              "busy_s_per_token": args.engine_us_per_token / 1e6}  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-c", SERVER, str(ROOT), json.dumps({"port": args.port, **knobs})],
+    server = {"port": args.port, "engine_process": args.engine_process, **knobs}
+    proc = subprocess.Popen([sys.executable, "-c", SERVER, str(ROOT), json.dumps(server)],
                             stdout=subprocess.PIPE, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))  # fmt: skip
     try:
-        if proc.stdout.readline().strip() != "ready":
+        for _ in range(20):  # the engine process prints its own lines too
+            line = proc.stdout.readline()
+            if not line or line.strip() == "ready":
+                break
+        if line.strip() != "ready":
             raise SystemExit("bench_serve_frontend: the server did not start")
         reqs = [([1, 2, 3, 4], args.output_len) for _ in range(args.requests)]
         url = f"http://127.0.0.1:{args.port}"
@@ -200,7 +234,7 @@ def main() -> None:
                       "failed": sum(not t.ok for t in timings), "wall_s": round(wall, 2),
                       "tokens_per_chunk": round(sum(t.tokens for t in timings if t.ok) / max(chunks, 1), 2),
                       "server_cpu_share": round(server_cpu / wall, 2),
-                      "server_cpu_us_per_chunk": round(1e6 * server_cpu / max(chunks, 1), 1), "ttft_ms_p50": round(s["ttft_ms"]["p50"], 1) if "ttft_ms" in s else None}))  # fmt: skip
+                      "server_cpu_us_per_chunk": round(1e6 * server_cpu / max(chunks, 1), 1), "first_error": next((t.error for t in timings if not t.ok), None), "ttft_ms_p50": round(s["ttft_ms"]["p50"], 1) if "ttft_ms" in s else None}))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -35,9 +35,9 @@ def model_dir(tmp_path_factory) -> Path:
     return d
 
 
-@pytest.fixture(scope="module")
-def server(model_dir):
-    args = ["--model", str(model_dir), "--served-model-name", "tiny", "--dtype", "float32", "--no-warmup",
+@pytest.fixture(scope="module", params=[[], ["--engine-process"]], ids=["engine-thread", "engine-process"])
+def server(model_dir, request):
+    args = [*request.param, "--model", str(model_dir), "--served-model-name", "tiny", "--dtype", "float32", "--no-warmup",
             "--api-key", API_KEY, "--max-body-bytes", "4096", "--decode-steps", "4",
             *[f"--{k.replace('_', '-')}={v}" for k, v in ENGINE.items()]]  # fmt: skip
     with ServerProcess(args) as proc:

@@ -20,9 +20,9 @@ FIXTURE = Path(__file__).parent / "fixtures" / "hf_tiny_gpt2"
 LONG = {"model": "tiny", "prompt": "Hello world", "max_tokens": 110, "temperature": 0, "ignore_eos": True}
 
 
-@pytest.fixture(scope="module")
-def server():
-    args = ["--model", str(FIXTURE), "--served-model-name", "tiny", "--dtype", "float32", "--no-warmup",
+@pytest.fixture(scope="module", params=[[], ["--engine-process"]], ids=["engine-thread", "engine-process"])
+def server(request):
+    args = [*request.param, "--model", str(FIXTURE), "--served-model-name", "tiny", "--dtype", "float32", "--no-warmup",
             "--num-blocks", "64", "--block-size", "8", "--max-num-seqs", "1", "--max-num-batched-tokens", "32",
             "--max-waiting", "1", "--decode-steps", "1", "--no-async-scheduling", "--shutdown-timeout", "60"]  # fmt: skip
     with ServerProcess(args) as proc:
@@ -40,6 +40,29 @@ def wait_for(predicate, tries: int = 200, pause: float = 0.05) -> bool:
             return True
         time.sleep(pause)
     return False
+
+
+def _children(pid: int) -> list[int]:
+    """The processes `pid` started (Linux /proc), e.g. the engine process of --engine-process."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"  # a zombie has exited (its parent ended before reaping it)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
+    except FileNotFoundError:
+        return f"{pid} (gone)"
 
 
 def events(response: httpx.Response):
@@ -90,6 +113,7 @@ def test_sigterm_finishes_in_flight_requests_then_exits_0(server):
     with httpx.Client(timeout=60) as c, c.stream("POST", server.url + "/v1/completions", json=body) as r:
         stream = events(r)
         next(stream)
+        children = _children(server.proc.pid)
         server.terminate()
         for data in stream:
             if data == "[DONE]":
@@ -99,5 +123,7 @@ def test_sigterm_finishes_in_flight_requests_then_exits_0(server):
             reasons.append(choice["finish_reason"])
     assert texts == ["[DONE]"] and reasons[-1] == "length"  # the request in flight ran to its end
     assert server.wait(60) == 0
+    # the engine process (--engine-process) and multiprocessing's helper end too
+    assert wait_for(lambda: not any(map(_alive, children))), [_cmdline(p) for p in children if _alive(p)]
     with pytest.raises(httpx.TransportError):
         httpx.get(server.url + "/health", timeout=5)

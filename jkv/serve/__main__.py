@@ -4,4 +4,5 @@ import sys
 
 from jkv.serve.cli import main
 
-sys.exit(main(prog="python -m jkv.serve"))
+if __name__ == "__main__":  # not when a spawned process (the engine's) imports it
+    sys.exit(main(prog="python -m jkv.serve"))

@@ -6,7 +6,7 @@ Every error a client can cause is an OpenAI error object with one sentence sayin
 hold), 401 without the API key, 413 for a body over the limit, 503 with Retry-After while the engine warms up
 (`/health` says "starting" until then), when the waiting queue is full or when the server is draining, 504 past
 the request timeout. Handlers only validate, tokenize and await their requests' outputs; the engine runs on its
-own thread (jkv.serve.engine_loop).
+own thread (jkv.serve.engine_loop) or, with --engine-process, in its own process (jkv.serve.engine_process).
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ from jkv.serve import generation as G
 from jkv.serve import protocol as P
 from jkv.serve.chat import ChatTemplate, message_dicts
 from jkv.serve.engine_loop import EngineLoop
-from jkv.serve.metrics import ServerMetrics
+from jkv.serve.metrics import FrontEndMetrics, ServerMetrics
 
 
 @dataclass
 class ServerState:
-    loop: EngineLoop
-    metrics: ServerMetrics
+    loop: EngineLoop  # or an EngineProcess (jkv serve --engine-process): the same interface
+    metrics: ServerMetrics | FrontEndMetrics
     tokenizer: object
     model_name: str
     context: int  # prompt + output tokens a request may take
@@ -139,7 +139,11 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics():
-        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        body = generate_latest(state.metrics.registry)
+        engine_side = getattr(state.loop, "metrics_text", None)  # the engine in its own process: its registry
+        if engine_side is not None:
+            body += await engine_side()
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", dependencies=[Depends(authorized)])
     async def models():

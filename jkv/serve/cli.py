@@ -62,6 +62,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                    help="on SIGTERM, seconds in-flight requests get to finish before they are aborted")
     s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 beyond)")
     s.add_argument("--chat-template", help="a Jinja2 chat template file (default: the model's tokenizer_config.json)")
+    s.add_argument("--engine-process", action="store_true",
+                   help="run the engine loop in a process of its own, the HTTP front end in this one (separate "
+                        "interpreters: streaming chunks and engine steps stop taking turns)")  # fmt: skip
     s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p
 
@@ -82,12 +85,10 @@ def main(argv: list[str] | None = None, prog: str = "jkv serve") -> int:
     return run(app, engine, loop, args)
 
 
-def build(args):
-    """(app, engine, engine loop) from the parsed flags; ValueError for a bad model or engine option."""
+def build_engine(args, front_end: bool = True):
+    """(engine, its metrics) from the parsed flags, the plan printed; ValueError for a bad model or engine option.
+    front_end=False: the metrics leave out the HTTP side's counter (an engine process's, jkv.serve.engine_process)."""
     import jkv
-    from jkv.serve.app import ServerState, create_app
-    from jkv.serve.chat import load_chat_template
-    from jkv.serve.engine_loop import EngineLoop
     from jkv.serve.metrics import ServerMetrics, plan_terms
     from jkv.sharding import shard_bytes
 
@@ -103,15 +104,48 @@ def build(args):
     if engine.tokenizer is None:
         engine.close()
         raise ValueError(f"{args.model} has no tokenizer files (tokenizer.json or vocab.json + merges.txt): add them.")
-    template = load_chat_template(args.model if os.path.isdir(args.model) else None, args.chat_template)
-    name = args.served_model_name or args.model
+    name = served_name(args)
     param_bytes = shard_bytes(engine.executor.runner.params)  # one device's share, as the plan counts
-    metrics = ServerMetrics(plan_terms(engine, param_bytes), name)
+    metrics = ServerMetrics(plan_terms(engine, param_bytes), name, front_end=front_end)
     print_plan(engine, param_bytes, name)
-    loop = EngineLoop(engine, metrics, max_waiting=args.max_waiting, warmup=not args.no_warmup, on_ready=print_ready,
-                      progress_bar=sys.stderr.isatty())  # fmt: skip
-    state = ServerState(loop, metrics, engine.tokenizer, name, engine.max_seq_len, engine.config.vocab_size,
-                        api_key=args.api_key, chat_template=template, request_timeout=args.request_timeout,
+    return engine, metrics
+
+
+def served_name(args) -> str:
+    return args.served_model_name or args.model
+
+
+def build(args):
+    """(app, engine or None, engine loop) from the parsed flags; ValueError for a bad model or engine option.
+    With --engine-process the engine lives in its own process (jkv.serve.engine_process) and None is returned for
+    it; else it is built here and an `EngineLoop` thread runs it."""
+    from jkv.serve.app import ServerState, create_app
+    from jkv.serve.chat import load_chat_template
+
+    if args.engine_process:
+        from jkv.serve.engine_process import EngineProcess
+        from jkv.serve.metrics import FrontEndMetrics
+
+        loop = EngineProcess(args, max_waiting=args.max_waiting)
+        engine, metrics = None, FrontEndMetrics()
+        tokenizer, context, vocab = loop.tokenizer, loop.max_seq_len, loop.vocab_size
+    else:
+        from jkv.serve.engine_loop import EngineLoop
+
+        engine, metrics = build_engine(args)
+        loop = EngineLoop(engine, metrics, max_waiting=args.max_waiting, warmup=not args.no_warmup,
+                          on_ready=print_ready, progress_bar=sys.stderr.isatty())  # fmt: skip
+        tokenizer, context, vocab = engine.tokenizer, engine.max_seq_len, engine.config.vocab_size
+    try:
+        template = load_chat_template(args.model if os.path.isdir(args.model) else None, args.chat_template)
+    except (ValueError, RuntimeError):
+        if engine is None:
+            loop.stop()
+        else:
+            engine.close()
+        raise
+    state = ServerState(loop, metrics, tokenizer, served_name(args), context, vocab, api_key=args.api_key,
+                        chat_template=template, request_timeout=args.request_timeout,
                         max_body_bytes=args.max_body_bytes)  # fmt: skip
     return create_app(state), engine, loop
 
@@ -178,7 +212,9 @@ def run(app, engine, loop, args) -> int:
         server.run()
     finally:
         loop.stop()
-        if loop.running:  # still inside one compilation: the process is ending, leave the engine to it
+        if engine is None:  # --engine-process: it closed its own engine (or was killed)
+            pass
+        elif loop.running:  # still inside one compilation: the process is ending, leave the engine to it
             log.warning("jkv serve: the engine thread did not stop in time; exiting without closing the engine")
         else:
             engine.close()

@@ -205,7 +205,7 @@ class EngineLoop:
             with progress_bar() if self._progress_bar else contextlib.nullcontext() as bar:
 
                 def report(done: int, total: int) -> None:
-                    self.warmup_progress = (done, total)
+                    self._progress(done, total)
                     if bar is not None:
                         bar(done, total)
                     if self._stop:
@@ -220,6 +220,9 @@ class EngineLoop:
         if self._on_ready is not None:
             self._on_ready(info)
         return True
+
+    def _progress(self, done: int, total: int) -> None:
+        self.warmup_progress = (done, total)
 
     def _take_inbox(self) -> None:
         while self._inbox:
@@ -245,11 +248,14 @@ class EngineLoop:
     def _deliver_all(self, outs: list[RequestOutput]) -> None:
         """Hand a step's outputs to their streams: one wake-up of each event loop per step, not one per output."""
         now = self.clock()
+        delivered = [(stream, out) for out in outs if (stream := self._deliver(out, now)) is not None]
+        self._hand_over(delivered)
+
+    def _hand_over(self, delivered: list[tuple[RequestStream, RequestOutput]]) -> None:
+        """Put each output in its stream's queue, through its event loop."""
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        for out in outs:
-            stream = self._deliver(out, now)
-            if stream is not None:
-                by_loop.setdefault(stream.loop, []).append((stream.queue, out))
+        for stream, out in delivered:
+            by_loop.setdefault(stream.loop, []).append((stream.queue, out))
         for loop, items in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_put_all, items)
@@ -287,15 +293,13 @@ class EngineLoop:
     def _refresh(self, force: bool = False) -> None:
         self.metrics.refresh(self.engine, self.num_waiting, self.num_active, force=force)
 
-    @staticmethod
-    def _push(stream: RequestStream, item) -> None:
+    def _push(self, stream: RequestStream, item) -> None:
         try:
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
         except RuntimeError:  # the event loop is closed (shutdown): nobody is listening
             pass
 
-    @staticmethod
-    def _settle(stream: RequestStream, error: BaseException | None) -> None:
+    def _settle(self, stream: RequestStream, error: BaseException | None) -> None:
         def settle() -> None:
             if not stream.accepted.done():
                 if error is None:
