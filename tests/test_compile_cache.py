@@ -124,8 +124,8 @@ import jkv
 from jkv import compile_cache
 from jkv.runner import compilations
 model = jkv.load_model(sys.argv[1], dtype="float32")
-llm = jkv.LLM(model, num_blocks=24, block_size=4, max_num_seqs=2, max_num_batched_tokens=16, max_seq_len=64,
-              decode_steps=4, compile_cache_dir=sys.argv[2])
+llm = jkv.LLM(model, num_blocks=16, block_size=4, max_num_seqs=2, max_num_batched_tokens=8, max_seq_len=32,
+              decode_steps=2, compile_cache_dir=sys.argv[2])
 before = compilations()
 llm.engine.warmup()
 outs = [llm.generate([[5, 6, 7, 8], [9, 10]], jkv.SamplingParams(max_tokens=6))]
