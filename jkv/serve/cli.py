@@ -139,10 +139,7 @@ def build(args):
     try:
         template = load_chat_template(args.model if os.path.isdir(args.model) else None, args.chat_template)
     except (ValueError, RuntimeError):
-        if engine is None:
-            loop.stop()
-        else:
-            engine.close()
+        stop_engine(loop, engine)
         raise
     state = ServerState(loop, metrics, tokenizer, served_name(args), context, vocab, api_key=args.api_key,
                         chat_template=template, request_timeout=args.request_timeout,
@@ -211,11 +208,16 @@ def run(app, engine, loop, args) -> int:
     try:
         server.run()
     finally:
-        loop.stop()
-        if engine is None:  # --engine-process: it closed its own engine (or was killed)
-            pass
-        elif loop.running:  # still inside one compilation: the process is ending, leave the engine to it
-            log.warning("jkv serve: the engine thread did not stop in time; exiting without closing the engine")
-        else:
-            engine.close()
+        stop_engine(loop, engine)
     return 0 if server.started else 1
+
+
+def stop_engine(loop, engine) -> None:
+    """Stop the engine loop, then close its engine (None: --engine-process, whose process closes its own)."""
+    loop.stop()
+    if engine is None:
+        return
+    if loop.running:  # still inside one compilation: the process is ending, leave the engine to it
+        log.warning("jkv serve: the engine thread did not stop in time; exiting without closing the engine")
+    else:
+        engine.close()

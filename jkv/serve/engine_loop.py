@@ -73,53 +73,25 @@ class RequestStream:
     queued_seen: bool = False
 
 
-class EngineLoop:
-    """Runs `engine` on a background thread; see the module docstring."""
+class RequestIntake:
+    """What handlers call to hand requests to an engine loop and what they read of its state; `_hand_in` is how
+    a request reaches the engine (EngineLoop: its thread's inbox; EngineProcess: the pipe to its process)."""
 
-    def __init__(self, engine, metrics: ServerMetrics, *, max_waiting: int, warmup: bool = False,
-                 on_ready: Callable[[dict | None], None] | None = None, progress_bar: bool = False,
-                 clock=time.monotonic) -> None:  # fmt: skip
-        """warmup: run `engine.warmup()` on the thread before serving (else ready at once); on_ready(warm-up's
-        info, or None without warm-up) is called on the thread once serving starts; progress_bar: show warm-up's
-        rich progress bar on stderr."""
-        self.engine = engine
-        self.metrics = metrics
+    def __init__(self, max_waiting: int, clock=time.monotonic) -> None:
         self.max_waiting = max_waiting
         self.clock = clock
-        self._inbox: collections.deque = collections.deque()  # (stream, prompt ids, sampling) to add
-        self._aborts: collections.deque = collections.deque()  # request ids to abort
-        self._wake = threading.Event()
-        self._streams: dict[str, RequestStream] = {}  # engine thread only
         self._ids = itertools.count()
-        self._stop = False
-        self._abort_everything = False
         self.draining = False
         self.error: str | None = None
-        self._handed = 0  # requests submitted (event loop only)
-        self._left_waiting = 0  # of those: refused, admitted by the scheduler, or finished unadmitted (engine thread)
-        self.num_active = 0  # accepted and not finished
-        self._warmup, self._on_ready, self._progress_bar = warmup, on_ready, progress_bar
+        self._handed = 0  # requests handed in
+        self._left_waiting = 0  # of those: refused, admitted by the scheduler, or finished unadmitted (engine side)
         self.ready = False  # warm-up done: requests are taken
         self.warmup_progress: tuple[int, int] | None = None  # (shapes done, shapes to do) while warming up
-        self._thread = threading.Thread(target=self._run, name="jkv-engine-loop", daemon=True)
-
-    # Event-loop side ---------------------------------------------------------------------------------------
-    def start(self) -> None:
-        self._thread.start()
 
     @property
     def num_waiting(self) -> int:
         """Requests handed over and not yet admitted (the inbox and the scheduler's waiting queue)."""
         return self._handed - self._left_waiting
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive() and self.error is None
-
-    @property
-    def running(self) -> bool:
-        """The thread is still running (after stop(): it did not end within the timeout)."""
-        return self._thread.is_alive()
 
     def starting_message(self) -> str:
         done = self.warmup_progress
@@ -144,11 +116,56 @@ class EngineLoop:
         loop = asyncio.get_running_loop()
         stream = RequestStream(request_id, len(prompt_ids), loop, self.clock(), queue)
         stream.accepted = loop.create_future()
-        self._handed += 1
-        self._inbox.append((stream, prompt_ids, sampling))
-        self._wake.set()
+        self._take(stream, prompt_ids, sampling)
         await stream.accepted  # raises the engine's ValueError for bad input
         return stream
+
+    def _take(self, stream: RequestStream, prompt_ids: list[int], sampling: SamplingParams) -> None:
+        self._handed += 1
+        self._hand_in(stream, prompt_ids, sampling)
+
+    def _hand_in(self, stream: RequestStream, prompt_ids: list[int], sampling: SamplingParams) -> None:
+        raise NotImplementedError
+
+
+class EngineLoop(RequestIntake):
+    """Runs `engine` on a background thread; see the module docstring."""
+
+    def __init__(self, engine, metrics: ServerMetrics, *, max_waiting: int, warmup: bool = False,
+                 on_ready: Callable[[dict | None], None] | None = None, progress_bar: bool = False,
+                 clock=time.monotonic) -> None:  # fmt: skip
+        """warmup: run `engine.warmup()` on the thread before serving (else ready at once); on_ready(warm-up's
+        info, or None without warm-up) is called on the thread once serving starts; progress_bar: show warm-up's
+        rich progress bar on stderr."""
+        super().__init__(max_waiting, clock)
+        self.engine = engine
+        self.metrics = metrics
+        self._inbox: collections.deque = collections.deque()  # (stream, prompt ids, sampling) to add
+        self._aborts: collections.deque = collections.deque()  # request ids to abort
+        self._wake = threading.Event()
+        self._streams: dict[str, RequestStream] = {}  # engine thread only
+        self._stop = False
+        self._abort_everything = False
+        self.num_active = 0  # accepted and not finished
+        self._warmup, self._on_ready, self._progress_bar = warmup, on_ready, progress_bar
+        self._thread = threading.Thread(target=self._run, name="jkv-engine-loop", daemon=True)
+
+    # Event-loop side ---------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    @property
+    def running(self) -> bool:
+        """The thread is still running (after stop(): it did not end within the timeout)."""
+        return self._thread.is_alive()
+
+    def _hand_in(self, stream: RequestStream, prompt_ids: list[int], sampling: SamplingParams) -> None:
+        self._inbox.append((stream, prompt_ids, sampling))
+        self._wake.set()
 
     def abort(self, request_id: str) -> None:
         """Stop a request (client gone, timeout): its blocks are freed at the thread's next turn."""

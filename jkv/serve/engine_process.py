@@ -31,7 +31,7 @@ import threading
 import time
 
 from jkv.sampling import SamplingParams
-from jkv.serve.engine_loop import EngineDead, EngineLoop, NotReady, Overloaded, RequestStream
+from jkv.serve.engine_loop import EngineDead, EngineLoop, RequestIntake, RequestStream
 
 log = logging.getLogger("jkv.serve")
 
@@ -39,7 +39,7 @@ SCRAPE_TIMEOUT_S = 10.0  # /metrics waits this long for the engine process's reg
 DEFAULT_BUILD = "jkv.serve.cli:build_engine"
 
 
-class EngineProcess:
+class EngineProcess(RequestIntake):
     """The front end's handle on the engine process; see the module docstring."""
 
     def __init__(self, args, *, max_waiting: int, clock=time.monotonic, build: str = DEFAULT_BUILD) -> None:
@@ -61,21 +61,14 @@ class EngineProcess:
         if kind == "build_error":
             self._proc.join(30)
             raise ValueError(info)
+        super().__init__(max_waiting, clock)  # _left_waiting follows the engine process's count
         self.tokenizer, self.max_seq_len, self.vocab_size = info["tokenizer"], info["max_seq_len"], info["vocab_size"]
-        self.max_waiting, self.clock = max_waiting, clock
         self._send_lock = threading.Lock()  # the drain's timer thread sends too
-        self._ids = itertools.count()
         self._scrapes = itertools.count()
         self._pending: dict[str, RequestStream] = {}  # handed over, not yet accepted or refused
         self._streams: dict[str, RequestStream] = {}  # accepted, not finished
         self._scrape_waiters: dict[int, asyncio.Future] = {}
-        self._handed = 0
-        self._left_waiting = 0  # the engine process's count (refused, admitted or finished unadmitted)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.draining = False
-        self.error: str | None = None
-        self.ready = False
-        self.warmup_progress: tuple[int, int] | None = None
 
     # The app's side (event loop) -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -85,10 +78,6 @@ class EngineProcess:
         self._send(("start",))
 
     @property
-    def num_waiting(self) -> int:
-        return self._handed - self._left_waiting
-
-    @property
     def alive(self) -> bool:
         return self._proc.is_alive() and self.error is None
 
@@ -96,33 +85,9 @@ class EngineProcess:
     def running(self) -> bool:
         return self._proc.is_alive()
 
-    def starting_message(self) -> str:
-        done = self.warmup_progress
-        what = f" ({done[0]} of {done[1]} step shapes compiled)" if done else ""
-        return f"the server is warming up{what}: retry when GET /health says ok."
-
-    def new_request_id(self, prefix: str) -> str:
-        return f"{prefix}-{next(self._ids)}"
-
-    async def submit(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams,
-                     queue: asyncio.Queue) -> RequestStream:  # fmt: skip
-        """As EngineLoop.submit: the request's stream once the engine process accepted it."""
-        if self.error is not None:
-            raise EngineDead(self.error)
-        if not self.ready:
-            raise NotReady(self.starting_message())
-        if self.draining:
-            raise Overloaded("the server is shutting down: retry against another replica or after it restarts.")
-        if self.num_waiting >= self.max_waiting:
-            raise Overloaded(f"the server's waiting queue is full ({self.max_waiting} requests): retry shortly.")
-        loop = asyncio.get_running_loop()
-        stream = RequestStream(request_id, len(prompt_ids), loop, self.clock(), queue)
-        stream.accepted = loop.create_future()
-        self._handed += 1
-        self._pending[request_id] = stream
-        self._send(("add", request_id, list(prompt_ids), sampling, stream.arrival))
-        await stream.accepted
-        return stream
+    def _hand_in(self, stream: RequestStream, prompt_ids: list[int], sampling: SamplingParams) -> None:
+        self._pending[stream.request_id] = stream
+        self._send(("add", stream.request_id, list(prompt_ids), sampling, stream.arrival))
 
     def abort(self, request_id: str) -> None:
         self._send(("abort", request_id))
@@ -238,9 +203,16 @@ class EngineProcess:
 class _PipeEngineLoop(EngineLoop):
     """The engine process's EngineLoop: its hand-offs go down the pipe (one message per step's outputs)."""
 
-    def __init__(self, conn, send_lock: threading.Lock, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._conn, self._send_lock = conn, send_lock
+    def __init__(self, conn, engine, metrics, *, warmup: bool) -> None:
+        # max_waiting: the front end bounds the queue; on_ready prints the ready line and tells the front end
+        super().__init__(engine, metrics, max_waiting=1 << 62, warmup=warmup, on_ready=self._announce_ready)
+        self._conn, self._send_lock = conn, threading.Lock()  # the engine thread and the reader thread send
+
+    def _announce_ready(self, info: dict | None) -> None:
+        from jkv.serve.cli import print_ready
+
+        print_ready(info)
+        self.send(("ready",))
 
     def send(self, message) -> None:
         with self._send_lock:
@@ -250,11 +222,8 @@ class _PipeEngineLoop(EngineLoop):
                 pass
 
     def add(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams, arrival: float) -> None:
-        """A request from the front end (the reader thread): into the inbox, as EngineLoop.submit does."""
-        stream = RequestStream(request_id, len(prompt_ids), None, arrival, None)
-        self._handed += 1
-        self._inbox.append((stream, prompt_ids, sampling))
-        self._wake.set()
+        """A request from the front end (the reader thread): into the inbox, as EngineLoop.submit puts it."""
+        self._take(RequestStream(request_id, len(prompt_ids), None, arrival, None), prompt_ids, sampling)
 
     def _run(self) -> None:
         super()._run()
@@ -291,7 +260,7 @@ def engine_main(conn, args, build: str = DEFAULT_BUILD) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front end drains on these, then sends "stop"
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    from jkv.serve.cli import print_ready
+    from jkv.serve.cli import stop_engine
 
     module, _, name = build.partition(":")
     try:
@@ -301,24 +270,11 @@ def engine_main(conn, args, build: str = DEFAULT_BUILD) -> None:
         return
     conn.send(("built", {"tokenizer": engine.tokenizer, "max_seq_len": engine.max_seq_len,
                          "vocab_size": engine.config.vocab_size}))  # fmt: skip
-    lock = threading.Lock()
-    holder: list[_PipeEngineLoop] = []
-
-    def on_ready(info: dict | None) -> None:
-        print_ready(info)
-        holder[0].send(("ready",))
-
-    loop = _PipeEngineLoop(conn, lock, engine, metrics, max_waiting=1 << 62, warmup=not args.no_warmup,
-                           on_ready=on_ready)  # fmt: skip
-    holder.append(loop)
+    loop = _PipeEngineLoop(conn, engine, metrics, warmup=not args.no_warmup)
     try:
         _serve_commands(conn, loop, metrics)
     finally:
-        loop.stop()
-        if loop.running:
-            log.warning("jkv serve: the engine thread did not stop in time; exiting without closing the engine")
-        else:
-            engine.close()
+        stop_engine(loop, engine)
 
 
 def _serve_commands(conn, loop: _PipeEngineLoop, metrics) -> None:
