@@ -8,7 +8,7 @@ from __future__ import annotations
 from kvspec.config import ModelConfig
 from kvspec.layout import cache_row_bytes, layer_bytes_per_token, window_groups
 from kvspec.params import kv_heads_per_device
-from planner.memory import CALIBRATED_FAMILIES
+from planner.memory import CALIBRATED_FAMILIES, CHECKED_FAMILIES
 from planner.plan import Plan
 
 
@@ -141,8 +141,14 @@ def params_how(plan: Plan) -> str:
 
 
 def calibration_note(plan: Plan) -> str | None:
-    if plan.config.model_type in CALIBRATED_FAMILIES:
+    family = plan.config.model_type
+    if family in CALIBRATED_FAMILIES:
         return None
+    if family in CHECKED_FAMILIES:
+        return (
+            f"The workspace and reserve constants were calibrated on GPT-2; for {family} they were checked on an H200 "
+            f"at {CHECKED_FAMILIES[family]}'s shapes, against the largest batch that really ran."
+        )
     return (
         f"The workspace and reserve constants were calibrated on GPT-2 only; {plan.config.model_type} uses the same "
         "terms, not yet measured on a GPU."

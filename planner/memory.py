@@ -14,14 +14,19 @@ from dataclasses import dataclass
 from kvspec.config import ModelConfig
 from kvspec.layout import kv_heads_per_device
 from kvspec.shapes import PREFILL_MIN_CHUNK, padded_prefill_tokens  # noqa: F401 - the planner prices these
+from planner.measured_scratch import measured_decode_scratch
 
 F32 = 4
 MiB = 2**20
 
 # Every constant below was measured on an H200 (JAX 0.11.2) with GPT-2 models only; docs/memory.md, "Where the
 # constants come from", gives the measurements behind each one. For the other families the same terms apply,
-# uncalibrated (CALIBRATED_FAMILIES). Another card, driver or XLA version can differ: measure it there.
+# uncalibrated (CALIBRATED_FAMILIES), except the decode scratch of the shapes planner.measured_scratch lists.
+# Another card, driver or XLA version can differ: measure it there.
 CALIBRATED_FAMILIES = ("gpt2",)
+# Families whose plans were checked on an H200 against the real maximum batch, searched (docs/benchmarks.md), at one
+# model's shapes each: the plan never went above it, and was within one of it.
+CHECKED_FAMILIES = {"llama": "llama-3.1-8b", "qwen2": "qwen2.5-1.5b"}
 
 # Runtime reserve: device memory a process holds outside JAX's pool (CUDA context, loaded kernels, cuBLAS handles),
 # a base plus a per-layer share (it grows with the executables), plus the spread between runs of one row.
@@ -132,16 +137,24 @@ def step_workspace(
     dtype_bytes: int,
     tp: int = 1,
     naive_attention: bool = False,
+    kv_dtype: str | None = None,
 ) -> StepWorkspace:
     """Workspace of a step that runs `tokens` query tokens for `sequences` sequences of up to `context` tokens.
 
     naive_attention: materialize the [heads, tokens, context] float32 score matrix and its softmax (B*H*T^2 for a
     full prefill); otherwise flash/paged attention keeps only per-row running max and sum.
+    kv_dtype: the KV pages' dtype; a decode step (`name` "decode") of a shape measured on the card
+    (planner.measured_scratch) takes its measured scratch in place of the bound.
     """
     e, v = config.n_embd, config.vocab_size
     temp = tokens * activation_width(config, tp) * dtype_bytes + TEMP_BASE_BYTES
     if naive_attention:
         temp += 2 * (config.n_head // tp) * tokens * context * F32
+    measured = None
+    if name == "decode" and kv_dtype is not None and not naive_attention:
+        measured = measured_decode_scratch(config, kv_dtype, dtype_bytes, context, tokens, tp)
+    if measured is not None:
+        temp = measured
     logits = sequences * v * F32
     autotune = logits + (sequences * e + e * v) * dtype_bytes + 3 * 2 * REDZONE_BYTES
     return StepWorkspace(name, tokens, sequences, logits, max(TEMP_FLOOR_BYTES, temp), autotune)

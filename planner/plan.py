@@ -258,7 +258,8 @@ def step_workspaces(
     # padded positions: the budget rounded up, and at most `batch` rows (the engine's cap) of a padded chunk
     prefill_tokens = min(padded_prefill_tokens(o.prefill_chunk),
                          batch * padded_prefill_tokens(min(o.prefill_chunk, max_seq_len)))  # fmt: skip
-    ws = lambda *a: step_workspace(config, *a, weight_dtype_bytes(o.dtype), o.tp, o.naive_attention)  # noqa: E731
+    kv = o.kv_dtype or o.dtype
+    ws = lambda *a: step_workspace(config, *a, weight_dtype_bytes(o.dtype), o.tp, o.naive_attention, kv)  # noqa: E731
     return (
         ws("prefill", prefill_tokens, min(batch, prefill_tokens), max_seq_len),
         ws("decode", batch, batch, max_seq_len),

@@ -11,6 +11,7 @@ from planner import (
     PRESETS, PlanError, PlanOptions, blocks_for_tokens, config_from_hf, expected_fragmentation,
     kv_bytes_per_token, kv_dtype, load_config, make_plan, param_bytes, parse_size, plan_to_dict,
 )  # fmt: skip
+from planner.measured_scratch import DECODE_SCRATCH, MEASURED_MARGIN_BYTES, measured_decode_scratch, shape_key
 from planner.memory import runtime_reserve, step_workspace
 
 GB = 10**9
@@ -217,3 +218,58 @@ def test_hf_config(tmp_path):
     cfg = config_from_hf(tmp_path)
     assert (cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.head_dim, cfg.kv_heads) == (64, 2, 4, 16, 4)
     assert load_config(str(tmp_path)) == cfg
+
+
+def _chord(points, rows):
+    """An independent reading of a measured scratch table: numpy's piecewise-linear interpolation, flat below the
+    first point, the last segment's slope past the last point."""
+    import numpy as np
+
+    rs, ts = np.array([r for r, _ in points], float), np.array([t for _, t in points], float)
+    if rows > rs[-1]:
+        return ts[-1] + (ts[-1] - ts[-2]) / (rs[-1] - rs[-2]) * (rows - rs[-1])
+    return float(np.interp(rows, rs, ts))
+
+
+MEASURED_ROWS = [("qwen2.5-1.5b", "bfloat16"), ("qwen2.5-1.5b", "int8")]
+
+
+def test_every_measured_scratch_table_is_tested():
+    keys = {shape_key(load_config(m), kv, 2, load_config(m).n_positions) for m, kv in MEASURED_ROWS}
+    assert keys == set(DECODE_SCRATCH)
+
+
+@pytest.mark.parametrize("model,kv", MEASURED_ROWS)
+def test_measured_decode_scratch_reads_the_points_and_their_chords(model, kv):
+    config = load_config(model)
+    wbytes, context = 2, config.n_positions
+    points = DECODE_SCRATCH[shape_key(config, kv, wbytes, context)]
+    assert [r for r, _ in points] == sorted({r for r, _ in points})  # strictly increasing rows
+    for rows in [1, points[0][0] // 2, *(r for r, _ in points), *(r + 7 for r, _ in points), 2 * points[-1][0]]:
+        got = measured_decode_scratch(config, kv, wbytes, context, rows)
+        assert got - MEASURED_MARGIN_BYTES == pytest.approx(_chord(points, rows), abs=1), rows
+    # the margin covers how far every interior point sits below the chord of its neighbours
+    for (r0, t0), (r1, t1), (r2, t2) in zip(points, points[1:], points[2:]):
+        chord = t0 + (t2 - t0) * (r1 - r0) / (r2 - r0)
+        assert t1 - chord < MEASURED_MARGIN_BYTES / 10, (r1, t1 - chord)
+    # unmeasured: another context, tensor parallelism, another weight dtype
+    assert measured_decode_scratch(config, kv, wbytes, context // 2, 1000) is None
+    assert measured_decode_scratch(config, kv, wbytes, context, 1000, tp=2) is None
+    assert measured_decode_scratch(config, kv, 4, context, 1000) is None
+
+
+def test_a_measured_shape_plans_with_its_measured_scratch_and_others_with_the_bound():
+    full, mib = 150_754_820_096, 2**20  # a whole H200 as the device reports it
+    qwen = load_config("qwen2.5-1.5b")
+    plan = make_plan(qwen, PlanOptions(hbm_bytes=full, kv_dtype="bfloat16"))
+    decode = next(w for w in plan.workspaces if w.name == "decode")
+    assert decode.temp == measured_decode_scratch(qwen, "bfloat16", 2, plan.max_seq_len, decode.tokens)
+    bound = step_workspace(qwen, "decode", decode.tokens, decode.tokens, plan.max_seq_len, 2)
+    assert bound.temp - decode.temp > 200 * mib  # the bound's slack at ~30k rows, measured 0.26-0.32 GiB
+    # the bound would have planned fewer sequences; another context (not measured) plans with the bound
+    shorter = make_plan(qwen, PlanOptions(hbm_bytes=full, kv_dtype="bfloat16", max_seq_len=16384))
+    short_decode = next(w for w in shorter.workspaces if w.name == "decode")
+    assert short_decode.temp == step_workspace(qwen, "decode", short_decode.tokens, short_decode.tokens, 16384, 2).temp
+    # at 24 GB the lm-head's autotuning buffers bind, so the measured scratch changes nothing there
+    small = make_plan(qwen, PlanOptions(hbm_bytes=24 * 10**9, kv_dtype="bfloat16"))
+    assert max(w.total for w in small.workspaces) == next(w.autotune for w in small.workspaces if w.name == "decode")

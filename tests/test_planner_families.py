@@ -241,8 +241,9 @@ def test_cli_reports_a_llama_plan_in_words():
     assert "2 (K and V) x 32 layers x 8 KV heads x 128 x 2 B = 131,072 B per token" in out
     assert "is a preset: the shapes of its public config.json, no weights" in out
     assert "8,030,261,248 params (untied lm-head) x bfloat16" in out
-    assert "calibrated on GPT-2 only" in out
+    assert "for llama they were checked on an H200 at llama-3.1-8b's shapes" in out
     gemma = " ".join(_cli("--hbm", "80GB", "--model", "gemma-2-9b").stdout.split())
+    assert "calibrated on GPT-2 only; gemma2 uses the same terms" in gemma
     assert "21 sliding layers (window 4,096; layers 0, 2, 4" in gemma and "21 full-attention layers (1, 3, 5" in gemma
     lite = " ".join(_cli("--hbm", "80GB", "--model", "deepseek-v2-lite").stdout.split())
     assert "would be 8.9x larger" in lite
