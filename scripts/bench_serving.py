@@ -53,11 +53,12 @@ def parse() -> argparse.Namespace:
     p.add_argument("--client-processes", type=int, default=min(8, max(1, (os.cpu_count() or 2) // 2)),
                    help="load-generator processes a phase's clients are spread over (one Python client parsing "
                    "every chunk can be slower than the server); one-at-a-time phases use one")
-    p.add_argument("--engine-process", action="store_true",
-                   help="--suite: serve with `jkv serve --engine-process` (the engine loop in its own process)")
-    p.add_argument("--also-engine-process", action="store_true",
-                   help="--suite: after the phases, start a second server with --engine-process and run the "
-                        "saturated, closed-loop and one-at-a-time phases against it too")  # fmt: skip
+    p.add_argument("--engine-thread", action="store_true",
+                   help="--suite: serve with `jkv serve --engine-thread` (the engine loop in a thread of the server; "
+                        "default: the server's default, the engine loop in its own process)")  # fmt: skip
+    p.add_argument("--also-other-mode", action="store_true",
+                   help="--suite: after the phases, start a second server in the other engine mode (thread or "
+                        "process) and run the saturated, closed-loop and one-at-a-time phases against it too")  # fmt: skip
     p.add_argument("--phase-timeout", type=float, default=120.0, help="seconds one load phase may take")
     p.add_argument("--startup-timeout", type=float, default=420.0,
                    help="seconds an offline child, or the server's start (warm-up included), may take")
@@ -176,8 +177,9 @@ def suite(args) -> dict:
     flags = ["--model", args.model, "--served-model-name", args.model, "--compile-cache", args.compile_cache,
              "--max-waiting", str(10 * args.requests), "--log-level", "warning", *engine_flags(args)]  # fmt: skip
     t0 = time.perf_counter()
-    with ServerProcess(flags + (["--engine-process"] if args.engine_process else []),
-                       startup_timeout=args.startup_timeout) as server:  # fmt: skip
+    mode, other_mode = ("--engine-thread", "--engine-process") if args.engine_thread else ("--engine-process",
+                                                                                          "--engine-thread")  # fmt: skip
+    with ServerProcess(flags + [mode], startup_timeout=args.startup_timeout) as server:
         results["server_ready_s"] = time.perf_counter() - t0
         results["server_warmup"] = next((ln.strip() for ln in server.lines if "warm-up:" in ln), None)
         settle = reqs[:64]
@@ -204,16 +206,16 @@ def suite(args) -> dict:
             write(args.out, "metrics.txt", metrics_text)
     if args.out:
         write(args.out, "server.log", server.output)
-    results["engine_process"] = args.engine_process
-    if args.also_engine_process and not args.engine_process:
-        with ServerProcess(flags + ["--engine-process"], startup_timeout=args.startup_timeout) as server:
+    results["engine_mode"] = mode
+    if args.also_other_mode:
+        with ServerProcess(flags + [other_mode], startup_timeout=args.startup_timeout) as server:
             phase(args, server.url, reqs[:64], arrivals=[0.0] * 64)  # settle
             other = {"saturated": phase(args, server.url, reqs, arrivals=[0.0] * len(reqs)),
                      "closed_loop": phase(args, server.url, reqs, concurrency=args.max_num_seqs),
                      "low_load": phase(args, server.url, reqs[: args.low_load_requests], 1, concurrency=1)}  # fmt: skip
-        results["engine_process_server"] = other
+        results["other_mode_server"] = other | {"engine_mode": other_mode}
         if args.out:
-            write(args.out, "server_engine_process.log", server.output)
+            write(args.out, "server_other_mode.log", server.output)
     results["served_over_offline"] = sat["output_tok_s"] / results["offline"]["tok_s"]
     results["server_added_ttft_ms_p50"] = results["low_load"]["ttft_ms_p50"] - results["offline_streamed"]["ttft_ms_p50"]
     return results
@@ -229,15 +231,15 @@ def table(r: dict) -> str:
         ("served / engine offline (target >= 90 %)", f"{100 * r['served_over_offline']:.0f} %"),
         ("load-generator processes (the saturated and later phases)", str(sat.get("client_processes", 1))),
     ]
-    if r.get("engine_process"):
-        rows.append(("the server ran with --engine-process", "yes"))
-    if "engine_process_server" in r:
-        e = r["engine_process_server"]
-        rows += [("--engine-process: served at saturation, output tok/s (/ engine offline)",
+    rows.append(("the server's engine mode", r.get("engine_mode", "--engine-process")))
+    if "other_mode_server" in r:
+        e = r["other_mode_server"]
+        m = e["engine_mode"]
+        rows += [(f"{m}: served at saturation, output tok/s (/ engine offline)",
                   f"{e['saturated']['output_tok_s']:,.0f} ({100 * e['saturated']['output_tok_s'] / off['tok_s']:.0f} %)"),
-                 ("--engine-process: closed loop of max-num-seqs clients, output tok/s",
+                 (f"{m}: closed loop of max-num-seqs clients, output tok/s",
                   f"{e['closed_loop']['output_tok_s']:,.0f}"),
-                 ("--engine-process: one request at a time, served TTFT p50 / p99 ms",
+                 (f"{m}: one request at a time, served TTFT p50 / p99 ms",
                   f"{e['low_load']['ttft_ms_p50']:.2f} / {e['low_load']['ttft_ms_p99']:.2f}")]  # fmt: skip
     if "saturated_one_client_process" in r:
         rows.append(("served at saturation from one load-generator process, output tok/s",

@@ -35,7 +35,7 @@ def model_dir(tmp_path_factory) -> Path:
     return d
 
 
-@pytest.fixture(scope="module", params=[[], ["--engine-process"]], ids=["engine-thread", "engine-process"])
+@pytest.fixture(scope="module", params=[["--engine-thread"], ["--engine-process"]], ids=["engine-thread", "engine-process"])
 def server(model_dir, request):
     args = [*request.param, "--model", str(model_dir), "--served-model-name", "tiny", "--dtype", "float32", "--no-warmup",
             "--api-key", API_KEY, "--max-body-bytes", "4096", "--decode-steps", "4",

@@ -20,7 +20,7 @@ FIXTURE = Path(__file__).parent / "fixtures" / "hf_tiny_gpt2"
 LONG = {"model": "tiny", "prompt": "Hello world", "max_tokens": 110, "temperature": 0, "ignore_eos": True}
 
 
-@pytest.fixture(scope="module", params=[[], ["--engine-process"]], ids=["engine-thread", "engine-process"])
+@pytest.fixture(scope="module", params=[["--engine-thread"], ["--engine-process"]], ids=["engine-thread", "engine-process"])
 def server(request):
     args = [*request.param, "--model", str(FIXTURE), "--served-model-name", "tiny", "--dtype", "float32", "--no-warmup",
             "--num-blocks", "64", "--block-size", "8", "--max-num-seqs", "1", "--max-num-batched-tokens", "32",

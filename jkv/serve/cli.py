@@ -62,9 +62,12 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                    help="on SIGTERM, seconds in-flight requests get to finish before they are aborted")
     s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 beyond)")
     s.add_argument("--chat-template", help="a Jinja2 chat template file (default: the model's tokenizer_config.json)")
-    s.add_argument("--engine-process", action="store_true",
-                   help="run the engine loop in a process of its own, the HTTP front end in this one (separate "
-                        "interpreters: streaming chunks and engine steps stop taking turns)")  # fmt: skip
+    mode = s.add_mutually_exclusive_group()
+    mode.add_argument("--engine-process", dest="engine_process", action="store_true", default=True,
+                      help="(the default) run the engine loop in a process of its own, the HTTP front end in this "
+                           "one: separate interpreters, so streaming chunks and engine steps do not take turns")  # fmt: skip
+    mode.add_argument("--engine-thread", dest="engine_process", action="store_false",
+                      help="run the engine loop in a thread of this process instead (one interpreter)")
     s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p
 
