@@ -27,12 +27,13 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from jkv.bench.http_load import run_load_in_processes, summarize
 from jkv.bench.serving import poisson_arrivals, workload
 
 ENGINE_FLAGS = ("dtype", "hbm", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_seq_len", "decode_steps",
-                "kv_dtype")  # fmt: skip
+                "kv_dtype", "tokenizer")  # fmt: skip
 
 
 def parse() -> argparse.Namespace:
@@ -76,6 +77,11 @@ def parse() -> argparse.Namespace:
     e.add_argument("--max-seq-len", type=int, default=512)
     e.add_argument("--decode-steps", type=int, default=8)
     e.add_argument("--kv-dtype")
+    e.add_argument("--tokenizer", help="a tokenizer directory for the server and the offline run (jkv serve "
+                                       "--tokenizer)")  # fmt: skip
+    p.add_argument("--word-tokenizer", action="store_true",
+                   help="--suite for a model without tokenizer files (e.g. the llama-3.1-8b preset): write a "
+                        "tokenizer of one word per id under --compile-cache and serve with it")  # fmt: skip
     return p.parse_args()
 
 
@@ -104,11 +110,14 @@ def offline(args) -> dict:
     import jkv
     from jkv.bench.serving import drive
 
+    from jkv.tokenizer import get_tokenizer
+
     model = jkv.load_model(args.model, dtype=args.dtype)
     eng = jkv.Engine(model, hbm=args.hbm, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
                      max_num_batched_tokens=args.max_num_batched_tokens, max_seq_len=args.max_seq_len,
                      decode_steps=args.decode_steps, kv_dtype=args.kv_dtype, compile_cache_dir=args.compile_cache,
-                     stream_text=args.stream_text)  # fmt: skip
+                     stream_text=args.stream_text,
+                     tokenizer=get_tokenizer(args.tokenizer) if args.tokenizer else None)  # fmt: skip
     t0 = time.perf_counter()
     info = eng.warmup()
     warm_s = time.perf_counter() - t0
@@ -288,6 +297,13 @@ def main() -> int:
             res = phase(args, args.url, reqs, concurrency=args.concurrency or 1)
         print(json.dumps(res, indent=1))
     else:
+        if args.word_tokenizer and args.tokenizer is None:  # a preset without tokenizer files: words for its ids
+            from planner import load_config
+
+            from jkv.bench.serving import write_word_tokenizer
+
+            args.tokenizer = str(write_word_tokenizer(Path(args.compile_cache) / "word_tokenizer",
+                                                      load_config(args.model).vocab_size))  # fmt: skip
         res = suite(args)
         print(json.dumps(res, indent=1))
         text = table(res)

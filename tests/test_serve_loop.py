@@ -226,3 +226,30 @@ def test_a_handler_behind_the_engine_sends_each_request_s_latest_output_once():
     assert [(o.request_id, len(o.token_ids), o.finished) for o in merged] == [("a", 2, False), ("b", 3, True)]
     assert [getattr(o, "request_id", None) for o in with_error] == ["a", None] and len(with_error[0].token_ids) == 3
     assert [o.request_id for o in alone] == ["c"]
+
+
+def test_tokenizer_flag_serves_a_model_with_another_tokenizer(tmp_path):
+    from jkv.bench.serving import write_word_tokenizer
+    from jkv.serve.cli import build_engine
+
+    words = write_word_tokenizer(tmp_path / "words", 1000)  # the fixture's vocabulary: one word an id
+    tok = jkv.get_tokenizer(words)
+    assert tok.vocab_size == 1000 and tok.decode([5, 999, 6]) == "w5 w999 w6" and tok.encode("w7 w8") == [7, 8]
+
+    def engine_args(*extra):
+        return build_parser("jkv serve").parse_args(["--model", str(FIXTURE), "--dtype", "float32", "--num-blocks",
+                                                     "16", "--no-warmup", *extra])  # fmt: skip
+
+    engine, _ = build_engine(engine_args("--tokenizer", str(words)))
+    try:
+        assert engine.tokenizer.vocab_size == 1000
+        rid = engine.add_request([1, 2, 3], jkv.SamplingParams(max_tokens=4, ignore_eos=True))
+        out = engine.run()[rid]
+        assert len(out.token_ids) == 4 and out.text.split() == [f"w{t}" for t in out.token_ids]
+    finally:
+        engine.close()
+    with pytest.raises(ValueError, match="is not a directory with tokenizer.json"):
+        build_engine(engine_args("--tokenizer", str(tmp_path)))
+    too_big = write_word_tokenizer(tmp_path / "big", 1001)
+    with pytest.raises(ValueError, match="has 1,001 tokens, more than .* vocabulary of 1,000"):
+        build_engine(engine_args("--tokenizer", str(too_big)))

@@ -160,3 +160,20 @@ def latency_stats(final: dict, late: dict[str, float] | None = None) -> dict:
     tpot = [o.metrics.time_per_output_token for o in final.values()]
     return {"ttft_ms_p50": ms(ttft, 50), "ttft_ms_p99": ms(ttft, 99), "tpot_ms_p50": ms(tpot, 50),
             "tpot_ms_p90": ms(tpot, 90), "tpot_ms_p99": ms(tpot, 99)}  # fmt: skip
+
+
+def write_word_tokenizer(directory, vocab_size: int):
+    """A tokenizer.json of `vocab_size` words w0, w1, ... (one word a token id, joined by spaces) in `directory`:
+    text for every id of a model that ships no tokenizer (a random-weight preset), so a server can stream it."""
+    from pathlib import Path
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size={vocab_size} must be at least 1.")
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    return path

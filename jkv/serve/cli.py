@@ -27,6 +27,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="preset name (random weights) or Hugging Face directory")
     p.add_argument("--served-model-name", help="the name clients send as 'model' (default: --model)")
     p.add_argument("--dtype", default="bfloat16", help="weights and compute: float32, bfloat16, float16")
+    p.add_argument("--tokenizer", metavar="DIR",
+                   help="a directory with tokenizer.json (or vocab.json + merges.txt) to use instead of the model's "
+                        "own: for a checkpoint or preset without tokenizer files")  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("JKV_API_KEY"),
@@ -95,7 +98,18 @@ def build_engine(args, front_end: bool = True):
     from jkv.serve.metrics import ServerMetrics, plan_terms
     from jkv.sharding import shard_bytes
 
+    tokenizer = None
+    if args.tokenizer is not None:
+        from jkv.tokenizer import get_tokenizer, has_tokenizer_files
+
+        if not has_tokenizer_files(args.tokenizer):
+            raise ValueError(f"--tokenizer {args.tokenizer} is not a directory with tokenizer.json (or vocab.json + "
+                             "merges.txt): point it at one.")  # fmt: skip
+        tokenizer = get_tokenizer(args.tokenizer)
     model = jkv.load_model(args.model, dtype=args.dtype)
+    if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"--tokenizer {args.tokenizer} has {tokenizer.vocab_size:,} tokens, more than {args.model}'s "
+                         f"vocabulary of {model.config.vocab_size:,}: use the model's own tokenizer.")  # fmt: skip
     engine = jkv.Engine(
         model, num_blocks=args.num_blocks, hbm=args.hbm, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_seq_len=args.max_seq_len, kv_dtype=args.kv_dtype,
@@ -103,10 +117,12 @@ def build_engine(args, front_end: bool = True):
         swap_blocks=args.swap_blocks, sliding_window=args.sliding_window, attention=args.attention,
         compile_cache_dir=args.compile_cache, async_scheduling=not args.no_async_scheduling,
         decode_steps=args.decode_steps, stream_text=True, tensor_parallel_size=args.tensor_parallel_size,
+        tokenizer=tokenizer,
     )  # fmt: skip
     if engine.tokenizer is None:
         engine.close()
-        raise ValueError(f"{args.model} has no tokenizer files (tokenizer.json or vocab.json + merges.txt): add them.")
+        raise ValueError(f"{args.model} has no tokenizer files (tokenizer.json or vocab.json + merges.txt): add them, "
+                         "or pass --tokenizer DIR.")  # fmt: skip
     name = served_name(args)
     param_bytes = shard_bytes(engine.executor.runner.params)  # one device's share, as the plan counts
     metrics = ServerMetrics(plan_terms(engine, param_bytes), name, front_end=front_end)
