@@ -1,4 +1,4 @@
-"""XLA's scratch for the decode steps of model shapes measured on the card, which the planner uses in place of its bound.
+"""XLA's measured scratch for the decode steps of listed model shapes, which the planner uses instead of its bound.
 
 The planner's scratch term for a step (planner.memory.step_workspace) is a bound: tokens x activation_width x weight
 bytes + TEMP_BASE_BYTES, at or above every step measured. For a small model on a large card the decode step's

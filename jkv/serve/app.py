@@ -6,7 +6,7 @@ Every error a client can cause is an OpenAI error object with one sentence sayin
 hold), 401 without the API key, 413 for a body over the limit, 503 with Retry-After while the engine warms up
 (`/health` says "starting" until then), when the waiting queue is full or when the server is draining, 504 past
 the request timeout. Handlers only validate, tokenize and await their requests' outputs; the engine runs on its
-own thread (jkv.serve.engine_loop) or, with --engine-process, in its own process (jkv.serve.engine_process).
+own process by default (jkv.serve.engine_process) or, with --engine-thread, on a thread (jkv.serve.engine_loop).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from jkv.serve.metrics import FrontEndMetrics, ServerMetrics
 
 @dataclass
 class ServerState:
-    loop: EngineLoop  # or an EngineProcess (jkv serve --engine-process): the same interface
+    loop: EngineLoop  # or an EngineProcess (the engine in its own process, the default): the same interface
     metrics: ServerMetrics | FrontEndMetrics
     tokenizer: object
     model_name: str

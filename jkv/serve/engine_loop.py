@@ -93,6 +93,15 @@ class RequestIntake:
         """Requests handed over and not yet admitted (the inbox and the scheduler's waiting queue)."""
         return self._handed - self._left_waiting
 
+    @property
+    def alive(self) -> bool:
+        return self._worker.is_alive() and self.error is None
+
+    @property
+    def running(self) -> bool:
+        """The engine loop's thread or process is still running (after stop(): it did not end in time)."""
+        return self._worker.is_alive()
+
     def starting_message(self) -> str:
         done = self.warmup_progress
         what = f" ({done[0]} of {done[1]} step shapes compiled)" if done else ""
@@ -127,6 +136,8 @@ class RequestIntake:
     def _hand_in(self, stream: RequestStream, prompt_ids: list[int], sampling: SamplingParams) -> None:
         raise NotImplementedError
 
+    _worker: threading.Thread  # what runs the engine loop (EngineProcess: its process)
+
 
 class EngineLoop(RequestIntake):
     """Runs `engine` on a background thread; see the module docstring."""
@@ -148,20 +159,11 @@ class EngineLoop(RequestIntake):
         self._abort_everything = False
         self.num_active = 0  # accepted and not finished
         self._warmup, self._on_ready, self._progress_bar = warmup, on_ready, progress_bar
-        self._thread = threading.Thread(target=self._run, name="jkv-engine-loop", daemon=True)
+        self._worker = threading.Thread(target=self._run, name="jkv-engine-loop", daemon=True)
 
     # Event-loop side ---------------------------------------------------------------------------------------
     def start(self) -> None:
-        self._thread.start()
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive() and self.error is None
-
-    @property
-    def running(self) -> bool:
-        """The thread is still running (after stop(): it did not end within the timeout)."""
-        return self._thread.is_alive()
+        self._worker.start()
 
     def _hand_in(self, stream: RequestStream, prompt_ids: list[int], sampling: SamplingParams) -> None:
         self._inbox.append((stream, prompt_ids, sampling))
@@ -182,8 +184,8 @@ class EngineLoop(RequestIntake):
         """Abort everything still running and end the thread (the engine stays open: its owner closes it)."""
         self._stop = True
         self._wake.set()
-        if self._thread.ident is not None:  # started
-            self._thread.join(timeout)
+        if self._worker.ident is not None:  # started
+            self._worker.join(timeout)
 
     # Engine thread -------------------------------------------------------------------------------------------
     def _run(self) -> None:

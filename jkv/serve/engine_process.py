@@ -1,4 +1,5 @@
-"""`jkv serve --engine-process`: the engine loop in a process of its own, the HTTP front end in the server's.
+"""`jkv serve` (its default, `--engine-process`): the engine loop in a process of its own, the HTTP front end in the
+server's.
 
 The front end and the engine loop then hold separate interpreters (and GILs): the event loop's per-chunk work
 (JSON, SSE framing, the ASGI send path) no longer takes turns with the engine thread's scheduling and
@@ -39,6 +40,21 @@ SCRAPE_TIMEOUT_S = 10.0  # /metrics waits this long for the engine process's reg
 DEFAULT_BUILD = "jkv.serve.cli:build_engine"
 
 
+class _Pipe:
+    """One end of the pipe, sent to from several threads; a send to a closed pipe is dropped (its reader thread
+    sees the other side gone and reports it)."""
+
+    def __init__(self, conn) -> None:
+        self.conn, self._lock = conn, threading.Lock()
+
+    def send(self, message) -> None:
+        with self._lock:
+            try:
+                self.conn.send(message)
+            except (OSError, ValueError):
+                pass
+
+
 class EngineProcess(RequestIntake):
     """The front end's handle on the engine process; see the module docstring."""
 
@@ -49,21 +65,21 @@ class EngineProcess(RequestIntake):
         front_end=False) for (engine, metrics) (a benchmark's stand-in engine; default: the real one)."""
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=engine_main, args=(child, args, build), name="jkv-engine")
-        self._proc.start()
+        self._worker = ctx.Process(target=engine_main, args=(child, args, build), name="jkv-engine")
+        self._worker.start()
         child.close()
         try:
             kind, info = self._conn.recv()
         except EOFError:
-            self._proc.join(30)
-            raise RuntimeError(f"the engine process exited while loading the model (status {self._proc.exitcode}): "
+            self._worker.join(30)
+            raise RuntimeError(f"the engine process exited while loading the model (status {self._worker.exitcode}): "
                                "see its messages above.") from None  # fmt: skip
         if kind == "build_error":
-            self._proc.join(30)
+            self._worker.join(30)
             raise ValueError(info)
         super().__init__(max_waiting, clock)  # _left_waiting follows the engine process's count
         self.tokenizer, self.max_seq_len, self.vocab_size = info["tokenizer"], info["max_seq_len"], info["vocab_size"]
-        self._send_lock = threading.Lock()  # the drain's timer thread sends too
+        self._send = _Pipe(self._conn).send  # the drain's timer thread sends too
         self._scrapes = itertools.count()
         self._pending: dict[str, RequestStream] = {}  # handed over, not yet accepted or refused
         self._streams: dict[str, RequestStream] = {}  # accepted, not finished
@@ -76,14 +92,6 @@ class EngineProcess(RequestIntake):
         self._loop = asyncio.get_running_loop()
         threading.Thread(target=self._read, name="jkv-engine-pipe", daemon=True).start()
         self._send(("start",))
-
-    @property
-    def alive(self) -> bool:
-        return self._proc.is_alive() and self.error is None
-
-    @property
-    def running(self) -> bool:
-        return self._proc.is_alive()
 
     def _hand_in(self, stream: RequestStream, prompt_ids: list[int], sampling: SamplingParams) -> None:
         self._pending[stream.request_id] = stream
@@ -111,18 +119,11 @@ class EngineProcess(RequestIntake):
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the engine process (it aborts what still runs and closes its engine); kill it past `timeout`."""
         self._send(("stop",))
-        self._proc.join(timeout)
-        if self._proc.is_alive():
+        self._worker.join(timeout)
+        if self._worker.is_alive():
             log.warning("jkv serve: the engine process did not stop in %.0f s; killing it", timeout)
-            self._proc.kill()
-            self._proc.join(10)
-
-    def _send(self, message) -> None:
-        with self._send_lock:
-            try:
-                self._conn.send(message)
-            except (OSError, ValueError):  # the engine process is gone: _on_readable reports it
-                pass
+            self._worker.kill()
+            self._worker.join(10)
 
     def _read(self) -> None:
         """The pipe's reader thread: blocking reads (an event loop's reader would make the pipe non-blocking, and
@@ -145,8 +146,8 @@ class EngineProcess(RequestIntake):
 
     def _gone(self) -> None:
         if self.error is None:
-            self._proc.join(1)
-            self._fail(f"the engine process exited (status {self._proc.exitcode}): restart the server.")
+            self._worker.join(1)
+            self._fail(f"the engine process exited (status {self._worker.exitcode}): restart the server.")
 
     def _handle_all(self, batch: list) -> None:
         for message in batch:
@@ -206,20 +207,13 @@ class _PipeEngineLoop(EngineLoop):
     def __init__(self, conn, engine, metrics, *, warmup: bool) -> None:
         # max_waiting: the front end bounds the queue; on_ready prints the ready line and tells the front end
         super().__init__(engine, metrics, max_waiting=1 << 62, warmup=warmup, on_ready=self._announce_ready)
-        self._conn, self._send_lock = conn, threading.Lock()  # the engine thread and the reader thread send
+        self.send = _Pipe(conn).send  # the engine thread and the reader thread send
 
     def _announce_ready(self, info: dict | None) -> None:
         from jkv.serve.cli import print_ready
 
         print_ready(info)
         self.send(("ready",))
-
-    def send(self, message) -> None:
-        with self._send_lock:
-            try:
-                self._conn.send(message)
-            except (OSError, ValueError):  # the front end is gone; the reader thread stops the loop
-                pass
 
     def add(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams, arrival: float) -> None:
         """A request from the front end (the reader thread): into the inbox, as EngineLoop.submit puts it."""
