@@ -118,14 +118,14 @@ class WordTokenizer:
         return "".join(f" w{t % 1000}" for t in ids)
 
 
-def build_synthetic(args, front_end: bool = True):
+def build_synthetic(args):
     """(engine, metrics) for an engine process (jkv.serve.engine_process's `build` hook): a SyntheticEngine."""
     from jkv.serve.metrics import ServerMetrics
 
     engine = SyntheticEngine(args.max_num_seqs, args.steps, args.round_s, args.busy_s_per_token)
     engine.tokenizer, engine.max_seq_len, engine.config = WordTokenizer(), 100_000, SimpleNamespace(vocab_size=50_000)
     engine.close = lambda: None
-    return engine, ServerMetrics({"parameters": 0, "kv_pool": 0}, "synthetic", front_end=front_end)
+    return engine, ServerMetrics({"parameters": 0, "kv_pool": 0}, "synthetic")
 
 
 def serve_synthetic(port: int, max_num_seqs: int, steps: int, round_s: float, busy_s_per_token: float,
@@ -137,17 +137,16 @@ def serve_synthetic(port: int, max_num_seqs: int, steps: int, round_s: float, bu
     from jkv.serve.app import ServerState, create_app
     from jkv.serve.engine_loop import EngineLoop
     from jkv.serve.engine_process import EngineProcess
-    from jkv.serve.metrics import FrontEndMetrics
 
     knobs = SimpleNamespace(max_num_seqs=max_num_seqs, steps=steps, round_s=round_s, busy_s_per_token=busy_s_per_token,
                             log_level="warning", no_warmup=True)  # fmt: skip
     if engine_process:
-        loop = EngineProcess(knobs, max_waiting=100_000, build="scripts.bench_serve_frontend:build_synthetic")
-        metrics = FrontEndMetrics()
+        knobs.max_waiting = 100_000
+        loop = EngineProcess.spawn(knobs, max_waiting=100_000, build="scripts.bench_serve_frontend:build_synthetic")
     else:
         engine, metrics = build_synthetic(knobs)
         loop = EngineLoop(engine, metrics, max_waiting=100_000)
-    state = ServerState(loop, metrics, WordTokenizer(), "synthetic", 100_000, 50_000)
+    state = ServerState(loop, WordTokenizer(), "synthetic", 100_000, 50_000)
 
     class Server(uvicorn.Server):
         async def startup(self, sockets=None) -> None:

@@ -14,7 +14,8 @@ The whole comparison in one run (starts the server itself; what docs/benchmarks.
 once) and, one request at a time, its time to first token; (2) `jkv serve` with the same engine flags, loading the
 cache: the saturated workload over HTTP (its req/s is the saturated rate R), a closed loop of max-num-seqs
 clients, Poisson arrivals at 50 / 80 / 100 % of R, and one request at a time (the server's added latency: served
-TTFT minus the engine's). XLA compilations while serving are read from the server's /metrics. Every phase is
+TTFT minus the engine's); (3) for each --also-server FLAGS (e.g. '--api-servers 4'), a further server with those
+flags: saturated, closed loop and one at a time. XLA compilations while serving are read from the server's /metrics. Every phase is
 bounded (--phase-timeout; the children and the server's start by --startup-timeout). With --out, the results
 (JSON), the table (Markdown), the server's log and its last /metrics go there; the table is printed last.
 """
@@ -57,9 +58,14 @@ def parse() -> argparse.Namespace:
     p.add_argument("--engine-thread", action="store_true",
                    help="--suite: serve with `jkv serve --engine-thread` (the engine loop in a thread of the server; "
                         "default: the server's default, the engine loop in its own process)")  # fmt: skip
+    p.add_argument("--api-servers", type=int, default=1, metavar="N",
+                   help="--suite: serve with `jkv serve --api-servers N` (N HTTP front-end processes over the engine)")
+    p.add_argument("--also-server", action="append", default=[], metavar="FLAGS",
+                   help="--suite: after the phases, start a further server with these `jkv serve` flags added (e.g. "
+                        "'--api-servers 4' or '--engine-thread') and run the saturated, closed-loop and "
+                        "one-at-a-time phases against it too; repeatable")  # fmt: skip
     p.add_argument("--also-other-mode", action="store_true",
-                   help="--suite: after the phases, start a second server in the other engine mode (thread or "
-                        "process) and run the saturated, closed-loop and one-at-a-time phases against it too")  # fmt: skip
+                   help="--suite: --also-server with the other engine mode (thread or process)")
     p.add_argument("--phase-timeout", type=float, default=120.0, help="seconds one load phase may take")
     p.add_argument("--startup-timeout", type=float, default=420.0,
                    help="seconds an offline child, or the server's start (warm-up included), may take")
@@ -188,7 +194,9 @@ def suite(args) -> dict:
     t0 = time.perf_counter()
     mode, other_mode = ("--engine-thread", "--engine-process") if args.engine_thread else ("--engine-process",
                                                                                           "--engine-thread")  # fmt: skip
-    with ServerProcess(flags + [mode], startup_timeout=args.startup_timeout) as server:
+    if args.api_servers > 1:
+        mode += f" --api-servers {args.api_servers}"
+    with ServerProcess(flags + mode.split(), startup_timeout=args.startup_timeout) as server:
         results["server_ready_s"] = time.perf_counter() - t0
         results["server_warmup"] = next((ln.strip() for ln in server.lines if "warm-up:" in ln), None)
         settle = reqs[:64]
@@ -216,15 +224,19 @@ def suite(args) -> dict:
     if args.out:
         write(args.out, "server.log", server.output)
     results["engine_mode"] = mode
-    if args.also_other_mode:
-        with ServerProcess(flags + [other_mode], startup_timeout=args.startup_timeout) as server:
+    results["further_servers"] = []
+    for i, extra in enumerate(args.also_server + ([other_mode] if args.also_other_mode else [])):
+        keep_engine_mode = [] if "--engine-" in extra else mode.split()[:1]  # extra flags name the mode or keep ours
+        extra_mode = " ".join(keep_engine_mode + extra.split())
+        with ServerProcess(flags + extra_mode.split(), startup_timeout=args.startup_timeout) as server:
             phase(args, server.url, reqs[:64], arrivals=[0.0] * 64)  # settle
-            other = {"saturated": phase(args, server.url, reqs, arrivals=[0.0] * len(reqs)),
-                     "closed_loop": phase(args, server.url, reqs, concurrency=args.max_num_seqs),
-                     "low_load": phase(args, server.url, reqs[: args.low_load_requests], 1, concurrency=1)}  # fmt: skip
-        results["other_mode_server"] = other | {"engine_mode": other_mode}
+            further = {"saturated": phase(args, server.url, reqs, arrivals=[0.0] * len(reqs)),
+                       "closed_loop": phase(args, server.url, reqs, concurrency=args.max_num_seqs),
+                       "low_load": phase(args, server.url, reqs[: args.low_load_requests], 1, concurrency=1)}  # fmt: skip
+        results["further_servers"].append(further | {"engine_mode": extra_mode})
+        save(args, results)
         if args.out:
-            write(args.out, "server_other_mode.log", server.output)
+            write(args.out, f"server_further_{i}.log", server.output)
     results["served_over_offline"] = sat["output_tok_s"] / results["offline"]["tok_s"]
     results["server_added_ttft_ms_p50"] = results["low_load"]["ttft_ms_p50"] - results["offline_streamed"]["ttft_ms_p50"]
     return results
@@ -241,8 +253,8 @@ def table(r: dict) -> str:
         ("load-generator processes (the saturated and later phases)", str(sat.get("client_processes", 1))),
     ]
     rows.append(("the server's engine mode", r.get("engine_mode", "--engine-process")))
-    if "other_mode_server" in r:
-        e = r["other_mode_server"]
+    further = r.get("further_servers", []) + ([r["other_mode_server"]] if "other_mode_server" in r else [])
+    for e in further:
         m = e["engine_mode"]
         rows += [(f"{m}: served at saturation, output tok/s (/ engine offline)",
                   f"{e['saturated']['output_tok_s']:,.0f} ({100 * e['saturated']['output_tok_s'] / off['tok_s']:.0f} %)"),

@@ -132,7 +132,7 @@ def test_chat_endpoint_renders_the_template_and_stops_at_the_models_eos():
     eng = jkv.Engine(model, **ENGINE, decode_steps=1, async_scheduling=False)
     metrics = ServerMetrics(plan_terms(eng, 0), "tiny-llama")
     loop = EngineLoop(eng, metrics, max_waiting=4)
-    state = ServerState(loop, metrics, eng.tokenizer, "tiny-llama", eng.max_seq_len, eng.config.vocab_size,
+    state = ServerState(loop, eng.tokenizer, "tiny-llama", eng.max_seq_len, eng.config.vocab_size,
                         chat_template=load_chat_template(str(FIXTURES / "llama")))  # fmt: skip
     body = {"model": "tiny-llama", "messages": chat["messages"], "max_tokens": 40, "temperature": 0}
 

@@ -19,6 +19,9 @@ import jkv
 from jkv.serve.process import ServerProcess
 
 FIXTURE = Path(__file__).parent / "fixtures" / "hf_tiny_gpt2"
+# the engine on a thread of the server, in a process of its own, and that process behind two API-server processes
+MODES = [["--engine-thread"], ["--engine-process"], ["--engine-process", "--api-servers", "2"]]
+MODE_IDS = ["engine-thread", "engine-process", "two-api-servers"]
 API_KEY = "test-key"
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>{% endif %}")  # fmt: skip
@@ -35,7 +38,7 @@ def model_dir(tmp_path_factory) -> Path:
     return d
 
 
-@pytest.fixture(scope="module", params=[["--engine-thread"], ["--engine-process"]], ids=["engine-thread", "engine-process"])
+@pytest.fixture(scope="module", params=MODES, ids=MODE_IDS)
 def server(model_dir, request):
     args = [*request.param, "--model", str(model_dir), "--served-model-name", "tiny", "--dtype", "float32", "--no-warmup",
             "--api-key", API_KEY, "--max-body-bytes", "4096", "--decode-steps", "4",
@@ -244,7 +247,9 @@ def test_api_key_body_limit_and_unknown_paths(server):
 
 
 def test_metrics_show_the_engine(server, client):
-    client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=3, temperature=0)
+    shared_prefix = " ".join(PROMPTS * 3)  # several full blocks, so the second request hits the prefix cache
+    for _ in range(2):
+        client.completions.create(model="tiny", prompt=shared_prefix, max_tokens=3, temperature=0)
     text = httpx.get(server.url + "/metrics", timeout=10).text
     values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line and line[0] != "#"}
     for name in ("jkv:num_requests_running", "jkv:num_requests_waiting", "jkv:num_requests_swapped",
@@ -253,7 +258,7 @@ def test_metrics_show_the_engine(server, client):
                  'jkv:plan_bytes{term="kv_pool"}', "jkv:prefix_cache_hits_total", "jkv:xla_compilations_total"):  # fmt: skip
         assert name in values, name
     assert values["jkv:prompt_tokens_total"] > 0 and values["jkv:generation_tokens_total"] > 0
-    assert values["jkv:prefix_cache_queries_total"] >= values["jkv:prefix_cache_hits_total"] > 0  # PROMPTS repeat
+    assert values["jkv:prefix_cache_queries_total"] >= values["jkv:prefix_cache_hits_total"] > 0
     for h in ("time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds",
               "request_queue_time_seconds"):  # fmt: skip
         assert values[f"jkv:{h}_count"] > 0, h

@@ -8,19 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from procfs import alive, children, cmdline, wait_for
+
 from jkv.serve.process import ServerProcess
 
 FIXTURE = Path(__file__).parent / "fixtures" / "hf_tiny_gpt2"
+# the engine on a thread of the server, in a process of its own, and that process behind two API-server processes
+MODES = [["--engine-thread"], ["--engine-process"], ["--engine-process", "--api-servers", "2"]]
+MODE_IDS = ["engine-thread", "engine-process", "two-api-servers"]
 LONG = {"model": "tiny", "prompt": "Hello world", "max_tokens": 110, "temperature": 0, "ignore_eos": True}
 
 
-@pytest.fixture(scope="module", params=[["--engine-thread"], ["--engine-process"]], ids=["engine-thread", "engine-process"])
+@pytest.fixture(scope="module", params=MODES, ids=MODE_IDS)
 def server(request):
     args = [*request.param, "--model", str(FIXTURE), "--served-model-name", "tiny", "--dtype", "float32", "--no-warmup",
             "--num-blocks", "64", "--block-size", "8", "--max-num-seqs", "1", "--max-num-batched-tokens", "32",
@@ -32,37 +36,6 @@ def server(request):
 def metrics(server) -> dict[str, float]:
     text = httpx.get(server.url + "/metrics", timeout=10).text
     return {ln.split(" ")[0]: float(ln.split(" ")[1]) for ln in text.splitlines() if ln and not ln.startswith("#")}
-
-
-def wait_for(predicate, tries: int = 200, pause: float = 0.05) -> bool:
-    for _ in range(tries):
-        if predicate():
-            return True
-        time.sleep(pause)
-    return False
-
-
-def _children(pid: int) -> list[int]:
-    """The processes `pid` started (Linux /proc), e.g. the engine process of --engine-process."""
-    out = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        out += [int(c) for c in (task / "children").read_text().split()]
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"  # a zombie has exited (its parent ended before reaping it)
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
-    except FileNotFoundError:
-        return f"{pid} (gone)"
 
 
 def events(response: httpx.Response):
@@ -113,7 +86,7 @@ def test_sigterm_finishes_in_flight_requests_then_exits_0(server):
     with httpx.Client(timeout=60) as c, c.stream("POST", server.url + "/v1/completions", json=body) as r:
         stream = events(r)
         next(stream)
-        children = _children(server.proc.pid)
+        started = children(server.proc.pid)
         server.terminate()
         for data in stream:
             if data == "[DONE]":
@@ -124,6 +97,6 @@ def test_sigterm_finishes_in_flight_requests_then_exits_0(server):
     assert texts == ["[DONE]"] and reasons[-1] == "length"  # the request in flight ran to its end
     assert server.wait(60) == 0
     # the engine process (--engine-process) and multiprocessing's helper end too
-    assert wait_for(lambda: not any(map(_alive, children))), [_cmdline(p) for p in children if _alive(p)]
+    assert wait_for(lambda: not any(map(alive, started))), [cmdline(p) for p in started if alive(p)]
     with pytest.raises(httpx.TransportError):
         httpx.get(server.url + "/health", timeout=5)

@@ -56,7 +56,7 @@ def serving(model, warmup: HeldWarmup, ready: list, request_timeout: float | Non
     eng.warmup = warmup
     metrics = ServerMetrics(plan_terms(eng, 0), "tiny")
     loop = EngineLoop(eng, metrics, max_waiting=4, warmup=True, on_ready=ready.append)
-    state = ServerState(loop, metrics, eng.tokenizer, "tiny", eng.max_seq_len, eng.config.vocab_size,
+    state = ServerState(loop, eng.tokenizer, "tiny", eng.max_seq_len, eng.config.vocab_size,
                         request_timeout=request_timeout)  # fmt: skip
     return eng, loop, create_app(state)
 

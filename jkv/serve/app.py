@@ -18,7 +18,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.sse import EventSourceResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
@@ -26,13 +26,11 @@ from jkv.serve import generation as G
 from jkv.serve import protocol as P
 from jkv.serve.chat import ChatTemplate, message_dicts
 from jkv.serve.engine_loop import EngineLoop
-from jkv.serve.metrics import FrontEndMetrics, ServerMetrics
 
 
 @dataclass
 class ServerState:
     loop: EngineLoop  # or an EngineProcess (the engine in its own process, the default): the same interface
-    metrics: ServerMetrics | FrontEndMetrics
     tokenizer: object
     model_name: str
     context: int  # prompt + output tokens a request may take
@@ -91,12 +89,12 @@ def create_app(state: ServerState) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _bad_body(request: Request, err: RequestValidationError):
         message, param = _validation_message(err)
-        state.metrics.rejected.labels(status="400").inc()
+        state.loop.count_rejected("400")
         return _error(400, message, param=param)
 
     @app.exception_handler(P.RequestError)
     async def _request_error(request: Request, err: P.RequestError):
-        state.metrics.rejected.labels(status=str(err.status)).inc()
+        state.loop.count_rejected(str(err.status))
         return _error(err.status, err.message, err.kind, err.param, err.headers)
 
     @app.exception_handler(StarletteHTTPException)
@@ -138,12 +136,8 @@ def create_app(state: ServerState) -> FastAPI:
         return {"status": "ok"}
 
     @app.get("/metrics")
-    async def metrics():
-        body = generate_latest(state.metrics.registry)
-        engine_side = getattr(state.loop, "metrics_text", None)  # the engine in its own process: its registry
-        if engine_side is not None:
-            body += await engine_side()
-        return Response(body, media_type=CONTENT_TYPE_LATEST)
+    async def metrics():  # every metric lives with the engine loop (its process's, with the engine in a process)
+        return Response(await state.loop.metrics_text(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", dependencies=[Depends(authorized)])
     async def models():

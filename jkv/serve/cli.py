@@ -71,6 +71,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                            "one: separate interpreters, so streaming chunks and engine steps do not take turns")  # fmt: skip
     mode.add_argument("--engine-thread", dest="engine_process", action="store_false",
                       help="run the engine loop in a thread of this process instead (one interpreter)")
+    s.add_argument("--api-servers", type=int, default=1, metavar="N",
+                   help="HTTP front-end processes sharing the port and the one engine process (default 1): more "
+                        "when one front end's CPU limits the served rate")  # fmt: skip
     s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p
 
@@ -79,10 +82,18 @@ def main(argv: list[str] | None = None, prog: str = "jkv serve") -> int:
     args = build_parser(prog).parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     for name, value, low in (("--port", args.port, 0), ("--max-waiting", args.max_waiting, 1),
-                             ("--max-body-bytes", args.max_body_bytes, 1)):  # fmt: skip
+                             ("--max-body-bytes", args.max_body_bytes, 1), ("--api-servers", args.api_servers, 1)):  # fmt: skip
         if value < low:
             print(f"{prog}: {name} {value} must be at least {low}.", file=sys.stderr)
             return 2
+    if args.api_servers > 1:
+        if not args.engine_process:
+            print(f"{prog}: --api-servers {args.api_servers} needs the engine in its own process: drop "
+                  "--engine-thread.", file=sys.stderr)  # fmt: skip
+            return 2
+        from jkv.serve.front_ends import serve_front_ends
+
+        return serve_front_ends(args, prog)
     try:
         app, engine, loop = build(args)
     except (ValueError, RuntimeError) as err:
@@ -91,9 +102,8 @@ def main(argv: list[str] | None = None, prog: str = "jkv serve") -> int:
     return run(app, engine, loop, args)
 
 
-def build_engine(args, front_end: bool = True):
-    """(engine, its metrics) from the parsed flags, the plan printed; ValueError for a bad model or engine option.
-    front_end=False: the metrics leave out the HTTP side's counter (an engine process's, jkv.serve.engine_process)."""
+def build_engine(args):
+    """(engine, its metrics) from the parsed flags, the plan printed; ValueError for a bad model or engine option."""
     import jkv
     from jkv.serve.metrics import ServerMetrics, plan_terms
     from jkv.sharding import shard_bytes
@@ -125,7 +135,7 @@ def build_engine(args, front_end: bool = True):
                          "or pass --tokenizer DIR.")  # fmt: skip
     name = served_name(args)
     param_bytes = shard_bytes(engine.executor.runner.params)  # one device's share, as the plan counts
-    metrics = ServerMetrics(plan_terms(engine, param_bytes), name, front_end=front_end)
+    metrics = ServerMetrics(plan_terms(engine, param_bytes), name)
     print_plan(engine, param_bytes, name)
     return engine, metrics
 
@@ -138,32 +148,34 @@ def build(args):
     """(app, engine or None, engine loop) from the parsed flags; ValueError for a bad model or engine option.
     With --engine-process the engine lives in its own process (jkv.serve.engine_process) and None is returned for
     it; else it is built here and an `EngineLoop` thread runs it."""
-    from jkv.serve.app import ServerState, create_app
-    from jkv.serve.chat import load_chat_template
-
     if args.engine_process:
         from jkv.serve.engine_process import EngineProcess
-        from jkv.serve.metrics import FrontEndMetrics
 
-        loop = EngineProcess(args, max_waiting=args.max_waiting)
-        engine, metrics = None, FrontEndMetrics()
-        tokenizer, context, vocab = loop.tokenizer, loop.max_seq_len, loop.vocab_size
+        engine, loop = None, EngineProcess.spawn(args, max_waiting=args.max_waiting)
     else:
         from jkv.serve.engine_loop import EngineLoop
 
         engine, metrics = build_engine(args)
         loop = EngineLoop(engine, metrics, max_waiting=args.max_waiting, warmup=not args.no_warmup,
                           on_ready=print_ready, progress_bar=sys.stderr.isatty())  # fmt: skip
-        tokenizer, context, vocab = engine.tokenizer, engine.max_seq_len, engine.config.vocab_size
     try:
-        template = load_chat_template(args.model if os.path.isdir(args.model) else None, args.chat_template)
+        return make_app(args, loop), engine, loop
     except (ValueError, RuntimeError):
         stop_engine(loop, engine)
         raise
-    state = ServerState(loop, metrics, tokenizer, served_name(args), context, vocab, api_key=args.api_key,
-                        chat_template=template, request_timeout=args.request_timeout,
+
+
+def make_app(args, loop):
+    """The app over an engine loop (or an engine process's front end) with the served model's tokenizer, context
+    and vocabulary; ValueError for a bad --chat-template."""
+    from jkv.serve.app import ServerState, create_app
+    from jkv.serve.chat import load_chat_template
+
+    template = load_chat_template(args.model if os.path.isdir(args.model) else None, args.chat_template)
+    state = ServerState(loop, loop.tokenizer, served_name(args), loop.max_seq_len, loop.vocab_size,
+                        api_key=args.api_key, chat_template=template, request_timeout=args.request_timeout,
                         max_body_bytes=args.max_body_bytes)  # fmt: skip
-    return create_app(state), engine, loop
+    return create_app(state)
 
 
 def print_plan(engine, param_bytes: int, name: str) -> None:
@@ -194,7 +206,9 @@ def print_ready(info: dict | None) -> None:
     print("jkv serve: ready", flush=True)
 
 
-def run(app, engine, loop, args) -> int:
+def run(app, engine, loop, args, sockets=None) -> int:
+    """Serve `app` under uvicorn until an exit signal; sockets: listen on these (an API-server process of
+    `--api-servers`, whose parent prints the listening line) instead of binding --host:--port."""
     import uvicorn
 
     class DrainingServer(uvicorn.Server):
@@ -216,19 +230,26 @@ def run(app, engine, loop, args) -> int:
             await super().startup(sockets)
             if self.should_exit:
                 return
-            host, port = self.servers[0].sockets[0].getsockname()[:2]  # the real port, also for --port 0
-            print(f"jkv serve: listening on http://{host}:{port} (OpenAI API under /v1)", flush=True)
+            if sockets is None:
+                host, port = self.servers[0].sockets[0].getsockname()[:2]  # the real port, also for --port 0
+                print_listening(host, port)
             loop.start()  # warm-up, then serving, on the engine thread; no handler runs before this line
 
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.shutdown_timeout + DRAIN_GRACE_S, access_log=args.log_level == "debug")  # fmt: skip
     server = DrainingServer(config)
-    print(f"jkv serve: starting on http://{args.host}:{args.port} (OpenAI API under /v1)", flush=True)
+    if sockets is None:
+        print(f"jkv serve: starting on http://{args.host}:{args.port} (OpenAI API under /v1)", flush=True)
     try:
-        server.run()
+        server.run(sockets=sockets)
     finally:
         stop_engine(loop, engine)
     return 0 if server.started else 1
+
+
+def print_listening(host: str, port: int, api_servers: int = 1) -> None:
+    more = f", {api_servers} API-server processes" if api_servers > 1 else ""
+    print(f"jkv serve: listening on http://{host}:{port} (OpenAI API under /v1{more})", flush=True)
 
 
 def stop_engine(loop, engine) -> None:

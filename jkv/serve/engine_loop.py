@@ -161,6 +161,18 @@ class EngineLoop(RequestIntake):
         self._warmup, self._on_ready, self._progress_bar = warmup, on_ready, progress_bar
         self._worker = threading.Thread(target=self._run, name="jkv-engine-loop", daemon=True)
 
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.engine.max_seq_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.config.vocab_size
+
     # Event-loop side ---------------------------------------------------------------------------------------
     def start(self) -> None:
         self._worker.start()
@@ -179,6 +191,17 @@ class EngineLoop(RequestIntake):
         as aborted, so its HTTP response ends properly. New requests are refused while draining."""
         self._abort_everything = True
         self._wake.set()
+
+    def count_rejected(self, status: str) -> None:
+        """A request the app refused, by HTTP status (the event loop; prometheus_client's counters are
+        thread-safe)."""
+        self.metrics.rejected.labels(status=status).inc()
+
+    async def metrics_text(self) -> bytes:
+        """The Prometheus text of every metric."""
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.metrics.registry)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Abort everything still running and end the thread (the engine stays open: its owner closes it)."""

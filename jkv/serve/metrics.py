@@ -7,7 +7,8 @@ observation per request (time to first token, end-to-end latency, queue time) or
 tokens (inter-token latency: a multi-step round's tokens land together; the observation is the round's gap divided
 by its tokens).
 
-Only the engine thread writes them (`EngineLoop`); prometheus_client's metrics are thread-safe for the scrape.
+The engine loop owns them: its thread writes them, and with the engine in its own process so does that
+process's pipe reader (the front ends' refusals); prometheus_client's metrics are thread-safe.
 """
 
 from __future__ import annotations
@@ -22,23 +23,8 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.2
                     10.0, 20.0, 40.0, 80.0)  # fmt: skip
 
 
-class FrontEndMetrics:
-    """The HTTP side's own metric (requests refused, by status), on a registry of its own: with the engine in
-    its own process (`jkv serve --engine-process`) the front end exports this beside the engine process's
-    `ServerMetrics` (made with `front_end=False`)."""
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.rejected = _rejected(self.registry)
-
-
-def _rejected(registry: CollectorRegistry) -> Counter:
-    return Counter("jkv:request_rejected", "Requests refused, by HTTP status.", ("status",), registry=registry)
-
-
 class ServerMetrics:
-    def __init__(self, plan_terms: dict[str, int], model_name: str, front_end: bool = True) -> None:
-        """front_end: also hold the HTTP side's counter (False in an engine process: its front end holds it)."""
+    def __init__(self, plan_terms: dict[str, int], model_name: str) -> None:
         r = self.registry = CollectorRegistry()
         g = lambda name, doc, labels=(): Gauge(f"jkv:{name}", doc, labels, registry=r)  # noqa: E731
         c = lambda name, doc, labels=(): Counter(f"jkv:{name}", doc, labels, registry=r)  # noqa: E731
@@ -60,7 +46,9 @@ class ServerMetrics:
         self.compilations = c("xla_compilations", "XLA compilations the engine's calls caused (warm-up included; "
                               "none while serving after a complete warm-up).")  # fmt: skip
         self.finished = c("request_finished", "Requests finished, by finish reason.", ("reason",))
-        self.rejected = _rejected(r) if front_end else None
+        self.rejected = c("request_rejected", "Requests refused, by HTTP status.", ("status",))
+        self.api_server_requests = c("api_server_requests", "Requests handed to the engine, by API-server process "
+                                     "(jkv serve --api-servers; engine in its own process).", ("api_server",))  # fmt: skip
         self.ttft = h("time_to_first_token_seconds", "Arrival at the server to the first token handed to the stream.")
         self.itl = h("inter_token_latency_seconds",
                      "Gap between tokens handed to a stream (one observation per round: its gap / its tokens).")
