@@ -76,7 +76,8 @@ class Engine:
             files, else GPT-2's when the vocabulary is GPT-2's, else none: token ids only).
         record_history: keep a per-step stats record (memory timeline).
         compile_cache_dir: keep compiled steps there as serialized executables that a restart loads without
-            tracing (jkv.compile_cache; one directory per process), and the rest in JAX's persistent cache.
+            tracing (jkv.compile_cache; one directory per process). JAX's own persistent cache is left as the
+            process set it (jkv does not turn it on).
         async_scheduling: dispatch each step before reading the previous step's sampled tokens; outputs report a
             token one call later, with the same tokens, finish reasons and counts (docs/engine.md).
         decode_steps: multi-step decode: the decode rows of a round without beam search run up to this many steps
@@ -164,12 +165,10 @@ class Engine:
         if tp.multi_process:  # every process allocates process 0's pool (free memory may differ between hosts)
             num_blocks = int(broadcast(np.asarray([num_blocks], np.int32))[0])
         if compile_cache_dir is not None:
-            # jkv's steps and block copies: serialized executables, loaded without tracing (jkv.compile_cache);
-            # anything else JAX compiles: its own persistent cache beside them.
+            # jkv's steps and block copies: serialized executables, loaded without tracing (jkv.compile_cache).
+            # JAX's own persistent cache is not layered under it: on the CPU, an executable JAX loaded from its
+            # cache serializes without its code, and the store would keep a file that fails when run.
             self.compile_store = open_store(Path(compile_cache_dir) / "executables")
-            jax.config.update("jax_compilation_cache_dir", str(Path(compile_cache_dir) / "xla"))
-            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-            jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
         else:
             self.compile_store = active_store()
         sharded_config = tp.model_config(config)  # KV heads repeated when fewer than devices

@@ -30,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+from jkv.bench import procfs
 from jkv.bench.http_load import run_load_in_processes, summarize
 from jkv.bench.serving import poisson_arrivals, workload
 
@@ -63,7 +64,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--also-server", action="append", default=[], metavar="FLAGS",
                    help="--suite: after the phases, start a further server with these `jkv serve` flags added (e.g. "
                         "'--api-servers 4' or '--engine-thread') and run the saturated, closed-loop and "
-                        "one-at-a-time phases against it too; repeatable")  # fmt: skip
+                        "one-at-a-time phases against it too; repeatable; write a single flag as --also-server=--engine-thread")  # fmt: skip
     p.add_argument("--also-other-mode", action="store_true",
                    help="--suite: --also-server with the other engine mode (thread or process)")
     p.add_argument("--phase-timeout", type=float, default=120.0, help="seconds one load phase may take")
@@ -100,12 +101,30 @@ def engine_flags(args) -> list[str]:
     return out
 
 
-def phase(args, url: str, reqs, processes: int | None = None, **how) -> dict:
-    """One load phase, its clients spread over --client-processes processes (or `processes`)."""
+def phase(args, url: str, reqs, processes: int | None = None, server_pid: int | None = None, **how) -> dict:
+    """One load phase, its clients spread over --client-processes processes (or `processes`). With server_pid:
+    also each server process's CPU seconds over the phase's wall seconds (cores busy), by role."""
     n = args.client_processes if processes is None else processes
+    roles = server_roles(server_pid) if server_pid else {}
+    before = {role: [procfs.cpu_seconds(pid) for pid in pids] for role, pids in roles.items()}
     timings, wall = run_load_in_processes(url, args.model, reqs, deadline_s=args.phase_timeout, processes=n, **how)
-    return summarize(timings, wall, slo_ttft_s=args.slo_ttft_ms / 1e3, slo_tpot_s=args.slo_tpot_ms / 1e3) | {
-        "client_processes": n}
+    out = summarize(timings, wall, slo_ttft_s=args.slo_ttft_ms / 1e3, slo_tpot_s=args.slo_tpot_ms / 1e3)
+    if roles and wall > 0:
+        out["cpu_cores_busy"] = {role: [round((procfs.cpu_seconds(pid) - b) / wall, 2) for pid, b in zip(pids, before[role])]
+                                 for role, pids in roles.items()}  # fmt: skip
+    return out | {"client_processes": n}
+
+
+def server_roles(pid: int) -> dict[str, list[int]]:
+    """A `jkv serve` process tree by role: with --api-servers N, the supervisor, its N front ends (each leads
+    its own process group) and the engine process; else the server (its front end) and the engine process, if
+    it has one. multiprocessing's resource tracker is left out."""
+    kids = [k for k in procfs.children(pid) if "resource_tracker" not in procfs.cmdline(k)]
+    front_ends = [k for k in kids if procfs.process_group(k) == k]
+    engine = [k for k in kids if k not in front_ends]
+    if front_ends:
+        return {"supervisor": [pid], "front ends": front_ends, "engine process": engine}
+    return {"server": [pid], "engine process": engine}
 
 
 def offline(args) -> dict:
@@ -202,7 +221,7 @@ def suite(args) -> dict:
         settle = reqs[:64]
         phase(args, server.url, settle, arrivals=[0.0] * len(settle))  # settle, as offline
         before = scrape(server.url)
-        sat = phase(args, server.url, reqs, arrivals=[0.0] * len(reqs))
+        sat = phase(args, server.url, reqs, server_pid=server.proc.pid, arrivals=[0.0] * len(reqs))
         results["saturated"] = sat
         save(args, results)
         if args.client_processes > 1:  # the same load from one client process: what the client alone limits
@@ -230,7 +249,7 @@ def suite(args) -> dict:
         extra_mode = " ".join(keep_engine_mode + extra.split())
         with ServerProcess(flags + extra_mode.split(), startup_timeout=args.startup_timeout) as server:
             phase(args, server.url, reqs[:64], arrivals=[0.0] * 64)  # settle
-            further = {"saturated": phase(args, server.url, reqs, arrivals=[0.0] * len(reqs)),
+            further = {"saturated": phase(args, server.url, reqs, server_pid=server.proc.pid, arrivals=[0.0] * len(reqs)),
                        "closed_loop": phase(args, server.url, reqs, concurrency=args.max_num_seqs),
                        "low_load": phase(args, server.url, reqs[: args.low_load_requests], 1, concurrency=1)}  # fmt: skip
         results["further_servers"].append(further | {"engine_mode": extra_mode})
@@ -253,9 +272,13 @@ def table(r: dict) -> str:
         ("load-generator processes (the saturated and later phases)", str(sat.get("client_processes", 1))),
     ]
     rows.append(("the server's engine mode", r.get("engine_mode", "--engine-process")))
+    if "cpu_cores_busy" in sat:
+        rows.append(("saturated: CPU cores busy per server process", cpu_text(sat["cpu_cores_busy"])))
     further = r.get("further_servers", []) + ([r["other_mode_server"]] if "other_mode_server" in r else [])
     for e in further:
         m = e["engine_mode"]
+        if "cpu_cores_busy" in e["saturated"]:
+            rows.append((f"{m}: saturated, CPU cores busy per server process", cpu_text(e["saturated"]["cpu_cores_busy"])))
         rows += [(f"{m}: served at saturation, output tok/s (/ engine offline)",
                   f"{e['saturated']['output_tok_s']:,.0f} ({100 * e['saturated']['output_tok_s'] / off['tok_s']:.0f} %)"),
                  (f"{m}: closed loop of max-num-seqs clients, output tok/s",
@@ -282,6 +305,10 @@ def table(r: dict) -> str:
         ("failed requests (all phases)", str(sum(v["failed"] for v in r.values() if isinstance(v, dict) and "failed" in v))),
     ]  # fmt: skip
     return "\n".join(["| what | value |", "| --- | ---: |", *(f"| {a} | {b} |" for a, b in rows)])
+
+
+def cpu_text(busy: dict[str, list[float]]) -> str:
+    return "; ".join(f"{role} {' / '.join(f'{c:.2f}' for c in cores)}" for role, cores in busy.items())
 
 
 def save(args, results: dict) -> None:

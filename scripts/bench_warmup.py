@@ -12,7 +12,7 @@ covered every shape. The children's greedy tokens must agree (parallel compilati
 
 With --compile-cache DIR every child passes `Engine(compile_cache_dir=DIR)`: the first child fills the cache and
 the later ones measure a restart that loads the stored executables from disk, without tracing (`--threads 8,8`);
-each row counts the executables loaded (and JAX persistent-cache hits for anything else). "start s" is the child's
+each row counts the executables loaded (and JAX persistent-cache hits, if JAX's own cache was turned on). "start s" is the child's
 whole time to ready: imports, random weights, engine, warm-up.
 Prints one row per thread count; --out writes the rows as JSON.
 """
@@ -40,7 +40,7 @@ def main() -> None:
         "--compile-cache",
         default=None,
         metavar="DIR",
-        help="every child keeps its compiled steps in JAX's persistent cache here (rows after the first "
+        help="every child keeps its compiled steps here as jkv's stored executables (rows after the first "
         "measure a restart)",
     )
     ap.add_argument("--out", default=None)

@@ -4,6 +4,7 @@ in one line and recompiled (jkv.compile_cache)."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -152,6 +153,19 @@ def test_a_restarted_engine_compiles_nothing_and_gives_the_same_tokens(tmp_path)
     assert second["tokens"] == first["tokens"]
     assert second["stats"].get("compiled", 0) == 0 and second["stats"]["loaded"] == first["stats"]["stored"]
     assert second["compiled"] == 0  # nothing at all compiled during warm-up and serving
+
+
+def test_executables_recompiled_after_a_key_change_load_and_run(tmp_path):
+    # a jkv source edit makes every stored file stale, so the next process recompiles the same programs; a third
+    # process loads those and must run them (they were once stored from executables JAX had loaded from its own
+    # persistent cache, which on the CPU serialize without their code: "Function ... not found" when run)
+    cache = tmp_path / "cache"
+    first = _process(cache)
+    shutil.rmtree(cache / "executables")
+    second = _process(cache)
+    assert second["stats"]["compiled"] == first["stats"]["compiled"] and second["tokens"] == first["tokens"]
+    third = _process(cache)
+    assert third["stats"].get("compiled", 0) == 0 and third["tokens"] == first["tokens"]
 
 
 def test_warm_up_progress_bar_counts_shapes(capsys):

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import httpx
 
-from procfs import alive, children, cmdline, descendants, process_group, wait_for
+from polling import wait_for
 
+from jkv.bench.procfs import alive, children, cmdline, descendants, process_group
 from jkv.serve.process import ServerProcess
 
 FIXTURE = Path(__file__).parent / "fixtures" / "hf_tiny_gpt2"

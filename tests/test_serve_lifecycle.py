@@ -13,8 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from procfs import alive, children, cmdline, wait_for
+from polling import wait_for
 
+from jkv.bench.procfs import alive, children, cmdline
 from jkv.serve.process import ServerProcess
 
 FIXTURE = Path(__file__).parent / "fixtures" / "hf_tiny_gpt2"

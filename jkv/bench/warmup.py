@@ -80,8 +80,8 @@ def warmup_child(model: str, batch: int, max_seq_len: int, decode_steps: int, th
 
 def thread_rows(model: str, batch: int, max_seq_len: int, decode_steps: int, counts: list[int],
                 compile_cache: str | None = None, on_row: Callable[[dict], None] | None = None) -> list[dict]:  # fmt: skip
-    """`warmup_child` per thread count, one process after another (with compile_cache, the first fills JAX's
-    persistent cache and the later ones load from it); on_row(row) as each finishes. Raises RuntimeError when a
+    """`warmup_child` per thread count, one process after another (with compile_cache, the first fills jkv's
+    executable store and the later ones load from it); on_row(row) as each finishes. Raises RuntimeError when a
     child fails and CheckFailed when the children's greedy tokens differ."""
     rows = []
     for t in counts:

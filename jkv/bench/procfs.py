@@ -1,9 +1,9 @@
-"""What Linux's /proc says about a server's processes, for the serve tests: which processes a process started,
-whether one is still running, and its command line."""
+"""What Linux's /proc says about a server's processes, for the serve tests and bench_serving: which processes a
+process started, whether one is still running, its command line, process group and CPU time."""
 
 from __future__ import annotations
 
-import time
+import os
 from pathlib import Path
 
 
@@ -42,10 +42,10 @@ def cmdline(pid: int) -> str:
         return f"{pid} (gone)"
 
 
-def wait_for(predicate, tries: int = 200, pause: float = 0.05) -> bool:
-    """Whether `predicate()` came true within `tries` polls (bounded in count, not in measured time)."""
-    for _ in range(tries):
-        if predicate():
-            return True
-        time.sleep(pause)
-    return False
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds `pid` has used so far (0.0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
