@@ -59,7 +59,8 @@ def warm_up(executor: ModelExecutor, shapes: ShapePolicy, *, greedy: bool | None
     compiled (with threads, as each thread's compilation comes back, in the list's order); progress=True shows a
     rich progress bar on stderr. A shape whose executable the compile cache holds is loaded, not compiled.
     Returns {"shapes": steps made ready now, "seconds": wall time, "parallel_failures": that count, "loaded": of
-    them from the compile cache}.
+    them from the compile cache, "prepare_seconds": of the wall time, the threads' loading or compiling (0 without
+    threads), "run_seconds": running each shape once on padding (and compiling what the threads did not)}.
     """
     if progress is True:
         with progress_bar() as bar:
@@ -79,6 +80,7 @@ def warm_up(executor: ModelExecutor, shapes: ShapePolicy, *, greedy: bool | None
     threads = default_threads() if threads is None else threads
     failures = 0
     parallel = threads > 1 and len(todo) > 1
+    t_prepare = time.perf_counter()
     if parallel:
         jobs = [executor.padding_compiler(shape) for shape in todo]  # the jitted functions are made on this thread
 
@@ -94,11 +96,13 @@ def warm_up(executor: ModelExecutor, shapes: ShapePolicy, *, greedy: bool | None
             for i, ok in enumerate(pool.map(compile_one, jobs)):
                 failures += not ok
                 report(i + 1, len(todo))
+    t_run = time.perf_counter()
     for i, shape in enumerate(todo):
         executor.run_padding(shape)
         if not parallel:
             report(i + 1, len(todo))
     executor.kv.warm(shapes.copy_buckets())
     loaded = (store.stats["loaded"] - loaded_before) if store is not None else 0
-    return {"shapes": len(executor.runner.compiled) - before, "seconds": time.perf_counter() - t0,
-            "parallel_failures": failures, "loaded": loaded}  # fmt: skip
+    done = time.perf_counter()
+    return {"shapes": len(executor.runner.compiled) - before, "seconds": done - t0, "parallel_failures": failures,
+            "loaded": loaded, "prepare_seconds": t_run - t_prepare if parallel else 0.0, "run_seconds": done - t_run}  # fmt: skip

@@ -64,14 +64,15 @@ def main() -> None:
         + (f"; compile cache {args.compile_cache}" if args.compile_cache else "")
     )
     heads = ("threads", "shapes", "start s", "warm-up s", "XLA compiles", "stored loads", "xla hits", "while serving",
-             "failed")  # fmt: skip
-    widths = (7, 6, 7, 9, 12, 12, 8, 13, 6)
+             "failed", "imports s", "weights s", "engine s", "load/compile s", "run s")  # fmt: skip
+    widths = (7, 6, 7, 9, 12, 12, 8, 13, 6, 9, 9, 8, 14, 5)
     print(" ".join(f"{h:>{w}s}" for h, w in zip(heads, widths, strict=True)))
     for r in rows:
         print(
             f"{r['threads']:7d} {r['shapes']:6d} {r['start_s']:7.1f} {r['warmup_s']:9.1f} {r['compiles_in_warmup']:12d} "
             f"{r['executables_loaded']:12d} {r['cache_loads_in_warmup']:8d} {r['compiles_while_serving']:13d} "
-            f"{r['parallel_failures']:6d}"
+            f"{r['parallel_failures']:6d} {r['imports_s']:9.1f} {r['weights_s']:9.1f} {r['engine_s']:8.1f} "
+            f"{r['warmup_prepare_s']:14.1f} {r['warmup_run_s']:5.1f}"
         )
 
 

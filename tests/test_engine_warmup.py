@@ -100,6 +100,9 @@ def test_parallel_compiles_are_the_ones_that_run(model, threads):
         stop()
     shapes = len(eng.step_shapes(greedy=True))
     assert report["shapes"] == shapes and report["parallel_failures"] == 0
+    # the report's parts: the threads' share (none with one thread) and the runs', within its wall time
+    assert (report["prepare_seconds"] > 0) == (threads > 1) and report["run_seconds"] > 0
+    assert report["prepare_seconds"] + report["run_seconds"] <= report["seconds"]
     # one XLA compilation per step shape, whether the threads compiled it or the run: the runs reused them
     # (plus a few small helper programs: the copy-on-write buckets, filling the token buffer)
     assert shapes <= len(events) <= shapes + 8

@@ -34,8 +34,12 @@ def warmup_child(model: str, batch: int, max_seq_len: int, decode_steps: int, th
 
     import jkv
 
+    jax.devices()  # the backend's start belongs to the imports' share
+    imported = time.perf_counter()
     warnings.filterwarnings("ignore", message=".*(random|tokenizer).*")
     m = jkv.load_model(model, dtype="bfloat16")
+    jax.block_until_ready(m.params)
+    weighed = time.perf_counter()
     bs = BLOCK_SIZE
     eng = jkv.Engine(m, num_blocks=batch * -(-max_seq_len // bs) + 1, block_size=bs, max_num_seqs=batch,
                      max_seq_len=max_seq_len, max_num_batched_tokens=2048, enable_prefix_caching=False,
@@ -48,8 +52,11 @@ def warmup_child(model: str, batch: int, max_seq_len: int, decode_steps: int, th
     jax.monitoring.register_event_listener(
         lambda event, **_: hits.append(event) if event == CACHE_HIT_EVENT else None
     )
+    built = time.perf_counter()
     report = eng.warmup(greedy=True, threads=threads)
     start_s = time.perf_counter() - started  # imports, random weights, engine, warm-up: ready to serve
+    split = {"imports_s": imported - started, "weights_s": weighed - imported, "engine_s": built - weighed,
+             "warmup_prepare_s": report["prepare_seconds"], "warmup_run_s": report["run_seconds"]}  # fmt: skip
     warm_compiles, warm_hits = len(compiles), len(hits)
     rng = np.random.default_rng(0)
     reqs = []
@@ -75,7 +82,7 @@ def warmup_child(model: str, batch: int, max_seq_len: int, decode_steps: int, th
             "serve_s": time.perf_counter() - t0,
             "cache_loads_in_warmup": warm_hits, "compile_cache": compile_cache, "start_s": start_s,
             "executables_loaded": report["loaded"],
-            "tokens_sha256": digest, "device": jax.devices()[0].device_kind, "jax": jax.__version__}  # fmt: skip
+            "tokens_sha256": digest, "device": jax.devices()[0].device_kind, "jax": jax.__version__} | split  # fmt: skip
 
 
 def thread_rows(model: str, batch: int, max_seq_len: int, decode_steps: int, counts: list[int],

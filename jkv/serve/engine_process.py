@@ -202,6 +202,8 @@ class EngineProcess(RequestIntake):
             stream = self._streams.pop(message[1], None)
             if stream is not None:
                 stream.queue.put_nowait(EngineDead(message[2]))
+        elif kind == "waiting":
+            self._engine_waiting = message[1]
         elif kind == "progress":
             self.warmup_progress = (message[1], message[2])
         elif kind == "ready":
@@ -234,6 +236,9 @@ class _PipeEngineLoop(EngineLoop):
         super().__init__(engine, metrics, max_waiting=max_waiting, warmup=warmup, on_ready=self._announce_ready)
         self.sends = [_Pipe(conn).send for conn in conns]  # the engine thread and the reader thread send
         self._owner: dict[str, int] = {}  # request id -> its front end, from its add until it finished or was refused
+        # the waiting count each front end last heard: a front end none of whose requests moved must still learn
+        # that the queue emptied, or it would go on refusing requests on a stale count
+        self._told = [0] * len(conns)
 
     def _broadcast(self, message) -> None:
         for send in self.sends:
@@ -251,7 +256,8 @@ class _PipeEngineLoop(EngineLoop):
         counts every front end's requests), else into the inbox, as EngineLoop.submit puts it."""
         if self.num_waiting >= self.max_waiting:  # the front end answers 503 and counts it
             refusal = ("overloaded", f"the server's waiting queue is full ({self.max_waiting} requests): retry shortly.")
-            self.sends[front](("accepted", request_id, refusal, self.num_waiting))
+            self._told[front] = waiting = self.num_waiting
+            self.sends[front](("accepted", request_id, refusal, waiting))
             return
         self._owner[request_id] = front
         self.metrics.api_server_requests.labels(api_server=str(front)).inc()
@@ -282,7 +288,17 @@ class _PipeEngineLoop(EngineLoop):
                     del self._owner[out.request_id]
         waiting = self.num_waiting
         for front, outs in by_front.items():
+            self._told[front] = waiting
             self.sends[front](("outputs", outs, waiting))
+
+    def _refresh(self, force: bool = False) -> None:
+        """After every turn of the engine thread: also tell each front end the waiting count, when it changed."""
+        super()._refresh(force)
+        waiting = self.num_waiting
+        for front, told in enumerate(self._told):
+            if told != waiting:
+                self._told[front] = waiting
+                self.sends[front](("waiting", waiting))
 
     def _push(self, stream: RequestStream, item) -> None:
         front = self._owner.pop(stream.request_id, None)
@@ -293,7 +309,8 @@ class _PipeEngineLoop(EngineLoop):
         owner = self._owner.get if error is None else self._owner.pop
         front = owner(stream.request_id, None)
         if front is not None:
-            self.sends[front](("accepted", stream.request_id, _refusal(error), self.num_waiting))
+            self._told[front] = waiting = self.num_waiting
+            self.sends[front](("accepted", stream.request_id, _refusal(error), waiting))
 
 
 _REFUSALS = {"value": ValueError, "overloaded": Overloaded, "dead": EngineDead}  # how a refusal is raised again
