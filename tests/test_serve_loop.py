@@ -256,9 +256,10 @@ def test_tokenizer_flag_serves_a_model_with_another_tokenizer(tmp_path):
 
 
 def test_a_front_end_whose_requests_did_not_move_still_hears_the_queue_empty(model):
-    # --api-servers 2, one running seat and one waiting place: front end 1's request is refused while front end
-    # 0's two fill the queue; once they finish, front end 1 must hear the count fall to 0, or it would refuse
-    # every later request on the stale count (as a front end that received no output since did)
+    # --api-servers 2 with room for two waiting requests: front end 0's two fill the queue before the engine
+    # thread starts, so front end 1's request is refused on a count of 2; once front end 0's finish, front end 1
+    # must hear the count fall to 0, or it would refuse every later request on the stale count (as a front end
+    # that received no output since did)
     import multiprocessing
     import time
 
@@ -267,7 +268,7 @@ def test_a_front_end_whose_requests_did_not_move_still_hears_the_queue_empty(mod
     eng = jkv.Engine(model, **(ENGINE | {"max_num_seqs": 1}))
     pairs = [multiprocessing.Pipe() for _ in range(2)]
     loop = _PipeEngineLoop([engine_end for _, engine_end in pairs], eng, ServerMetrics(plan_terms(eng, 0), "tiny"),
-                           warmup=False, max_waiting=1)  # fmt: skip
+                           warmup=False, max_waiting=2)  # fmt: skip
     front_ends = [front_end for front_end, _ in pairs]
     heard: list[list] = [[], []]
 
@@ -276,20 +277,19 @@ def test_a_front_end_whose_requests_did_not_move_still_hears_the_queue_empty(mod
             heard[front].append(front_ends[front].recv())
         return heard[front]
 
-    loop.start()
     try:
         sp = jkv.SamplingParams(max_tokens=12, ignore_eos=True)
         loop.add(0, "a", [1, 2, 3], sp, time.monotonic())
-        assert wait_until(lambda: any(m[0] == "outputs" for m in read(0)))  # "a" runs
-        loop.add(0, "b", [4, 5, 6], sp, time.monotonic())  # waits behind "a"
-        assert wait_until(lambda: sum(m[0] == "accepted" for m in read(0)) == 2)
-        loop.add(1, "c", [7, 8], sp, time.monotonic())
+        loop.add(0, "b", [4, 5, 6], sp, time.monotonic())
+        loop.add(1, "c", [7, 8], sp, time.monotonic())  # the engine thread has not started: nothing left the queue
         assert wait_until(lambda: any(m[0] == "accepted" for m in read(1)))
         refused = next(m for m in heard[1] if m[0] == "accepted")
-        assert refused[2][0] == "overloaded" and refused[3] == 1
+        assert refused[1] == "c" and refused[2][0] == "overloaded" and refused[3] == 2
+        loop.start()
         done = lambda: sum(1 for m in read(0) if m[0] == "outputs" for o in m[1] if o.finished) == 2  # noqa: E731
         assert wait_until(done)
-        # front end 1 received no output of its own, yet its last word on the queue says it is empty
+        assert not any(m[0] == "outputs" for m in read(1))  # front end 1 received no output of its own,
+        # yet its last word on the queue says it is empty
         assert wait_until(lambda: [m for m in read(1) if m[0] in ("waiting", "accepted")][-1][-1] == 0)
     finally:
         loop.stop()
